@@ -1,0 +1,9 @@
+DROP TABLE outbox;
+DROP TABLE row_failures;
+DROP TABLE file_chunks;
+DROP TABLE import_files;
+DROP TABLE permits;
+DROP TABLE users;
+DROP TABLE user_types;
+DROP TABLE login_sources;
+DROP TABLE tenants;

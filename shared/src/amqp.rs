@@ -1,0 +1,314 @@
+//! RabbitMQ: connecting (with exponential backoff, in one place), the topology every service
+//! declares, and publishing with confirms.
+//!
+//! Topology, for a queue prefix `P` (default `mui`; tests use their own):
+//! - `P.chunks`: quorum queue of [`crate::messages::WorkMessage`]s, consumed by workers.
+//! - `P.notify`: quorum queue of [`crate::messages::NotifyMessage`]s, consumed by the notifier.
+//! - `P.dead`: fanout exchange and `P.dead-letters` quorum queue that receive a message
+//!   rejected more than [`DELIVERY_LIMIT`] times, so a poison message cannot block the
+//!   queue behind it.
+//!
+//! Messages are published to the default exchange with the queue name as routing key,
+//! `mandatory` (an unroutable message is an error, not silently dropped) and persistent.
+
+use std::time::Duration;
+
+use backoff::ExponentialBackoff;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// How many times a quorum queue redelivers a message before dead-lettering it.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// Errors talking to the broker.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AmqpError {
+    /// The broker refused or dropped something.
+    #[error("RabbitMQ error")]
+    Lapin(#[from] lapin::Error),
+    /// The broker answered a publish with a nack.
+    #[error("RabbitMQ did not confirm a publish to {queue}")]
+    Nacked {
+        /// The target queue.
+        queue: String,
+    },
+    /// The message could not be routed (the queue does not exist).
+    #[error("RabbitMQ returned a message published to {queue}: {reply}")]
+    Returned {
+        /// The target queue.
+        queue: String,
+        /// The broker's reply text.
+        reply: String,
+    },
+}
+
+/// The logical queues of the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    /// Chunks of rows for the workers.
+    Chunks,
+    /// Failure records and "file finished" events for the notifier.
+    Notify,
+}
+
+impl QueueKind {
+    /// The name stored in the outbox.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueKind::Chunks => "chunks",
+            QueueKind::Notify => "notify",
+        }
+    }
+
+    /// Parses the name stored in the outbox.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "chunks" => Some(QueueKind::Chunks),
+            "notify" => Some(QueueKind::Notify),
+            _ => None,
+        }
+    }
+}
+
+/// Names of the queues and exchanges under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    /// Topology under `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// Full name of a logical queue.
+    pub fn queue(&self, kind: QueueKind) -> String {
+        format!("{}.{}", self.prefix, kind.as_str())
+    }
+
+    /// The dead-letter exchange.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The dead-letter queue.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead-letters", self.prefix)
+    }
+
+    /// Declares everything (idempotent; every service does it at start).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), AmqpError> {
+        let durable = QueueDeclareOptions::durable();
+        channel
+            .exchange_declare(
+                self.dead_exchange().as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), long_string("quorum"));
+        channel
+            .queue_declare(self.dead_queue().as_str().into(), durable, dead_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_queue().as_str().into(),
+                self.dead_exchange().as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for kind in [QueueKind::Chunks, QueueKind::Notify] {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long_string("quorum"));
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                long_string(&self.dead_exchange()),
+            );
+            channel
+                .queue_declare(self.queue(kind).as_str().into(), durable, args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every queue and exchange of this prefix (tests clean up with it).
+    pub async fn delete(&self, channel: &Channel) -> Result<(), AmqpError> {
+        for q in [
+            self.queue(QueueKind::Chunks),
+            self.queue(QueueKind::Notify),
+            self.dead_queue(),
+        ] {
+            channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        channel
+            .exchange_delete(
+                self.dead_exchange().as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+fn persistent_json() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2) // persistent: survives a broker restart
+        .with_content_type("application/json".into())
+}
+
+/// A published message whose confirm has not been awaited yet.
+#[derive(Debug)]
+pub struct Pending {
+    queue: String,
+    confirm: lapin::PublisherConfirm,
+}
+
+impl Pending {
+    /// Waits for the broker's confirm; a nack or a returned message is an error.
+    pub async fn confirmed(self) -> Result<(), AmqpError> {
+        let confirmation = self.confirm.await?;
+        if !confirmation.is_ack() {
+            return Err(AmqpError::Nacked { queue: self.queue });
+        }
+        if let Some(returned) = confirmation.take_message() {
+            return Err(AmqpError::Returned {
+                queue: self.queue,
+                reply: returned.reply_text.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// The backoff policy used for every reconnect and transient retry: from 100 ms, doubling,
+/// capped at 10 s between tries, for at most `max_elapsed` (None: forever).
+pub fn backoff_policy(max_elapsed: Option<Duration>) -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        max_interval: Duration::from_secs(10),
+        multiplier: 2.0,
+        max_elapsed_time: max_elapsed,
+        ..ExponentialBackoff::default()
+    }
+}
+
+/// Connects to RabbitMQ, retrying with exponential backoff while the broker is unreachable.
+/// `name` shows in the management UI's connection list.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let conn = backoff::future::retry_notify(
+        backoff_policy(Some(Duration::from_secs(120))),
+        || async {
+            Connection::connect(url, props.clone())
+                .await
+                .map_err(backoff::Error::transient)
+        },
+        |err: lapin::Error, wait: Duration| {
+            tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "AmqpConnectError");
+        },
+    )
+    .await?;
+    Ok(conn)
+}
+
+/// A channel in confirm mode: every publish waits for the broker's confirm.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Publisher {
+    /// Opens a confirm-mode channel on `conn`.
+    pub async fn new(conn: &Connection, topology: Topology) -> Result<Self, AmqpError> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel, topology })
+    }
+
+    /// The topology this publisher targets.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Publishes a batch and waits until the broker confirmed every message. The batch is
+    /// pipelined: all are sent, then all confirms awaited. Any nack or return fails the batch
+    /// (the caller retries it whole; consumers are idempotent).
+    pub async fn publish_all(&self, messages: &[(QueueKind, &[u8])]) -> Result<(), AmqpError> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for (kind, payload) in messages {
+            let queue = self.topology.queue(*kind);
+            let confirm = self
+                .channel
+                .basic_publish(
+                    ShortString::from(""),
+                    queue.as_str().into(),
+                    // mandatory: an unroutable message comes back instead of vanishing.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    payload,
+                    persistent_json(),
+                )
+                .await?;
+            pending.push(Pending { queue, confirm });
+        }
+        for p in pending {
+            p.confirmed().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one message without waiting for its confirm; await the returned [`Pending`] to
+    /// get it. Lets a caller keep a window of messages in flight.
+    pub async fn send(&self, kind: QueueKind, payload: &[u8]) -> Result<Pending, AmqpError> {
+        let queue = self.topology.queue(kind);
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                payload,
+                persistent_json(),
+            )
+            .await?;
+        Ok(Pending { queue, confirm })
+    }
+
+    /// Publishes one message and waits for its confirm.
+    pub async fn publish(&self, kind: QueueKind, payload: &[u8]) -> Result<(), AmqpError> {
+        self.publish_all(&[(kind, payload)]).await
+    }
+}

@@ -1,0 +1,122 @@
+//! Database access: the connection pool, embedded migrations, and running diesel (which is
+//! synchronous) from async code.
+
+use std::time::Duration;
+
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+/// A pool of PostgreSQL connections.
+pub type PgPool = Pool<ConnectionManager<PgConnection>>;
+/// A connection taken from [`PgPool`].
+pub type PgPooled = PooledConnection<ConnectionManager<PgConnection>>;
+
+/// The schema's migrations, compiled into every binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Key (two-int form, a key space apart from the one-bigint keys that lock import files) of
+/// the advisory lock that serialises migrations, so that processes starting at once do not
+/// race each other.
+const MIGRATION_LOCK_KEY: &str = "7173481, 1";
+
+/// Errors of the database layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// The pool could not hand out a connection (database down or unreachable).
+    #[error("could not get a database connection")]
+    Pool(#[from] diesel::r2d2::PoolError),
+    /// A query failed.
+    #[error("database query failed")]
+    Query(#[from] diesel::result::Error),
+    /// A migration failed.
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    /// The blocking task running the query panicked or was cancelled.
+    #[error("database task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Builds a pool without connecting yet: services start while the database is down and
+/// connect when it comes back.
+pub fn pool(database_url: &str, max_size: u32) -> PgPool {
+    let manager = ConnectionManager::<PgConnection>::new(database_url);
+    Pool::builder()
+        .max_size(max_size)
+        .min_idle(Some(0))
+        .connection_timeout(Duration::from_secs(10))
+        .test_on_check_out(true)
+        .build_unchecked(manager)
+}
+
+/// Applies pending migrations, holding an advisory lock so that concurrent starters wait for
+/// each other instead of racing.
+pub fn migrate(conn: &mut PgConnection) -> Result<Vec<String>, DbError> {
+    diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")).execute(conn)?;
+    let result = conn
+        .run_pending_migrations(MIGRATIONS)
+        .map(|applied| applied.iter().map(|v| v.to_string()).collect())
+        .map_err(|e| DbError::Migration(e.to_string()));
+    let unlock =
+        diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")).execute(conn);
+    let applied = result?;
+    unlock?;
+    Ok(applied)
+}
+
+/// Runs `f` with a pooled connection on tokio's blocking pool.
+pub async fn run<T, F>(pool: &PgPool, f: F) -> Result<T, DbError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut PgConnection) -> Result<T, DbError> + Send + 'static,
+{
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = pool.get()?;
+        f(&mut conn)
+    })
+    .await?
+}
+
+/// Applies migrations at service start, waiting (with backoff, up to two minutes) for the
+/// database to be reachable.
+pub async fn migrate_at_start(pool: &PgPool) -> Result<(), DbError> {
+    let applied = backoff::future::retry_notify(
+        crate::amqp::backoff_policy(Some(Duration::from_secs(120))),
+        || async { run(pool, |conn| migrate(conn)).await.map_err(backoff::Error::transient) },
+        |err: DbError, wait: Duration| {
+            tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "DatabaseConnectError");
+        },
+    )
+    .await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "MigrationsApplied");
+    }
+    Ok(())
+}
+
+/// Whether a database error is worth retrying as it is (connection trouble, deadlock,
+/// serialization failure), as opposed to a fault in the data or the code.
+pub fn is_transient(err: &DbError) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match err {
+        DbError::Pool(_) | DbError::Task(_) => true,
+        DbError::Migration(_) => false,
+        DbError::Query(q) => match q {
+            Error::DatabaseError(kind, info) => {
+                matches!(
+                    kind,
+                    DatabaseErrorKind::SerializationFailure
+                        | DatabaseErrorKind::ClosedConnection
+                        | DatabaseErrorKind::UnableToSendCommand
+                ) || info.message().contains("deadlock")
+                    || info.message().contains("terminating connection")
+                    || info.message().contains("server closed the connection")
+            }
+            Error::BrokenTransactionManager => true,
+            _ => false,
+        },
+    }
+}

@@ -1,0 +1,20 @@
+//! What the Managed User Import services share, and nothing else.
+//!
+//! - [`domain`]: tenants, files, the known CSV columns and header mapping.
+//! - [`messages`]: the wire contracts. A file's rows travel as [`messages::Chunk`]s on the
+//!   `chunks` queue; failed rows travel as [`messages::RowFailure`]s on the `notify` queue.
+//! - [`schema`] and [`db`]: the PostgreSQL schema (migrations embedded) and pool.
+//! - [`amqp`]: the RabbitMQ topology, connecting with backoff, publishing with confirms.
+//! - [`outbox`]: database-to-broker hand-off that a crash cannot lose.
+//! - [`tenants`]: tenant settings as the services read them.
+//! - [`config`] and [`telemetry`]: settings, logs and spans.
+
+pub mod amqp;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod messages;
+pub mod outbox;
+pub mod schema;
+pub mod telemetry;
+pub mod tenants;

@@ -1,0 +1,248 @@
+//! Wire contracts between the services.
+//!
+//! Every message is a `#[serde(tag = "type")]` enum whose variants carry a version in their
+//! tag (`chunk.v1`), so a new shape is added as a new variant and running consumers keep
+//! understanding the old one.
+//!
+//! - [`WorkMessage`]: ingest → workers, on the `chunks` queue. A file's rows travel in chunks
+//!   (no shared disk between the SFTP host and the workers), so any number of workers can
+//!   import one file at once.
+//! - [`NotifyMessage`]: workers and ingest → notifier, on the `notify` queue, through the
+//!   transactional outbox: failure records of a chunk, and "this file is finished".
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{ImportFileId, TenantId};
+
+/// Work for the workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+#[non_exhaustive]
+pub enum WorkMessage {
+    /// A chunk of a file's rows.
+    #[serde(rename = "chunk.v1")]
+    ChunkV1(Chunk),
+}
+
+/// A run of consecutive rows of one file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// The file the rows belong to.
+    pub file_id: ImportFileId,
+    /// The tenant owning the file: a worker only ever writes this tenant's users.
+    pub tenant_id: TenantId,
+    /// 0-based number of the chunk within the file; (file_id, chunk_no) makes redelivery
+    /// idempotent.
+    pub chunk_no: u32,
+    /// The header as uploaded (decoded), so the worker maps columns itself.
+    pub header: Vec<String>,
+    /// The rows, already decoded to UTF-8 and split into fields.
+    pub rows: Vec<RawRow>,
+}
+
+/// One uploaded row, as uploaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawRow {
+    /// The row number a person sees in a spreadsheet (the header is row 1).
+    pub row: u64,
+    /// The fields, in upload order.
+    pub fields: Vec<String>,
+}
+
+/// Messages for the notifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+#[non_exhaustive]
+pub enum NotifyMessage {
+    /// The failed rows of one chunk.
+    #[serde(rename = "row_failures.v1")]
+    RowFailuresV1(RowFailures),
+    /// The file is finished (all chunks committed, or a file-level failure).
+    #[serde(rename = "file_finished.v1")]
+    FileFinishedV1(FileFinished),
+}
+
+/// Failure records found while importing one chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowFailures {
+    /// The file.
+    pub file_id: ImportFileId,
+    /// Its tenant.
+    pub tenant_id: TenantId,
+    /// The chunk whose import found them.
+    pub chunk_no: u32,
+    /// One record per failed row.
+    pub failures: Vec<RowFailure>,
+}
+
+/// A row that was not imported, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowFailure {
+    /// Spreadsheet row number (header is row 1).
+    pub row: u64,
+    /// The row as uploaded.
+    pub fields: Vec<String>,
+    /// Every problem found in the row.
+    pub errors: Vec<RowError>,
+}
+
+/// One problem with one row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowError {
+    /// Stable code, for filtering and documentation.
+    pub code: RowErrorCode,
+    /// The column concerned, as the tenant named it, if any.
+    pub column: Option<String>,
+    /// Human message naming the column, quoting the value and saying what was expected.
+    pub message: String,
+}
+
+/// Stable codes for row failures. Documented in `docs/errors.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RowErrorCode {
+    /// A required value (unique_id, login_source) is empty.
+    RequiredMissing,
+    /// The login source is not one of the tenant's.
+    UnknownLoginSource,
+    /// The user type is not one of the tenant's.
+    UnknownUserType,
+    /// `active` is not `0` or `1`.
+    InvalidActive,
+    /// The email is not an address.
+    InvalidEmail,
+    /// The date of birth is not a real date.
+    InvalidDate,
+    /// The date of birth could be read two ways.
+    AmbiguousDate,
+    /// A value is longer than its column stores.
+    TooLong,
+    /// A value holds control characters.
+    ControlCharacter,
+    /// The row has more or fewer fields than the header.
+    FieldCount,
+    /// A later row of the same file has the same unique_id and wins.
+    DuplicateUniqueId,
+}
+
+impl RowErrorCode {
+    /// The code as written in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RequiredMissing => "required_missing",
+            Self::UnknownLoginSource => "unknown_login_source",
+            Self::UnknownUserType => "unknown_user_type",
+            Self::InvalidActive => "invalid_active",
+            Self::InvalidEmail => "invalid_email",
+            Self::InvalidDate => "invalid_date",
+            Self::AmbiguousDate => "ambiguous_date",
+            Self::TooLong => "too_long",
+            Self::ControlCharacter => "control_character",
+            Self::FieldCount => "field_count",
+            Self::DuplicateUniqueId => "duplicate_unique_id",
+        }
+    }
+}
+
+/// A file is finished; the notifier decides whether and what to mail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileFinished {
+    /// The file.
+    pub file_id: ImportFileId,
+    /// Its tenant.
+    pub tenant_id: TenantId,
+}
+
+/// Stable codes for file-level failures (nothing of the file is imported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FileErrorCode {
+    /// The file has no bytes, or only blank lines.
+    EmptyFile,
+    /// The file has a header and no rows.
+    HeaderOnly,
+    /// A required column is missing from the header.
+    MissingRequiredColumn,
+    /// A column is named twice in the header.
+    DuplicateColumn,
+    /// The content is not CSV text (a spreadsheet or other binary).
+    NotCsv,
+    /// The name does not end in `.csv`.
+    NotCsvName,
+    /// Not a regular file (symlink, FIFO, device, directory).
+    NotRegularFile,
+    /// The CSV structure could not be read.
+    MalformedCsv,
+    /// The file could not be read.
+    Unreadable,
+}
+
+impl FileErrorCode {
+    /// The code as written in reports and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EmptyFile => "empty_file",
+            Self::HeaderOnly => "header_only",
+            Self::MissingRequiredColumn => "missing_required_column",
+            Self::DuplicateColumn => "duplicate_column",
+            Self::NotCsv => "not_csv",
+            Self::NotCsvName => "not_csv_name",
+            Self::NotRegularFile => "not_regular_file",
+            Self::MalformedCsv => "malformed_csv",
+            Self::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// Cuts `s` to at most `max` characters for quoting in a message, marking the cut.
+pub fn truncate_for_message(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}…")
+    }
+}
+
+/// Serialises a message for the wire.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(message)
+}
+
+/// Parses a message from the wire.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_a_versioned_type_tag() {
+        let msg = NotifyMessage::FileFinishedV1(FileFinished {
+            file_id: ImportFileId(7),
+            tenant_id: TenantId(3),
+        });
+        let json = String::from_utf8(encode(&msg).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"file_finished.v1","file_id":7,"tenant_id":3}"#
+        );
+        assert_eq!(decode::<NotifyMessage>(json.as_bytes()).unwrap(), msg);
+    }
+
+    #[test]
+    fn unknown_message_types_are_an_error_not_a_panic() {
+        assert!(decode::<WorkMessage>(br#"{"type":"chunk.v9"}"#).is_err());
+        assert!(decode::<WorkMessage>(b"\xff\x00").is_err());
+    }
+
+    #[test]
+    fn truncation_marks_the_cut() {
+        assert_eq!(truncate_for_message("abcdef", 3), "abc…");
+        assert_eq!(truncate_for_message("abc", 3), "abc");
+    }
+}

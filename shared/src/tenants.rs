@@ -1,0 +1,163 @@
+//! Tenants and their settings, as stored and as the services read them.
+
+use diesel::prelude::*;
+
+use crate::domain::{TenantId, TenantSlug};
+use crate::schema::{login_sources, tenants, user_types};
+
+/// A tenant and its settings.
+#[derive(Debug, Clone, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = tenants)]
+pub struct Tenant {
+    /// Database id.
+    pub id: i64,
+    /// Drop folder name.
+    pub slug: String,
+    /// Display name.
+    pub name: String,
+    /// Reply-to Admin Email Address: sender of reports.
+    pub reply_to_email: Option<String>,
+    /// Failed Import Email: recipients of reports.
+    pub failed_import_emails: Vec<String>,
+    /// Archive users imported with `active=0`.
+    pub archive_on_inactive: bool,
+    /// When the tenant was created.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Tenant {
+    /// Typed id.
+    pub fn tenant_id(&self) -> TenantId {
+        TenantId(self.id)
+    }
+
+    /// Why reports cannot be mailed for this tenant, if they cannot.
+    pub fn missing_mail_settings(&self) -> Option<String> {
+        let mut missing = Vec::new();
+        if self
+            .reply_to_email
+            .as_deref()
+            .is_none_or(|s| s.trim().is_empty())
+        {
+            missing.push("Reply-to Admin Email Address");
+        }
+        if self.failed_import_emails.is_empty() {
+            missing.push("Failed Import Email");
+        }
+        if missing.is_empty() {
+            None
+        } else {
+            Some(format!("tenant has no {}", missing.join(" and no ")))
+        }
+    }
+}
+
+/// Looks a tenant up by slug.
+pub fn find_by_slug(conn: &mut PgConnection, slug: &str) -> QueryResult<Option<Tenant>> {
+    tenants::table
+        .filter(tenants::slug.eq(slug))
+        .select(Tenant::as_select())
+        .first(conn)
+        .optional()
+}
+
+/// Looks a tenant up by id.
+pub fn find(conn: &mut PgConnection, id: TenantId) -> QueryResult<Option<Tenant>> {
+    tenants::table
+        .find(id.0)
+        .select(Tenant::as_select())
+        .first(conn)
+        .optional()
+}
+
+/// Every tenant, by slug.
+pub fn list(conn: &mut PgConnection) -> QueryResult<Vec<Tenant>> {
+    tenants::table
+        .order(tenants::slug)
+        .select(Tenant::as_select())
+        .load(conn)
+}
+
+/// Creates a tenant.
+pub fn create(conn: &mut PgConnection, slug: &TenantSlug, name: &str) -> QueryResult<Tenant> {
+    diesel::insert_into(tenants::table)
+        .values((tenants::slug.eq(slug.as_str()), tenants::name.eq(name)))
+        .returning(Tenant::as_returning())
+        .get_result(conn)
+}
+
+/// Settings to change; `None` leaves a setting as it is.
+#[derive(Debug, Default, Clone, AsChangeset)]
+#[diesel(table_name = tenants)]
+pub struct SettingsChange {
+    /// New display name.
+    pub name: Option<String>,
+    /// New sender (Some(None) clears it).
+    pub reply_to_email: Option<Option<String>>,
+    /// New recipients.
+    pub failed_import_emails: Option<Vec<String>>,
+    /// New archive-on-inactive setting.
+    pub archive_on_inactive: Option<bool>,
+}
+
+/// Applies a settings change.
+pub fn update(
+    conn: &mut PgConnection,
+    id: TenantId,
+    change: &SettingsChange,
+) -> QueryResult<Tenant> {
+    diesel::update(tenants::table.find(id.0))
+        .set(change)
+        .returning(Tenant::as_returning())
+        .get_result(conn)
+}
+
+/// Adds a login source (SSO) to a tenant; adding an existing one is a no-op.
+pub fn add_login_source(conn: &mut PgConnection, id: TenantId, name: &str) -> QueryResult<()> {
+    diesel::insert_into(login_sources::table)
+        .values((
+            login_sources::tenant_id.eq(id.0),
+            login_sources::name.eq(name),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Adds (or renames) a user type of a tenant.
+pub fn add_user_type(
+    conn: &mut PgConnection,
+    id: TenantId,
+    type_id: &str,
+    name: &str,
+) -> QueryResult<()> {
+    diesel::insert_into(user_types::table)
+        .values((
+            user_types::tenant_id.eq(id.0),
+            user_types::type_id.eq(type_id),
+            user_types::name.eq(name),
+        ))
+        .on_conflict((user_types::tenant_id, user_types::type_id))
+        .do_update()
+        .set(user_types::name.eq(name))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// A tenant's login sources.
+pub fn login_sources_of(conn: &mut PgConnection, id: TenantId) -> QueryResult<Vec<String>> {
+    login_sources::table
+        .filter(login_sources::tenant_id.eq(id.0))
+        .order(login_sources::name)
+        .select(login_sources::name)
+        .load(conn)
+}
+
+/// A tenant's user type ids.
+pub fn user_types_of(conn: &mut PgConnection, id: TenantId) -> QueryResult<Vec<String>> {
+    user_types::table
+        .filter(user_types::tenant_id.eq(id.0))
+        .order(user_types::type_id)
+        .select(user_types::type_id)
+        .load(conn)
+}
