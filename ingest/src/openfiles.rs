@@ -1,0 +1,84 @@
+//! Is anyone still writing this file? Reads `/proc/<pid>/fd` the way `lsof` does, so an upload
+//! that pauses longer than the settle interval (a slow client, a resumed transfer) is not
+//! taken while the SFTP server still holds it open for writing.
+//!
+//! Needs permission to read other processes' `/proc` entries (root, or the same user as the
+//! SFTP server processes); without it the check sees nothing and the settle interval alone
+//! decides. See `docs/architecture.md`.
+
+use std::os::unix::fs::MetadataExt;
+
+/// Whether any process other than this one has the file (by device and inode) open for
+/// writing.
+pub fn open_for_write(dev: u64, ino: u64) -> bool {
+    let own = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for proc_entry in procs.flatten() {
+        let pid = proc_entry.file_name();
+        let Some(pid) = pid.to_str() else { continue };
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == own {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // metadata() follows the magic link to the open file itself.
+            let Ok(meta) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            if meta.dev() != dev || meta.ino() != ino {
+                continue;
+            }
+            let info = proc_entry.path().join("fdinfo").join(fd.file_name());
+            if let Ok(text) = std::fs::read_to_string(info) {
+                let flags = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+                // O_WRONLY = 1, O_RDWR = 2.
+                if flags.is_some_and(|f| f & 0o3 != 0) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn sees_a_writer_in_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upload.csv");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(!open_for_write(meta.dev(), meta.ino()));
+        // A child process holding the file open for appending, as sftp-server would.
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3>>'{}'; sleep 5", path.display()))
+            .spawn()
+            .unwrap();
+        let mut seen = false;
+        for _ in 0..50 {
+            if open_for_write(meta.dev(), meta.ino()) {
+                seen = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(seen, "the child's write handle was not seen");
+    }
+}

@@ -1,0 +1,562 @@
+//! Reading an uploaded file: sniffing its encoding and kind, then streaming it as a header and
+//! chunks of rows, in memory that does not grow with the file.
+//!
+//! Two passes over the same open file: [`sniff`] hashes it, decides the encoding (BOM, else
+//! valid UTF-8, else the detector's guess, typically Windows-1252 from Excel) and recognises
+//! binaries; [`read_chunks`] decodes to UTF-8, splits CSV records (quoted commas and line
+//! breaks included) and hands rows over chunk by chunk.
+
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+
+use encoding_rs::Encoding;
+use mui_shared::domain::HeaderMap;
+use mui_shared::messages::{FileErrorCode, RawRow};
+use sha2::{Digest, Sha256};
+
+/// Longest physical line accepted (bytes); a longer one makes the file fail with
+/// [`FileErrorCode::MalformedCsv`] instead of growing memory without bound.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// What the first pass learned about a file.
+#[derive(Debug, Clone)]
+pub struct Sniff {
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Detected encoding.
+    pub encoding: &'static Encoding,
+    /// Whether the file starts with a byte-order mark.
+    pub bom: bool,
+    /// If the content is clearly not text: the likely format.
+    pub binary: Option<&'static str>,
+}
+
+impl Sniff {
+    /// The encoding as written in reports (`UTF-8 with BOM`, `windows-1252`).
+    pub fn encoding_label(&self) -> String {
+        if self.bom {
+            format!("{} with BOM", self.encoding.name())
+        } else {
+            self.encoding.name().to_owned()
+        }
+    }
+}
+
+/// A file-level problem: nothing of the file is imported, and the tenant is told this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FileProblem {
+    /// Stable code.
+    pub code: FileErrorCode,
+    /// What exactly is wrong, for the tenant.
+    pub message: String,
+}
+
+impl FileProblem {
+    fn new(code: FileErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// First pass: hash, size, encoding, binary detection. Leaves `file` at its start.
+pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    let mut detector = chardetng::EncodingDetector::new(chardetng::Iso2022JpDetection::Deny);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut head: Vec<u8> = Vec::new();
+    let mut size: u64 = 0;
+    let mut utf8_ok = true;
+    let mut carry: Vec<u8> = Vec::new();
+    let mut fed: usize = 0;
+    let mut nul = false;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let bytes = &buf[..n];
+        hasher.update(bytes);
+        size += n as u64;
+        if head.len() < 16 {
+            head.extend_from_slice(&bytes[..bytes.len().min(16 - head.len())]);
+        }
+        nul |= bytes.contains(&0);
+        if fed < 4 * 1024 * 1024 {
+            detector.feed(bytes, false);
+            fed += n;
+        }
+        if utf8_ok {
+            carry.extend_from_slice(bytes);
+            match std::str::from_utf8(&carry) {
+                Ok(_) => carry.clear(),
+                Err(e) if e.error_len().is_none() => {
+                    // An incomplete sequence at the end: keep it for the next read.
+                    let keep = carry.split_off(e.valid_up_to());
+                    carry = keep;
+                }
+                Err(_) => utf8_ok = false,
+            }
+        }
+    }
+    if !carry.is_empty() {
+        utf8_ok = false;
+    }
+    detector.feed(&[], true);
+    file.seek(SeekFrom::Start(0))?;
+
+    let (bom_encoding, bom) = match Encoding::for_bom(&head) {
+        Some((enc, _)) => (Some(enc), true),
+        None => (None, false),
+    };
+    let binary = if bom_encoding.is_some_and(|e| e != encoding_rs::UTF_8) {
+        None // UTF-16 text legitimately holds NUL bytes.
+    } else {
+        binary_kind(&head, nul)
+    };
+    let encoding = match bom_encoding {
+        Some(enc) => enc,
+        None if utf8_ok => encoding_rs::UTF_8,
+        None => detector.guess(None, chardetng::Utf8Detection::Deny),
+    };
+    Ok(Sniff {
+        sha256: hex::encode(hasher.finalize()),
+        size,
+        encoding,
+        bom,
+        binary,
+    })
+}
+
+fn binary_kind(head: &[u8], has_nul: bool) -> Option<&'static str> {
+    if head.starts_with(b"PK\x03\x04") {
+        Some("a ZIP container (an Excel .xlsx, a Numbers file or another zipped document)")
+    } else if head.starts_with(&[0xD0, 0xCF, 0x11, 0xE0]) {
+        Some("an old-style Excel .xls workbook")
+    } else if head.starts_with(b"%PDF") {
+        Some("a PDF document")
+    } else if head.starts_with(&[0x1F, 0x8B]) {
+        Some("a gzip archive")
+    } else if has_nul {
+        Some("a binary file")
+    } else {
+        None
+    }
+}
+
+/// Reader that turns CRLF and lone CR line breaks into LF (so that line positions, and with
+/// them spreadsheet row numbers, come out right whatever the file's line endings), and fails
+/// once a physical line grows past [`MAX_LINE_BYTES`].
+struct Lines<R> {
+    inner: R,
+    buf: Vec<u8>,
+    line: usize,
+    prev_cr: bool,
+    /// Whether the last byte handed out was a line break (a final line without one gets one,
+    /// so the last record's line count is right too).
+    at_line_start: bool,
+    done: bool,
+}
+
+impl<R: Read> Lines<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: vec![0; 64 * 1024],
+            line: 0,
+            prev_cr: false,
+            at_line_start: true,
+            done: false,
+        }
+    }
+}
+
+impl<R: Read> Read for Lines<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let want = out.len().min(self.buf.len());
+            if self.done || out.is_empty() {
+                return Ok(0);
+            }
+            let n = self.inner.read(&mut self.buf[..want])?;
+            if n == 0 {
+                self.done = true;
+                if !self.at_line_start {
+                    out[0] = b'\n';
+                    return Ok(1);
+                }
+                return Ok(0);
+            }
+            let mut w = 0;
+            for &b in &self.buf[..n] {
+                match b {
+                    b'\r' => {
+                        out[w] = b'\n';
+                        w += 1;
+                        self.prev_cr = true;
+                        self.line = 0;
+                    }
+                    b'\n' if self.prev_cr => self.prev_cr = false,
+                    b'\n' => {
+                        out[w] = b'\n';
+                        w += 1;
+                        self.line = 0;
+                    }
+                    _ => {
+                        self.prev_cr = false;
+                        out[w] = b;
+                        w += 1;
+                        self.line += 1;
+                        if self.line > MAX_LINE_BYTES {
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, LineTooLong));
+                        }
+                    }
+                }
+            }
+            if w > 0 {
+                self.at_line_start = out[w - 1] == b'\n';
+                return Ok(w);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LineTooLong;
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a line is longer than {MAX_LINE_BYTES} bytes")
+    }
+}
+impl std::error::Error for LineTooLong {}
+
+/// What [`read_chunks`] found once the whole file was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadSummary {
+    /// The header row as uploaded (trailing empty cells dropped).
+    pub header: Vec<String>,
+    /// Columns we ignored.
+    pub ignored: Vec<String>,
+    /// Delimiter used.
+    pub delimiter: u8,
+    /// Data rows handed over (blank rows are skipped and not counted).
+    pub rows: u64,
+    /// Chunks handed over.
+    pub chunks: u32,
+}
+
+/// Names a delimiter for reports.
+pub fn delimiter_label(d: u8) -> &'static str {
+    match d {
+        b',' => "comma",
+        b';' => "semicolon",
+        b'\t' => "tab",
+        _ => "other",
+    }
+}
+
+/// Second pass: decodes `file` with the sniffed encoding and calls `on_header` once with the
+/// mapped header (a header problem stops the read before any row is handed over), then
+/// `on_chunk` for each run of at most `chunk_rows` rows. The callbacks return `false` to stop.
+pub fn read_chunks<R, H, C>(
+    file: R,
+    sniff: &Sniff,
+    chunk_rows: usize,
+    mut on_header: H,
+    mut on_chunk: C,
+) -> Result<Result<ReadSummary, FileProblem>, io::Error>
+where
+    R: Read,
+    H: FnMut(&[String], &HeaderMap, u8),
+    C: FnMut(u32, Vec<RawRow>) -> io::Result<()>,
+{
+    if let Some(kind) = sniff.binary {
+        return Ok(Err(FileProblem::new(
+            FileErrorCode::NotCsv,
+            format!("the file is not CSV text: it looks like {kind}. Save it as \"CSV UTF-8 (Comma delimited)\" and upload the .csv"),
+        )));
+    }
+    let decoded = encoding_rs_io::DecodeReaderBytesBuilder::new()
+        .encoding(Some(sniff.encoding))
+        .bom_override(true)
+        .strip_bom(true)
+        .build(file);
+    let mut limited = BufReader::with_capacity(256 * 1024, Lines::new(decoded));
+
+    // Peek at the start of the decoded text to choose the delimiter from the header line.
+    let mut head = Vec::with_capacity(64 * 1024);
+    if let Err(e) = (&mut limited).take(64 * 1024).read_to_end(&mut head) {
+        return match line_error(e) {
+            Ok(Err(problem)) => Ok(Err(problem)),
+            Ok(Ok(())) => unreachable_ok(),
+            Err(e) => Err(e),
+        };
+    }
+    let delimiter = detect_delimiter(&head);
+    let source = io::Cursor::new(head).chain(limited);
+
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .delimiter(delimiter)
+        .from_reader(source);
+
+    let mut record = csv::StringRecord::new();
+    let mut header: Option<(Vec<String>, HeaderMap)> = None;
+    let mut rows: Vec<RawRow> = Vec::with_capacity(chunk_rows);
+    let mut chunk_no: u32 = 0;
+    let mut total: u64 = 0;
+    // Spreadsheet row of the last record read, and the line the reader stood on after it.
+    // Line breaks are normalised to LF, so the reader's line count is exact; blank lines,
+    // which it skips, still occupy spreadsheet rows.
+    let mut last_row: u64 = 0;
+    let mut line_after_last: u64 = 1;
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => return classify_csv_error(e, last_row + 1),
+        }
+        let after = reader.position().line();
+        let breaks_inside: u64 = record
+            .iter()
+            .map(|f| f.bytes().filter(|b| *b == b'\n').count() as u64)
+            .sum();
+        let start_line = after.saturating_sub(1 + breaks_inside);
+        let skipped = start_line.saturating_sub(line_after_last);
+        let row = last_row + 1 + skipped;
+        last_row = row;
+        line_after_last = after;
+
+        let blank = record.iter().all(|f| f.trim().is_empty());
+        match &header {
+            None => {
+                if blank {
+                    continue;
+                }
+                let mut cells: Vec<String> = record.iter().map(str::to_owned).collect();
+                while cells.last().is_some_and(|c| c.trim().is_empty()) {
+                    cells.pop();
+                }
+                let map = match HeaderMap::parse(&cells) {
+                    Ok(map) => map,
+                    Err(e) => {
+                        let code = match e {
+                            mui_shared::domain::HeaderError::DuplicateColumn { .. } => {
+                                FileErrorCode::DuplicateColumn
+                            }
+                            _ => FileErrorCode::MissingRequiredColumn,
+                        };
+                        return Ok(Err(FileProblem::new(code, e.to_string())));
+                    }
+                };
+                on_header(&cells, &map, delimiter);
+                header = Some((cells, map));
+            }
+            Some(_) => {
+                if blank {
+                    continue;
+                }
+                rows.push(RawRow {
+                    row,
+                    fields: record.iter().map(str::to_owned).collect(),
+                });
+                total += 1;
+                if rows.len() >= chunk_rows {
+                    on_chunk(
+                        chunk_no,
+                        std::mem::replace(&mut rows, Vec::with_capacity(chunk_rows)),
+                    )?;
+                    chunk_no += 1;
+                }
+            }
+        }
+    }
+    let Some((header, map)) = header else {
+        return Ok(Err(FileProblem::new(
+            FileErrorCode::EmptyFile,
+            "the file is empty: it has no header row and no users",
+        )));
+    };
+    if total == 0 {
+        return Ok(Err(FileProblem::new(
+            FileErrorCode::HeaderOnly,
+            "the file has a header row but no users below it",
+        )));
+    }
+    if !rows.is_empty() {
+        on_chunk(chunk_no, rows)?;
+        chunk_no += 1;
+    }
+    Ok(Ok(ReadSummary {
+        header,
+        ignored: map.ignored,
+        delimiter,
+        rows: total,
+        chunks: chunk_no,
+    }))
+}
+
+fn line_error(e: io::Error) -> Result<Result<(), FileProblem>, io::Error> {
+    if e.get_ref().is_some_and(|inner| inner.is::<LineTooLong>()) {
+        Ok(Err(FileProblem::new(
+            FileErrorCode::MalformedCsv,
+            format!("a line is longer than the limit of {MAX_LINE_BYTES} bytes; is this really a CSV file?"),
+        )))
+    } else {
+        Err(e)
+    }
+}
+
+fn classify_csv_error(
+    e: csv::Error,
+    row: u64,
+) -> Result<Result<ReadSummary, FileProblem>, io::Error> {
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => match line_error(io) {
+            Ok(Err(problem)) => Ok(Err(FileProblem {
+                message: format!("{} (around row {row})", problem.message),
+                ..problem
+            })),
+            Ok(Ok(())) => unreachable_ok(),
+            Err(io) => Err(io),
+        },
+        other => Ok(Err(FileProblem::new(
+            FileErrorCode::MalformedCsv,
+            format!("the CSV could not be read around row {row}: {other:?}"),
+        ))),
+    }
+}
+
+fn unreachable_ok() -> Result<Result<ReadSummary, FileProblem>, io::Error> {
+    Err(io::Error::other("unexpected reader state"))
+}
+
+/// Picks the delimiter from the first line: comma is the format; a header that is clearly
+/// semicolon- or tab-separated (as Excel writes in many locales) is read with that.
+pub fn detect_delimiter(head: &[u8]) -> u8 {
+    let first_line = head
+        .split(|b| *b == b'\n' || *b == b'\r')
+        .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .unwrap_or(&[]);
+    let count = |d: u8| first_line.iter().filter(|b| **b == d).count();
+    let (commas, semis, tabs) = (count(b','), count(b';'), count(b'\t'));
+    if commas == 0 && semis > 0 && semis >= tabs {
+        b';'
+    } else if commas == 0 && tabs > 0 {
+        b'\t'
+    } else {
+        b','
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn read(bytes: &[u8]) -> (Sniff, Result<ReadSummary, FileProblem>, Vec<RawRow>) {
+        let mut cur = Cursor::new(bytes.to_vec());
+        let s = sniff(&mut cur).unwrap();
+        let mut all = Vec::new();
+        let r = read_chunks(
+            cur,
+            &s,
+            2,
+            |_, _, _| {},
+            |_, rows| {
+                all.extend(rows);
+                Ok(())
+            },
+        )
+        .unwrap();
+        (s, r, all)
+    }
+
+    #[test]
+    fn utf8_with_bom_and_crlf() {
+        let (s, r, rows) = read(
+            b"\xEF\xBB\xBFunique_id,login_source,first_name\r\n1,sso,Ren\xC3\xA9e\r\n2,sso,Bob\r\n",
+        );
+        assert_eq!(s.encoding_label(), "UTF-8 with BOM");
+        let r = r.unwrap();
+        assert_eq!(r.header[0], "unique_id");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].fields[2], "Renée");
+        assert_eq!(rows[0].row, 2);
+    }
+
+    #[test]
+    fn windows_1252_is_detected() {
+        let (s, r, rows) =
+            read(b"unique_id,login_source,first_name\r\n1,sso,Ren\xE9e Mu\xF1oz\r\n");
+        assert_eq!(s.encoding.name(), "windows-1252");
+        assert!(r.is_ok());
+        assert_eq!(rows[0].fields[2], "Renée Muñoz");
+    }
+
+    #[test]
+    fn quoted_newlines_and_blank_lines_keep_spreadsheet_row_numbers() {
+        for data in [
+            &b"unique_id,login_source,street\n1,sso,\"a\nb, c\"\n\n3,sso,x\n\n7,sso,y"[..],
+            &b"unique_id,login_source,street\r\n1,sso,\"a\r\nb, c\"\r\n\r\n3,sso,x\r\n\r\n7,sso,y\r\n"[..],
+            &b"unique_id,login_source,street\r1,sso,\"a\rb, c\"\r\r3,sso,x\r\r7,sso,y\r"[..],
+        ] {
+            let (_, r, rows) = read(data);
+            let r = r.unwrap();
+            assert_eq!(r.rows, 3);
+            assert_eq!(rows[0].row, 2);
+            assert_eq!(rows[0].fields[2], "a\nb, c");
+            assert_eq!(rows[1].row, 4, "{rows:?}");
+            assert_eq!(rows[2].row, 6, "{rows:?}");
+        }
+    }
+
+    #[test]
+    fn chunks_are_bounded() {
+        let (_, r, rows) = read(b"unique_id,login_source\n1,a\n2,a\n3,a\n4,a\n5,a\n");
+        let r = r.unwrap();
+        assert_eq!(r.chunks, 3);
+        assert_eq!(rows.len(), 5);
+    }
+
+    #[test]
+    fn semicolons_and_tabs() {
+        assert_eq!(detect_delimiter(b"unique_id;login_source;email\n"), b';');
+        assert_eq!(detect_delimiter(b"unique_id\tlogin_source\n"), b'\t');
+        assert_eq!(detect_delimiter(b"unique_id,login_source;x\n"), b',');
+        let (_, r, rows) = read(b"unique_id;login_source\n1;sso\n");
+        assert_eq!(r.unwrap().delimiter, b';');
+        assert_eq!(rows[0].fields, vec!["1", "sso"]);
+    }
+
+    #[test]
+    fn file_level_problems() {
+        let (_, r, _) = read(b"");
+        assert_eq!(r.unwrap_err().code, FileErrorCode::EmptyFile);
+        let (_, r, _) = read(b"\n\n");
+        assert_eq!(r.unwrap_err().code, FileErrorCode::EmptyFile);
+        let (_, r, _) = read(b"unique_id,login_source\n");
+        assert_eq!(r.unwrap_err().code, FileErrorCode::HeaderOnly);
+        let (_, r, _) = read(b"unique_id,email\n1,a@b.c\n");
+        let p = r.unwrap_err();
+        assert_eq!(p.code, FileErrorCode::MissingRequiredColumn);
+        assert!(p.message.contains("login_source"), "{}", p.message);
+        let (_, r, _) = read(b"PK\x03\x04\x14\x00\x06\x00rest-of-zip");
+        let p = r.unwrap_err();
+        assert_eq!(p.code, FileErrorCode::NotCsv);
+        assert!(p.message.contains("xlsx"), "{}", p.message);
+    }
+
+    #[test]
+    fn a_huge_line_is_a_file_problem_not_a_crash() {
+        let mut data = b"unique_id,login_source\n1,".to_vec();
+        data.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
+        let (_, r, _) = read(&data);
+        assert_eq!(r.unwrap_err().code, FileErrorCode::MalformedCsv);
+    }
+}

@@ -1,0 +1,510 @@
+//! Checking one uploaded row against the format and the tenant's rules. A failure reason is
+//! data for the tenant: a code plus a message naming the column, quoting the value and saying
+//! what was expected.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{Datelike, NaiveDate};
+use mui_shared::domain::{Column, HeaderMap};
+use mui_shared::messages::{truncate_for_message, RawRow, RowError, RowErrorCode};
+
+/// The text columns after `unique_id` and `login_source`, in staging-table order.
+pub const TEXT_COLUMNS: [Column; 20] = [
+    Column::FirstName,
+    Column::LastName,
+    Column::UserName,
+    Column::Email,
+    Column::Street,
+    Column::City,
+    Column::Province,
+    Column::PostalCode,
+    Column::Street2,
+    Column::City2,
+    Column::State2,
+    Column::Zip2,
+    Column::PhoneCell,
+    Column::UserTypeId,
+    Column::EmployNo,
+    Column::EmployeePhone,
+    Column::StudentNo,
+    Column::StudentPhone,
+    Column::DriversLicenseNum,
+    Column::DriversLicenseProv,
+];
+
+/// What a tenant allows.
+#[derive(Debug, Clone, Default)]
+pub struct TenantRules {
+    /// Login sources, keyed by lowercase name, valued by the stored spelling.
+    pub login_sources: HashMap<String, String>,
+    /// User type ids.
+    pub user_types: HashSet<String>,
+}
+
+impl TenantRules {
+    /// Builds the rules from the tenant's lists.
+    pub fn new(login_sources: Vec<String>, user_types: Vec<String>) -> Self {
+        Self {
+            login_sources: login_sources
+                .into_iter()
+                .map(|s| (s.to_lowercase(), s))
+                .collect(),
+            user_types: user_types.into_iter().collect(),
+        }
+    }
+}
+
+/// A row that passed every check. Empty cells are `None`: they leave stored values unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    /// Spreadsheet row number.
+    pub row: u64,
+    /// The user's key within the tenant.
+    pub unique_id: String,
+    /// Login source, in the tenant's spelling.
+    pub login_source: String,
+    /// Values of [`TEXT_COLUMNS`], in that order.
+    pub text: [Option<String>; 20],
+    /// Date of birth.
+    pub date_of_birth: Option<NaiveDate>,
+    /// `active`.
+    pub active: Option<bool>,
+}
+
+/// Checks a row; on failure returns every problem found.
+pub fn validate(
+    header: &[String],
+    map: &HeaderMap,
+    raw: &RawRow,
+    rules: &TenantRules,
+) -> Result<UserRow, Vec<RowError>> {
+    let mut errors = Vec::new();
+    let n_header = map.positions.len();
+    let extra_nonempty = raw
+        .fields
+        .iter()
+        .skip(n_header)
+        .any(|f| !f.trim().is_empty());
+    if raw.fields.len() < n_header || extra_nonempty {
+        errors.push(RowError {
+            code: RowErrorCode::FieldCount,
+            column: None,
+            message: format!(
+                "the row has {} fields but the header has {} columns; check for a missing or extra delimiter or an unclosed quote",
+                raw.fields.len(),
+                n_header
+            ),
+        });
+        return Err(errors);
+    }
+    let mut values: [Option<&str>; 24] = [None; 24];
+    for (i, col) in map.positions.iter().enumerate() {
+        let Some(col) = col else { continue };
+        let v = raw.fields[i].trim();
+        if v.is_empty() {
+            continue;
+        }
+        let label = header.get(i).map(|h| h.trim()).unwrap_or(col.name());
+        if let Some(c) = v.chars().find(|c| c.is_control()) {
+            errors.push(err(
+                RowErrorCode::ControlCharacter,
+                label,
+                format!(
+                    "`{label}` value {} contains a control character (U+{:04X}); only printable text is accepted",
+                    quote(v),
+                    c as u32
+                ),
+            ));
+            continue;
+        }
+        let len = v.chars().count();
+        if len > col.max_len() && !matches!(col, Column::DateOfBirth | Column::Active) {
+            errors.push(err(
+                RowErrorCode::TooLong,
+                label,
+                format!(
+                    "`{label}` value {} is {len} characters long; at most {} are stored",
+                    quote(v),
+                    col.max_len()
+                ),
+            ));
+            continue;
+        }
+        values[col.index()] = Some(v);
+    }
+    let label_of = |col: Column| -> String {
+        map.position(col)
+            .and_then(|i| header.get(i))
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|| col.name().to_owned())
+    };
+
+    let unique_id = values[Column::UniqueId.index()];
+    if unique_id.is_none()
+        && !errors
+            .iter()
+            .any(|e| e.column.as_deref() == Some(&label_of(Column::UniqueId)))
+    {
+        let l = label_of(Column::UniqueId);
+        errors.push(err(
+            RowErrorCode::RequiredMissing,
+            &l,
+            format!("`{l}` is empty; every row needs the user's unique_id"),
+        ));
+    }
+    let login_source = match values[Column::LoginSource.index()] {
+        None => {
+            let l = label_of(Column::LoginSource);
+            if !errors.iter().any(|e| e.column.as_deref() == Some(&l)) {
+                errors.push(err(
+                    RowErrorCode::RequiredMissing,
+                    &l,
+                    format!(
+                        "`{l}` is empty; every row needs a login source ({})",
+                        list(rules.login_sources.values())
+                    ),
+                ));
+            }
+            None
+        }
+        Some(v) => match rules.login_sources.get(&v.to_lowercase()) {
+            Some(canonical) => Some(canonical.clone()),
+            None => {
+                let l = label_of(Column::LoginSource);
+                errors.push(err(
+                    RowErrorCode::UnknownLoginSource,
+                    &l,
+                    format!(
+                        "`{l}` {} is not one of this tenant's login sources ({})",
+                        quote(v),
+                        list(rules.login_sources.values())
+                    ),
+                ));
+                None
+            }
+        },
+    };
+    if let Some(v) = values[Column::UserTypeId.index()] {
+        if !rules.user_types.contains(v) {
+            let l = label_of(Column::UserTypeId);
+            errors.push(err(
+                RowErrorCode::UnknownUserType,
+                &l,
+                format!(
+                    "`{l}` {} is not one of this tenant's user types ({})",
+                    quote(v),
+                    list(rules.user_types.iter())
+                ),
+            ));
+        }
+    }
+    let active = match values[Column::Active.index()] {
+        None => None,
+        Some("1") => Some(true),
+        Some("0") => Some(false),
+        Some(v) => {
+            let l = label_of(Column::Active);
+            errors.push(err(
+                RowErrorCode::InvalidActive,
+                &l,
+                format!("`{l}` is {}; expected 0 (inactive) or 1 (active)", quote(v)),
+            ));
+            None
+        }
+    };
+    if let Some(v) = values[Column::Email.index()] {
+        if !email_address::EmailAddress::is_valid(v) || !v.contains('.') {
+            let l = label_of(Column::Email);
+            errors.push(err(
+                RowErrorCode::InvalidEmail,
+                &l,
+                format!(
+                    "`{l}` {} is not an email address (expected name@example.org)",
+                    quote(v)
+                ),
+            ));
+        }
+    }
+    let date_of_birth = match values[Column::DateOfBirth.index()] {
+        None => None,
+        Some(v) => match parse_date(v) {
+            Ok(d) => Some(d),
+            Err(DateError::Ambiguous(a, b)) => {
+                let l = label_of(Column::DateOfBirth);
+                errors.push(err(
+                    RowErrorCode::AmbiguousDate,
+                    &l,
+                    format!(
+                        "`{l}` {} could be {a} or {b}; write dates as YYYY-MM-DD",
+                        quote(v)
+                    ),
+                ));
+                None
+            }
+            Err(DateError::Invalid) => {
+                let l = label_of(Column::DateOfBirth);
+                errors.push(err(
+                    RowErrorCode::InvalidDate,
+                    &l,
+                    format!(
+                        "`{l}` {} is not a valid date; expected YYYY-MM-DD",
+                        quote(v)
+                    ),
+                ));
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let (Some(unique_id), Some(login_source)) = (unique_id, login_source) else {
+        return Err(errors);
+    };
+    let text = TEXT_COLUMNS.map(|c| values[c.index()].map(str::to_owned));
+    Ok(UserRow {
+        row: raw.row,
+        unique_id: unique_id.to_owned(),
+        login_source,
+        text,
+        date_of_birth,
+        active,
+    })
+}
+
+fn err(code: RowErrorCode, column: &str, message: String) -> RowError {
+    RowError {
+        code,
+        column: Some(column.to_owned()),
+        message,
+    }
+}
+
+fn quote(v: &str) -> String {
+    format!("\"{}\"", truncate_for_message(v, 60))
+}
+
+fn list<'a>(items: impl Iterator<Item = &'a String>) -> String {
+    let mut v: Vec<&String> = items.collect();
+    v.sort();
+    match v.len() {
+        0 => "none are set up; ask your administrator".to_owned(),
+        1..=10 => format!(
+            "valid: {}",
+            v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        n => format!("{n} are set up"),
+    }
+}
+
+/// Why a date was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DateError {
+    /// Not a date.
+    Invalid,
+    /// Two readings are possible (day/month order unknown); both given as YYYY-MM-DD.
+    Ambiguous(String, String),
+}
+
+/// Parses a date of birth: `YYYY-MM-DD` (also with `/` or `.`, or `YYYYMMDD`, or with a
+/// midnight time as Excel writes), month names (`3 Apr 2001`, `April 3, 2001`), and
+/// day/month/year numerals when only one order makes a real date.
+pub fn parse_date(v: &str) -> Result<NaiveDate, DateError> {
+    let v = v.trim();
+    let v = v
+        .strip_suffix(" 00:00:00")
+        .or_else(|| v.strip_suffix(" 00:00"))
+        .or_else(|| v.strip_suffix("T00:00:00"))
+        .unwrap_or(v);
+    for fmt in [
+        "%Y-%m-%d",
+        "%Y/%m/%d",
+        "%Y.%m.%d",
+        "%Y%m%d",
+        "%d %b %Y",
+        "%d-%b-%Y",
+        "%b %d, %Y",
+        "%B %d, %Y",
+        "%d %B %Y",
+        "%B %d %Y",
+        "%b %d %Y",
+    ] {
+        if let Ok(d) = NaiveDate::parse_from_str(v, fmt) {
+            return plausible(d);
+        }
+    }
+    let parts: Vec<&str> = v.split(['/', '-', '.']).collect();
+    if parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts[2].len() == 4
+    {
+        let (a, b, y) = (
+            parts[0].parse::<u32>().map_err(|_| DateError::Invalid)?,
+            parts[1].parse::<u32>().map_err(|_| DateError::Invalid)?,
+            parts[2].parse::<i32>().map_err(|_| DateError::Invalid)?,
+        );
+        let dm = NaiveDate::from_ymd_opt(y, b, a); // a = day
+        let md = NaiveDate::from_ymd_opt(y, a, b); // a = month
+        return match (dm, md) {
+            (Some(x), Some(y)) if x != y => Err(DateError::Ambiguous(
+                x.format("%Y-%m-%d").to_string(),
+                y.format("%Y-%m-%d").to_string(),
+            )),
+            (Some(x), _) | (None, Some(x)) => plausible(x),
+            (None, None) => Err(DateError::Invalid),
+        };
+    }
+    Err(DateError::Invalid)
+}
+
+fn plausible(d: NaiveDate) -> Result<NaiveDate, DateError> {
+    let today = chrono::Utc::now().date_naive();
+    if d.year() < 1900 || d > today {
+        Err(DateError::Invalid)
+    } else {
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> TenantRules {
+        TenantRules::new(
+            vec!["SSO".into(), "local".into()],
+            vec!["1".into(), "2".into()],
+        )
+    }
+
+    fn check(header: &[&str], fields: &[&str]) -> Result<UserRow, Vec<RowError>> {
+        let header: Vec<String> = header.iter().map(|s| s.to_string()).collect();
+        let map = HeaderMap::parse(&header).unwrap();
+        let raw = RawRow {
+            row: 2,
+            fields: fields.iter().map(|s| s.to_string()).collect(),
+        };
+        validate(&header, &map, &raw, &rules())
+    }
+
+    #[test]
+    fn a_good_row() {
+        let u = check(
+            &[
+                "unique_id",
+                "login_source",
+                "Email",
+                "active",
+                "date_of_birth",
+                "user_type_id",
+            ],
+            &[" A1 ", "sso", "a@example.org", "1", "2001-04-03", "2"],
+        )
+        .unwrap();
+        assert_eq!(u.unique_id, "A1");
+        assert_eq!(u.login_source, "SSO");
+        assert_eq!(u.active, Some(true));
+        assert_eq!(u.text[3].as_deref(), Some("a@example.org"));
+        assert_eq!(u.date_of_birth, NaiveDate::from_ymd_opt(2001, 4, 3));
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let errs = check(
+            &[
+                "unique_id",
+                "login_source",
+                "email",
+                "active",
+                "date_of_birth",
+                "user_type_id",
+            ],
+            &["", "ldap", "bob@", "yes", "03/04/2001", "9"],
+        )
+        .unwrap_err();
+        let codes: Vec<_> = errs.iter().map(|e| e.code).collect();
+        assert_eq!(
+            codes,
+            vec![
+                RowErrorCode::RequiredMissing,
+                RowErrorCode::UnknownLoginSource,
+                RowErrorCode::UnknownUserType,
+                RowErrorCode::InvalidActive,
+                RowErrorCode::InvalidEmail,
+                RowErrorCode::AmbiguousDate,
+            ]
+        );
+        assert!(errs[1].message.contains("\"ldap\""), "{}", errs[1].message);
+        assert!(
+            errs[1].message.contains("valid: SSO, local"),
+            "{}",
+            errs[1].message
+        );
+        assert!(
+            errs[5].message.contains("2001-04-03 or 2001-03-04"),
+            "{}",
+            errs[5].message
+        );
+    }
+
+    #[test]
+    fn field_count_and_trailing_empty_fields() {
+        assert!(check(&["unique_id", "login_source"], &["1", "sso", "", ""]).is_ok());
+        let e = check(&["unique_id", "login_source", "email"], &["1", "sso"]).unwrap_err();
+        assert_eq!(e[0].code, RowErrorCode::FieldCount);
+        assert!(e[0].message.contains("2 fields but the header has 3"));
+    }
+
+    #[test]
+    fn lengths_and_control_characters() {
+        let long = "x".repeat(101);
+        let e = check(
+            &["unique_id", "login_source", "first_name"],
+            &["1", "sso", &long],
+        )
+        .unwrap_err();
+        assert_eq!(e[0].code, RowErrorCode::TooLong);
+        assert!(e[0].message.contains("101 characters"));
+        let e = check(
+            &["unique_id", "login_source", "first_name"],
+            &["1", "sso", "a\u{7}b"],
+        )
+        .unwrap_err();
+        assert_eq!(e[0].code, RowErrorCode::ControlCharacter);
+    }
+
+    #[test]
+    fn dates() {
+        let d = |s| parse_date(s);
+        assert_eq!(
+            d("2001-04-03"),
+            Ok(NaiveDate::from_ymd_opt(2001, 4, 3).unwrap())
+        );
+        assert_eq!(
+            d("25/12/1990"),
+            Ok(NaiveDate::from_ymd_opt(1990, 12, 25).unwrap())
+        );
+        assert_eq!(
+            d("12/25/1990"),
+            Ok(NaiveDate::from_ymd_opt(1990, 12, 25).unwrap())
+        );
+        assert_eq!(
+            d("05/05/1990"),
+            Ok(NaiveDate::from_ymd_opt(1990, 5, 5).unwrap())
+        );
+        assert_eq!(
+            d("3 Apr 2001"),
+            Ok(NaiveDate::from_ymd_opt(2001, 4, 3).unwrap())
+        );
+        assert_eq!(
+            d("1990-12-25 00:00:00"),
+            Ok(NaiveDate::from_ymd_opt(1990, 12, 25).unwrap())
+        );
+        assert!(matches!(d("03/04/2001"), Err(DateError::Ambiguous(_, _))));
+        assert_eq!(d("2001-02-30"), Err(DateError::Invalid));
+        assert_eq!(d("3000-01-01"), Err(DateError::Invalid));
+        assert_eq!(d("soon"), Err(DateError::Invalid));
+    }
+}
