@@ -1,1 +1,567 @@
-pub fn x() {}
+//! Test harness: the real thing on throwaway resources.
+//!
+//! - [`TestDb`]: a fresh PostgreSQL database per test (migrated), dropped afterwards.
+//! - [`SmtpSink`]: a real SMTP server (mailin-embedded) on a random loopback port, keeping
+//!   what it receives.
+//! - [`App`]: ingest, a worker and the notifier running in-process against the test's own
+//!   database, queue prefix, drop folder and SMTP sink ([`spawn_app`]), like zero2prod's
+//!   `spawn_app()`. Tests read as the user story they check.
+//!
+//! PostgreSQL and RabbitMQ come from `MUI_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and `MUI_TEST_AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use diesel::prelude::*;
+use mail_parser::MimeHeaders;
+use mui_shared::config::{CommonArgs, LogFormat};
+use mui_shared::domain::TenantSlug;
+use mui_shared::schema::{import_files, users};
+use mui_shared::tenants::{self, SettingsChange, Tenant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Base URL of the PostgreSQL server tests create databases on.
+pub fn base_database_url() -> String {
+    std::env::var("MUI_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// RabbitMQ URL for tests.
+pub fn amqp_url() -> String {
+    std::env::var("MUI_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A database of its own, migrated, dropped on drop.
+#[derive(Debug)]
+pub struct TestDb {
+    name: String,
+    /// URL of the test's database.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates and migrates a fresh database.
+    pub fn new() -> anyhow::Result<Self> {
+        let base = base_database_url();
+        let name = unique("mui_t");
+        let mut admin = PgConnection::establish(&base).context("connecting to PostgreSQL")?;
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin)?;
+        let url = replace_db(&base, &name);
+        let mut conn = PgConnection::establish(&url)?;
+        mui_shared::db::migrate(&mut conn)?;
+        Ok(Self { name, url })
+    }
+
+    /// A new connection to the test database.
+    pub fn conn(&self) -> PgConnection {
+        PgConnection::establish(&self.url).expect("test database reachable")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&base_database_url()) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin);
+        }
+    }
+}
+
+fn replace_db(url: &str, db: &str) -> String {
+    match url.rfind('/') {
+        Some(i) if url[..i].contains("://") && !url[..i].ends_with('/') => {
+            let rest = &url[i + 1..];
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{}/{db}{query}", &url[..i])
+        }
+        _ => format!("{url}/{db}"),
+    }
+}
+
+/// One message received by [`SmtpSink`].
+#[derive(Debug, Clone)]
+pub struct ReceivedMail {
+    /// Envelope sender.
+    pub from: String,
+    /// Envelope recipients.
+    pub to: Vec<String>,
+    /// Raw message.
+    pub data: Vec<u8>,
+}
+
+impl ReceivedMail {
+    /// Parsed view of the message.
+    pub fn parsed(&self) -> mail_parser::Message<'_> {
+        mail_parser::MessageParser::default()
+            .parse(&self.data)
+            .expect("a parseable message")
+    }
+
+    /// Subject line.
+    pub fn subject(&self) -> String {
+        self.parsed().subject().unwrap_or_default().to_owned()
+    }
+
+    /// First text body.
+    pub fn body(&self) -> String {
+        self.parsed()
+            .body_text(0)
+            .map(|b| b.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Attachments as (name, bytes).
+    pub fn attachments(&self) -> Vec<(String, Vec<u8>)> {
+        let parsed = self.parsed();
+        parsed
+            .attachments()
+            .map(|a| {
+                (
+                    a.attachment_name().unwrap_or_default().to_owned(),
+                    a.contents().to_vec(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Default)]
+struct SinkHandler {
+    store: Arc<Mutex<Vec<ReceivedMail>>>,
+    current: Option<ReceivedMail>,
+}
+
+impl mailin_embedded::Handler for SinkHandler {
+    fn data_start(
+        &mut self,
+        _domain: &str,
+        from: &str,
+        _is8bit: bool,
+        to: &[String],
+    ) -> mailin_embedded::Response {
+        self.current = Some(ReceivedMail {
+            from: from.to_owned(),
+            to: to.to_vec(),
+            data: Vec::new(),
+        });
+        mailin_embedded::response::OK
+    }
+
+    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if let Some(m) = self.current.as_mut() {
+            m.data.extend_from_slice(buf);
+        }
+        Ok(())
+    }
+
+    fn data_end(&mut self) -> mailin_embedded::Response {
+        if let Some(m) = self.current.take() {
+            if let Ok(mut store) = self.store.lock() {
+                store.push(m);
+            }
+        }
+        mailin_embedded::response::OK
+    }
+}
+
+/// A real SMTP server on a random loopback port, recording every message.
+#[derive(Debug, Clone)]
+pub struct SmtpSink {
+    /// Port it listens on.
+    pub port: u16,
+    store: Arc<Mutex<Vec<ReceivedMail>>>,
+}
+
+impl SmtpSink {
+    /// Starts the server on a background thread (it lives as long as the test process).
+    pub fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let handler = SinkHandler::default();
+        let store = handler.store.clone();
+        let mut server = mailin_embedded::Server::new(handler);
+        server
+            .with_name("sink.test")
+            .with_ssl(mailin_embedded::SslConfig::None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_num_threads(2)
+            .with_tcp_listener(listener);
+        std::thread::spawn(move || {
+            let _ = server.serve();
+        });
+        Ok(Self { port, store })
+    }
+
+    /// `smtp://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Everything received so far.
+    pub fn messages(&self) -> Vec<ReceivedMail> {
+        self.store.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// Settings of a test run.
+#[derive(Debug, Clone)]
+pub struct AppOptions {
+    /// Rows per chunk (small, so files span several chunks).
+    pub chunk_rows: usize,
+    /// ingest's settle interval.
+    pub settle_ms: u64,
+    /// Workers to run.
+    pub workers: usize,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self {
+            chunk_rows: 3,
+            settle_ms: 400,
+            workers: 2,
+        }
+    }
+}
+
+/// Throwaway resources of one test: database, queue prefix, drop root, SMTP sink.
+#[derive(Debug)]
+pub struct TestEnv {
+    /// The database.
+    pub db: TestDb,
+    /// Queue prefix.
+    pub prefix: String,
+    /// DROP_ROOT.
+    pub drop_root: tempfile::TempDir,
+    /// The SMTP server the notifier sends to.
+    pub smtp: SmtpSink,
+    /// Options the services run with.
+    pub options: AppOptions,
+}
+
+impl TestEnv {
+    /// Fresh resources.
+    pub fn new(options: AppOptions) -> anyhow::Result<Self> {
+        Ok(Self {
+            db: TestDb::new()?,
+            prefix: unique("mui_t"),
+            drop_root: tempfile::tempdir()?,
+            smtp: SmtpSink::start()?,
+            options,
+        })
+    }
+
+    fn common(&self) -> CommonArgs {
+        CommonArgs {
+            database_url: self.db.url.clone(),
+            amqp_url: amqp_url(),
+            queue_prefix: self.prefix.clone(),
+            log_format: LogFormat::Human,
+        }
+    }
+
+    /// ingest's configuration.
+    pub fn ingest_config(&self) -> mui_ingest::IngestConfig {
+        mui_ingest::IngestConfig {
+            common: self.common(),
+            drop_root: self.drop_root.path().to_path_buf(),
+            settle_ms: self.options.settle_ms,
+            rescan_secs: 1,
+            poll_only: false,
+            chunk_rows: self.options.chunk_rows,
+            concurrency: 4,
+        }
+    }
+
+    /// A worker's configuration.
+    pub fn worker_config(&self) -> mui_worker::WorkerConfig {
+        mui_worker::WorkerConfig {
+            common: self.common(),
+            concurrency: 2,
+        }
+    }
+
+    /// The notifier's configuration.
+    pub fn notifier_config(&self) -> mui_notifier::NotifierConfig {
+        mui_notifier::NotifierConfig {
+            common: self.common(),
+            smtp_url: Some(self.smtp.url()),
+            mail_outbox: self.drop_root.path().join("unused-outbox"),
+            max_attached_failures: 50_000,
+        }
+    }
+
+    /// Creates a tenant with mail settings, login sources `sso` and `local`, user types `1`
+    /// and `2`, and its drop folder.
+    pub fn tenant(&self, slug: &str) -> anyhow::Result<Tenant> {
+        let mut conn = self.db.conn();
+        let slug = TenantSlug::parse(slug)?;
+        let t = tenants::create(&mut conn, &slug, &format!("{slug} university"))?;
+        let t = tenants::update(
+            &mut conn,
+            t.tenant_id(),
+            &SettingsChange {
+                reply_to_email: Some(Some(format!("admin@{slug}.example.org"))),
+                failed_import_emails: Some(vec![format!("it@{slug}.example.org")]),
+                ..SettingsChange::default()
+            },
+        )?;
+        tenants::add_login_source(&mut conn, t.tenant_id(), "sso")?;
+        tenants::add_login_source(&mut conn, t.tenant_id(), "local")?;
+        tenants::add_user_type(&mut conn, t.tenant_id(), "1", "Staff")?;
+        tenants::add_user_type(&mut conn, t.tenant_id(), "2", "Student")?;
+        std::fs::create_dir_all(self.folder(&t.slug))?;
+        Ok(t)
+    }
+
+    /// A tenant's drop folder.
+    pub fn folder(&self, slug: &str) -> PathBuf {
+        self.drop_root.path().join(slug)
+    }
+
+    /// Writes a file into a tenant's drop folder the way an upload finishes: written under a
+    /// temporary name, then renamed.
+    pub fn drop_file(&self, slug: &str, name: &str, content: &[u8]) -> anyhow::Result<()> {
+        let folder = self.folder(slug);
+        let tmp = folder.join(format!("{name}.filepart"));
+        std::fs::write(&tmp, content)?;
+        std::fs::rename(&tmp, folder.join(name))?;
+        Ok(())
+    }
+
+    /// The files of a tenant, oldest first.
+    pub fn files(&self, tenant: &Tenant) -> Vec<FileRow> {
+        let mut conn = self.db.conn();
+        import_files::table
+            .filter(import_files::tenant_id.eq(tenant.id))
+            .order(import_files::id)
+            .select((
+                import_files::id,
+                import_files::file_name,
+                import_files::state,
+                import_files::rows_total,
+                import_files::rows_inserted,
+                import_files::rows_updated,
+                import_files::rows_unchanged,
+                import_files::rows_failed,
+                import_files::error_code,
+                import_files::notify_status,
+                import_files::archived_name,
+            ))
+            .load(&mut conn)
+            .expect("files query")
+    }
+
+    /// A tenant's users as (unique_id, login_source, first_name, last_name, email, active),
+    /// by unique_id.
+    pub fn users(&self, tenant: &Tenant) -> Vec<UserRow> {
+        let mut conn = self.db.conn();
+        users::table
+            .filter(users::tenant_id.eq(tenant.id))
+            .order(users::unique_id)
+            .select((
+                users::unique_id,
+                users::login_source,
+                users::first_name,
+                users::last_name,
+                users::email,
+                users::active,
+            ))
+            .load(&mut conn)
+            .expect("users query")
+    }
+
+    /// Waits until `cond` holds, polling; fails after `secs` seconds with `what`.
+    pub async fn wait_until(&self, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if cond() {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out after {secs}s waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A file as the tests look at it.
+pub type FileRow = (
+    i64,
+    String,
+    String,
+    Option<i64>,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    String,
+    Option<String>,
+);
+
+/// A user as the tests look at it.
+pub type UserRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    bool,
+);
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let prefix = self.prefix.clone();
+        // Drop cannot await; clean the broker up on a small runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(conn) =
+                    lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                        .await
+                {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = mui_shared::amqp::Topology::new(prefix).delete(&ch).await;
+                    }
+                    let _ = conn.close(200, "bye".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The three services running in-process.
+#[derive(Debug)]
+pub struct App {
+    /// The test's resources.
+    pub env: TestEnv,
+    services: Option<Services>,
+}
+
+#[derive(Debug)]
+struct Services {
+    shutdown: CancellationToken,
+    handles: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+}
+
+/// Starts ingest, the workers and the notifier on fresh resources.
+pub async fn spawn_app() -> App {
+    spawn_app_with(AppOptions::default()).await
+}
+
+/// [`spawn_app`] with options.
+pub async fn spawn_app_with(options: AppOptions) -> App {
+    mui_shared::telemetry::init("tests", LogFormat::Human);
+    let env = TestEnv::new(options).expect("test resources");
+    let mut app = App {
+        env,
+        services: None,
+    };
+    app.start();
+    app
+}
+
+impl App {
+    /// Starts (or restarts) the services.
+    pub fn start(&mut self) {
+        assert!(self.services.is_none(), "already running");
+        let shutdown = CancellationToken::new();
+        let mut handles = Vec::new();
+        handles.push((
+            "ingest",
+            tokio::spawn(mui_ingest::run(self.env.ingest_config(), shutdown.clone())),
+        ));
+        for _ in 0..self.env.options.workers {
+            handles.push((
+                "worker",
+                tokio::spawn(mui_worker::run(self.env.worker_config(), shutdown.clone())),
+            ));
+        }
+        handles.push((
+            "notifier",
+            tokio::spawn(mui_notifier::run(
+                self.env.notifier_config(),
+                shutdown.clone(),
+            )),
+        ));
+        self.services = Some(Services { shutdown, handles });
+    }
+
+    /// Stops the services gracefully and checks none of them failed.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.services.take() {
+            s.shutdown.cancel();
+            for (name, h) in s.handles {
+                match tokio::time::timeout(Duration::from_secs(30), h).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => panic!("{name} failed: {e:#}"),
+                    Ok(Err(e)) => panic!("{name} panicked: {e}"),
+                    Err(_) => panic!("{name} did not stop within 30s"),
+                }
+            }
+        }
+    }
+
+    /// Waits until every file of `tenant` listed is finished and its email handled.
+    pub async fn wait_files_settled(&self, tenant: &Tenant, count: usize) -> Vec<FileRow> {
+        let env = &self.env;
+        env.wait_until(
+            60,
+            &format!("{count} file(s) of {} finished and notified", tenant.slug),
+            || {
+                let files = env.files(tenant);
+                files.len() >= count
+                    && files.iter().all(|f| {
+                        (f.2 == "done" || f.2 == "failed")
+                            && f.9 != "pending"
+                            && f.9 != "sending"
+                            && f.10.is_some()
+                    })
+            },
+        )
+        .await;
+        env.files(tenant)
+    }
+}
+
+/// Reads a CSV attachment (UTF-8 with BOM) into rows of strings.
+pub fn parse_csv(bytes: &[u8]) -> Vec<Vec<String>> {
+    let text = std::str::from_utf8(bytes).expect("utf-8 attachment");
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(text.as_bytes());
+    r.records()
+        .map(|rec| rec.expect("csv record").iter().map(str::to_owned).collect())
+        .collect()
+}
+
+/// Whether `path` exists.
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}

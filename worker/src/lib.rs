@@ -1,2 +1,227 @@
+//! # worker
+//!
+//! Consumes [`mui_shared::messages::Chunk`]s from the `chunks` queue and imports them. Any
+//! number of workers, on any hosts, can share the queue; one file's chunks spread over all of
+//! them.
+//!
+//! - [`run`] (this file): the consumer. Prefetch equals the number of chunks imported at
+//!   once, so a worker never hoards work another could do. A delivery is acknowledged only
+//!   after its transaction committed; database trouble is retried with exponential backoff
+//!   while the message is held (so an outage does not burn the queue's delivery limit); a
+//!   message that can never be imported is rejected and dead-lettered with the reason logged.
+//! - [`validate`]: the row checks; a row becomes a [`validate::UserRow`] or a failure record.
+//! - [`import`]: one chunk in one transaction: users upserted in bulk, failure records and
+//!   "file finished" written to the outbox, relayed to the notifier.
+
 pub mod import;
 pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use mui_shared::amqp::{self, Publisher, QueueKind, Topology};
+use mui_shared::config::{redact_url, CommonArgs};
+use mui_shared::db::{self, PgPool};
+use mui_shared::messages::{self, WorkMessage};
+use mui_shared::outbox::{Kick, Relay};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::import::ImportError;
+
+/// worker's settings.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConfig {
+    /// Shared settings.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Chunks imported at once by this process (each uses one database connection).
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: usize,
+}
+
+/// Query errors (not connection trouble) tolerated for one chunk before it is dead-lettered.
+const MAX_QUERY_FAILURES: u32 = 5;
+
+/// Runs the worker until `shutdown`: it stops taking chunks, finishes and acknowledges the
+/// ones it holds, and returns.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(
+        database = %redact_url(&config.common.database_url),
+        amqp = %redact_url(&config.common.amqp_url),
+        concurrency = config.concurrency,
+        "WorkerConfigured"
+    );
+    let concurrency = config.concurrency.max(1);
+    let pool = db::pool(&config.common.database_url, concurrency as u32 + 2);
+    db::migrate_at_start(&pool)
+        .await
+        .context("applying database migrations")?;
+    let topology = Topology::new(&config.common.queue_prefix);
+    let conn = amqp::connect(&config.common.amqp_url, "mui-worker").await?;
+    let channel = conn.create_channel().await?;
+    topology.declare(&channel).await?;
+    // Prefetch = concurrency: every chunk this worker holds is being imported, none waits
+    // here while another worker idles.
+    channel
+        .basic_qos(concurrency as u16, BasicQosOptions::default())
+        .await?;
+    let kick = Kick::default();
+    let relay = Relay::new(
+        pool.clone(),
+        Publisher::new(&conn, topology.clone()).await?,
+        kick.clone(),
+    );
+    let relay_stop = CancellationToken::new();
+    let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
+
+    let tag = format!("mui-worker-{}", std::process::id());
+    let mut consumer = channel
+        .basic_consume(
+            topology.queue(QueueKind::Chunks).as_str().into(),
+            tag.as_str().into(),
+            // Manual acks: a chunk is acknowledged only after its transaction committed.
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    tracing::info!("WorkerReady");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done { tracing::error!(error = %e, "ChunkTaskPanicked"); }
+            }
+            next = consumer.next() => {
+                let delivery = match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(e).context("consuming chunks"),
+                    None => anyhow::bail!("the broker cancelled the chunk consumer"),
+                };
+                let permit = slots.clone().acquire_owned().await?;
+                let pool = pool.clone();
+                let kick = kick.clone();
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    handle_delivery(&pool, delivery, &stop).await;
+                    kick.kick();
+                    drop(permit);
+                });
+            }
+        }
+    }
+    tracing::info!(in_flight = tasks.len(), "WorkerStopping");
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    while tasks.join_next().await.is_some() {}
+    relay_stop.cancel();
+    let _ = relay_task.await;
+    let _ = conn.close(200, "shutdown".into()).await;
+    Ok(())
+}
+
+async fn handle_delivery(
+    pool: &PgPool,
+    delivery: lapin::message::Delivery,
+    stop: &CancellationToken,
+) {
+    let msg: WorkMessage = match messages::decode(&delivery.data) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "ChunkUndecodableError");
+            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            return;
+        }
+    };
+    let WorkMessage::ChunkV1(chunk) = msg else {
+        tracing::error!("ChunkUnknownVersionError");
+        let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+        return;
+    };
+    let span = tracing::info_span!(
+        "import_chunk",
+        tenant_id = chunk.tenant_id.0,
+        file_id = chunk.file_id.0,
+        chunk_no = chunk.chunk_no
+    );
+    async {
+        let chunk = Arc::new(chunk);
+        let mut query_failures = 0u32;
+        let mut backoff = amqp::backoff_policy(None);
+        loop {
+            let c = chunk.clone();
+            let p = pool.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let mut conn = p.get().map_err(|e| ImportError::Db(e.into()))?;
+                import::import_chunk(&mut conn, &c)
+            })
+            .await
+            .unwrap_or_else(|join| Err(ImportError::Db(join.into())));
+            match result {
+                Ok(outcome) => {
+                    if outcome.applied {
+                        tracing::info!(
+                            rows = chunk.rows.len(),
+                            inserted = outcome.inserted,
+                            updated = outcome.updated,
+                            unchanged = outcome.unchanged,
+                            failed = outcome.failed,
+                            finished_file = outcome.finished_file,
+                            "ChunkImported"
+                        );
+                    } else {
+                        tracing::info!("ChunkAlreadyImported");
+                    }
+                    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                        // The commit stands; the redelivery will be recognised and skipped.
+                        tracing::warn!(error = %e, "ChunkAckError");
+                    }
+                    return;
+                }
+                Err(ImportError::Db(e)) => {
+                    let transient = db::is_transient(&e);
+                    if !transient {
+                        query_failures += 1;
+                    }
+                    if query_failures >= MAX_QUERY_FAILURES {
+                        tracing::error!(error = %e, cause = ?e, "ChunkImportError");
+                        let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                        return;
+                    }
+                    let wait = backoff::backoff::Backoff::next_backoff(&mut backoff)
+                        .unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, cause = ?e, transient, retry_in_ms = wait.as_millis() as u64, "ChunkImportRetry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.cancelled() => {
+                            // Hand it back: another worker (or this one, restarted) takes it.
+                            let _ = delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                            return;
+                        }
+                    }
+                }
+                Err(permanent) => {
+                    // A chunk that can never be imported (wrong tenant, unusable header).
+                    tracing::error!(error = %permanent, "ChunkRejectedError");
+                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                    return;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -108,7 +108,8 @@ CREATE TABLE import_files (
     error_code       VARCHAR(40),
     error_message    TEXT,
     archived_name    TEXT,
-    -- pending -> sent | not_needed | no_recipient
+    -- pending -> sending -> sent; or not_needed (nothing failed), or held (no mail settings,
+    -- or an address the mail server refuses; the reason is in notify_detail)
     notify_status    VARCHAR(20) NOT NULL DEFAULT 'pending',
     notify_detail    TEXT,
     received_at      TIMESTAMPTZ NOT NULL DEFAULT now(),

@@ -1,0 +1,298 @@
+//! The report a tenant receives: subject, body and the failures CSV. Pure functions, so the
+//! wording is tested without a mail server.
+
+use mui_shared::messages::{RowError, RowFailure};
+
+/// What the report says about one file.
+#[derive(Debug, Clone, Default)]
+pub struct FileSummary {
+    /// Name as uploaded.
+    pub file_name: String,
+    /// `done` or `failed`.
+    pub state: String,
+    /// Data rows read.
+    pub rows_total: i64,
+    /// Users created.
+    pub inserted: i64,
+    /// Users changed.
+    pub updated: i64,
+    /// Users already right.
+    pub unchanged: i64,
+    /// Rows not imported.
+    pub failed: i64,
+    /// Detected encoding.
+    pub encoding: Option<String>,
+    /// Detected delimiter.
+    pub delimiter: Option<String>,
+    /// Columns ignored.
+    pub ignored: Vec<String>,
+    /// File-level error, when the file failed as a whole.
+    pub error: Option<String>,
+    /// When the file arrived.
+    pub received_at: String,
+}
+
+impl FileSummary {
+    /// Whether the file failed as a whole.
+    pub fn file_failed(&self) -> bool {
+        self.state == "failed"
+    }
+
+    /// The email subject.
+    pub fn subject(&self) -> String {
+        let name = short(&self.file_name, 80);
+        if self.file_failed() {
+            let reason = self
+                .error
+                .as_deref()
+                .unwrap_or("the file could not be read");
+            format!("User import \"{name}\" failed: {}", short(reason, 120))
+        } else {
+            format!(
+                "User import \"{name}\": {} of {} rows failed",
+                self.failed, self.rows_total
+            )
+        }
+    }
+
+    /// The plain-text body.
+    pub fn body(&self, attachment: &str) -> String {
+        let mut b = String::new();
+        if self.file_failed() {
+            b.push_str(&format!(
+                "Your file \"{}\" (received {}) was NOT imported: no user was changed.\n\n",
+                self.file_name, self.received_at
+            ));
+            b.push_str(&format!(
+                "Reason: {}\n\n",
+                self.error
+                    .as_deref()
+                    .unwrap_or("the file could not be read")
+            ));
+            if let Some(enc) = &self.encoding {
+                if !enc.is_empty() {
+                    b.push_str(&format!("Detected encoding: {enc}\n\n"));
+                }
+            }
+            b.push_str("Please correct the file and upload it again.\n");
+            return b;
+        }
+        let imported = self.inserted + self.updated + self.unchanged;
+        b.push_str(&format!(
+            "Your file \"{}\" (received {}) was imported.\n\n",
+            self.file_name, self.received_at
+        ));
+        b.push_str(&format!("Rows read:        {}\n", self.rows_total));
+        b.push_str(&format!(
+            "Imported:         {imported} ({} new, {} updated, {} unchanged)\n",
+            self.inserted, self.updated, self.unchanged
+        ));
+        b.push_str(&format!("Failed:           {}\n", self.failed));
+        if let Some(enc) = &self.encoding {
+            b.push_str(&format!("Encoding:         {enc}\n"));
+        }
+        if let Some(d) = &self.delimiter {
+            b.push_str(&format!("Delimiter:        {d}\n"));
+        }
+        if !self.ignored.is_empty() {
+            b.push_str(&format!(
+                "Ignored columns:  {} (not part of the import format)\n",
+                self.ignored.join(", ")
+            ));
+        }
+        if self.failed > 0 {
+            b.push_str(&format!(
+                "\nThe attached {attachment} lists every row that was not imported: its row \
+                 number in your file, the values as you uploaded them, and the reason. Correct \
+                 those rows and upload them again; rows that were imported need not be sent \
+                 again.\n"
+            ));
+        }
+        b
+    }
+}
+
+fn short(s: &str, max: usize) -> String {
+    mui_shared::messages::truncate_for_message(s, max)
+}
+
+/// A cell made safe to open in a spreadsheet: a value that a spreadsheet would run as a
+/// formula (starting with `=`, `+`, `-`, `@`, tab or carriage return) gets a leading `'`, as
+/// OWASP's CSV-injection guidance recommends. Values are otherwise unchanged.
+pub fn neutralise(cell: &str) -> String {
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}"),
+        _ => cell.to_owned(),
+    }
+}
+
+/// The failures CSV: UTF-8 with BOM (so Excel shows accents right), columns `row`, the
+/// uploaded columns in uploaded order, `error_code`, `reason`. Rows sorted by row number.
+pub fn failures_csv(header: &[String], failures: &[RowFailure]) -> Result<Vec<u8>, csv::Error> {
+    let width = failures
+        .iter()
+        .map(|f| f.fields.len())
+        .max()
+        .unwrap_or(0)
+        .max(header.len());
+    let mut out = Vec::with_capacity(64 + failures.len() * 128);
+    out.extend_from_slice("\u{feff}".as_bytes());
+    {
+        let mut w = csv::WriterBuilder::new()
+            .terminator(csv::Terminator::CRLF)
+            .from_writer(&mut out);
+        let mut head = vec!["row".to_owned()];
+        for i in 0..width {
+            head.push(match header.get(i) {
+                Some(h) => neutralise(h.trim()),
+                None => format!("(extra {})", i + 1 - header.len()),
+            });
+        }
+        head.push("error_code".to_owned());
+        head.push("reason".to_owned());
+        w.write_record(&head)?;
+        let mut sorted: Vec<&RowFailure> = failures.iter().collect();
+        sorted.sort_by_key(|f| f.row);
+        for f in sorted {
+            let mut rec = vec![f.row.to_string()];
+            for i in 0..width {
+                rec.push(neutralise(
+                    f.fields.get(i).map(String::as_str).unwrap_or(""),
+                ));
+            }
+            rec.push(codes(&f.errors));
+            rec.push(neutralise(&reasons(&f.errors)));
+            w.write_record(&rec)?;
+        }
+        w.flush()?;
+    }
+    Ok(out)
+}
+
+fn codes(errors: &[RowError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.code.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn reasons(errors: &[RowError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The attachment's file name: `<file>.failures.csv`, with path separators and control
+/// characters replaced.
+pub fn attachment_name(file_name: &str) -> String {
+    let clean: String = file_name
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!("{clean}.failures.csv")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mui_shared::messages::RowErrorCode;
+
+    #[test]
+    fn csv_has_bom_row_numbers_uploaded_values_and_reasons() {
+        let header = vec![
+            "unique_id".to_owned(),
+            "login_source".to_owned(),
+            "Email".to_owned(),
+        ];
+        let failures = vec![
+            RowFailure {
+                row: 7,
+                fields: vec!["b".into(), "sso".into(), "=cmd|' /C calc'!A0".into()],
+                errors: vec![RowError {
+                    code: RowErrorCode::InvalidEmail,
+                    column: Some("Email".into()),
+                    message: "`Email` \"=cmd\" is not an email address".into(),
+                }],
+            },
+            RowFailure {
+                row: 3,
+                fields: vec!["".into(), "ldap".into(), "Zoë@x.org".into()],
+                errors: vec![
+                    RowError {
+                        code: RowErrorCode::RequiredMissing,
+                        column: None,
+                        message: "one".into(),
+                    },
+                    RowError {
+                        code: RowErrorCode::UnknownLoginSource,
+                        column: None,
+                        message: "two".into(),
+                    },
+                ],
+            },
+        ];
+        let bytes = failures_csv(&header, &failures).unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        let mut lines = text.split("\r\n");
+        assert_eq!(
+            lines.next().unwrap(),
+            "\u{feff}row,unique_id,login_source,Email,error_code,reason"
+        );
+        assert_eq!(
+            lines.next().unwrap(),
+            "3,,ldap,Zoë@x.org,required_missing; unknown_login_source,one; two"
+        );
+        let third = lines.next().unwrap();
+        assert!(third.starts_with("7,b,sso,'=cmd|"), "{third}");
+    }
+
+    #[test]
+    fn neutralises_formula_starts_only() {
+        assert_eq!(neutralise("=1+1"), "'=1+1");
+        assert_eq!(neutralise("+15551234"), "'+15551234");
+        assert_eq!(neutralise("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(neutralise("-2"), "'-2");
+        assert_eq!(neutralise("a=b"), "a=b");
+        assert_eq!(neutralise(""), "");
+    }
+
+    #[test]
+    fn subjects_name_the_file_and_counts() {
+        let s = FileSummary {
+            file_name: "staff.csv".into(),
+            state: "done".into(),
+            rows_total: 10,
+            failed: 3,
+            inserted: 7,
+            ..FileSummary::default()
+        };
+        assert_eq!(
+            s.subject(),
+            "User import \"staff.csv\": 3 of 10 rows failed"
+        );
+        assert!(s
+            .body("staff.csv.failures.csv")
+            .contains("Imported:         7 (7 new, 0 updated, 0 unchanged)"));
+        let f = FileSummary {
+            file_name: "staff.csv".into(),
+            state: "failed".into(),
+            error: Some("the header has no `login_source` column".into()),
+            ..FileSummary::default()
+        };
+        assert_eq!(
+            f.subject(),
+            "User import \"staff.csv\" failed: the header has no `login_source` column"
+        );
+        assert!(f.body("x").contains("was NOT imported"));
+        assert_eq!(attachment_name("a/b.csv"), "a_b.csv.failures.csv");
+    }
+}

@@ -1,0 +1,136 @@
+//! The pipeline end to end: drop folder → RabbitMQ → PostgreSQL → SMTP.
+
+use mui_tests::{parse_csv, spawn_app};
+
+const GOOD_AND_BAD: &str = "\
+unique_id,login_source,first_name,last_name,email,active,user_type_id
+e1,sso,Ada,Lovelace,ada@example.org,1,1
+e2,SSO,Alan,Turing,alan@example.org,1,2
+e3,local,Grace,Hopper,grace@example.org,,
+e4,ldap,Edsger,Dijkstra,edsger@example.org,1,1
+e5,sso,Barbara,Liskov,not-an-email,1,1
+e6,sso,Donald,Knuth,don@example.org,yes,1
+,sso,No,Id,noid@example.org,1,1
+e7,sso,Ken,Thompson,ken@example.org,0,1
+e8,sso,Dennis,Ritchie,dennis@example.org,1,9
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn good_rows_land_bad_rows_are_mailed_once_and_the_file_is_archived() {
+    let mut app = spawn_app().await;
+    let env = &app.env;
+    let acme = env.tenant("acme").unwrap();
+    let other = env.tenant("other").unwrap();
+    // The other tenant has a user with the same unique_id as one of acme's rows.
+    env.drop_file(
+        "other",
+        "theirs.csv",
+        b"unique_id,login_source,first_name\ne1,sso,Someone Else\n",
+    )
+    .unwrap();
+    app.wait_files_settled(&other, 1).await;
+
+    env.drop_file("acme", "staff.csv", GOOD_AND_BAD.as_bytes())
+        .unwrap();
+    let files = app.wait_files_settled(&acme, 1).await;
+    let f = &files[0];
+    assert_eq!(f.2, "done");
+    assert_eq!(f.3, Some(9), "rows read");
+    assert_eq!(
+        (f.4, f.5, f.6, f.7),
+        (4, 0, 0, 5),
+        "inserted, updated, unchanged, failed"
+    );
+    assert_eq!(f.9, "sent");
+
+    // The good users, with the tenant's spelling of the login source and `active` applied.
+    let users = env.users(&acme);
+    let ids: Vec<&str> = users.iter().map(|u| u.0.as_str()).collect();
+    assert_eq!(ids, ["e1", "e2", "e3", "e7"]);
+    assert_eq!(users[1].1, "sso");
+    assert_eq!(users[0].2.as_deref(), Some("Ada"));
+    assert!(users[2].5, "empty active makes a new user active");
+    assert!(!users[3].5, "active=0 stores the user inactive");
+
+    // The other tenant's user is untouched.
+    let theirs = env.users(&other);
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(theirs[0].2.as_deref(), Some("Someone Else"));
+
+    // The file is in bak/ and gone from the drop folder.
+    assert!(env.folder("acme").join("bak/staff.csv").exists());
+    assert!(!env.folder("acme").join("staff.csv").exists());
+
+    // Exactly one email for acme (other's file had no failures: no email).
+    let mails = env.smtp.messages();
+    assert_eq!(mails.len(), 1, "one email in all");
+    let mail = &mails[0];
+    assert_eq!(mail.from, "admin@acme.example.org");
+    assert_eq!(mail.to, vec!["it@acme.example.org".to_owned()]);
+    assert_eq!(
+        mail.subject(),
+        "User import \"staff.csv\": 5 of 9 rows failed"
+    );
+    assert!(
+        mail.body()
+            .contains("Imported:         4 (4 new, 0 updated, 0 unchanged)"),
+        "{}",
+        mail.body()
+    );
+    let attachments = mail.attachments();
+    assert_eq!(attachments.len(), 1);
+    assert_eq!(attachments[0].0, "staff.csv.failures.csv");
+    let rows = parse_csv(&attachments[0].1);
+    assert_eq!(
+        rows[0],
+        [
+            "row",
+            "unique_id",
+            "login_source",
+            "first_name",
+            "last_name",
+            "email",
+            "active",
+            "user_type_id",
+            "error_code",
+            "reason"
+        ]
+    );
+    let summary: Vec<(String, String, String)> = rows[1..]
+        .iter()
+        .map(|r| (r[0].clone(), r[1].clone(), r[8].clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("5".into(), "e4".into(), "unknown_login_source".into()),
+            ("6".into(), "e5".into(), "invalid_email".into()),
+            ("7".into(), "e6".into(), "invalid_active".into()),
+            ("8".into(), "".into(), "required_missing".into()),
+            ("10".into(), "e8".into(), "unknown_user_type".into()),
+        ]
+    );
+    // Reasons name the column, quote the value and say what was expected.
+    assert!(
+        rows[1][9].contains("\"ldap\"") && rows[1][9].contains("valid: local, sso"),
+        "{}",
+        rows[1][9]
+    );
+    assert!(
+        rows[3][9].contains("expected 0 (inactive) or 1 (active)"),
+        "{}",
+        rows[3][9]
+    );
+    // The row as uploaded.
+    assert_eq!(
+        rows[2][1..8],
+        ["e5", "sso", "Barbara", "Liskov", "not-an-email", "1", "1"]
+    );
+
+    app.stop().await;
+    assert_eq!(
+        app.env.smtp.messages().len(),
+        1,
+        "no second email after shutdown"
+    );
+}

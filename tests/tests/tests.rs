@@ -1,0 +1,5 @@
+//! One integration-test binary (one link) with a module per subject.
+
+mod file_level;
+mod pipeline;
+mod upload;
