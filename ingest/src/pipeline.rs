@@ -9,6 +9,7 @@
 //!    totals (state `importing`, or `done` if the workers already finished every chunk);
 //!    a crash before that re-publishes every chunk, which workers recognise and skip;
 //! 3. move it into `bak/` (retry-safe, never overwriting).
+//!
 //! A file still in the folder whose arrival key is already past step 2 only gets step 3, so a
 //! restart never imports a file twice; a re-upload has a new mtime, so it is a new import.
 

@@ -125,11 +125,7 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> anyhow:
             FieldTable::default(),
         )
         .await?;
-    let handler = Handler {
-        pool,
-        mailer,
-        max_attached: config.max_attached_failures.max(1),
-    };
+    let handler = Handler::new(pool, mailer, config.max_attached_failures);
     tracing::info!("NotifierReady");
     loop {
         let delivery = tokio::select! {
@@ -156,6 +152,15 @@ pub struct Handler {
 }
 
 impl Handler {
+    /// A handler storing through `pool` and sending through `mailer`.
+    pub fn new(pool: PgPool, mailer: Mailer, max_attached: i64) -> Self {
+        Self {
+            pool,
+            mailer,
+            max_attached: max_attached.max(1),
+        }
+    }
+
     async fn handle_delivery(&self, delivery: lapin::message::Delivery, stop: &CancellationToken) {
         let msg: NotifyMessage = match messages::decode(&delivery.data) {
             Ok(m) => m,

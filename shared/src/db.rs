@@ -85,7 +85,7 @@ where
 pub async fn migrate_at_start(pool: &PgPool) -> Result<(), DbError> {
     let applied = backoff::future::retry_notify(
         crate::amqp::backoff_policy(Some(Duration::from_secs(120))),
-        || async { run(pool, |conn| migrate(conn)).await.map_err(backoff::Error::transient) },
+        || async { run(pool, migrate).await.map_err(backoff::Error::transient) },
         |err: DbError, wait: Duration| {
             tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "DatabaseConnectError");
         },

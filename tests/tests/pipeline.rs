@@ -134,3 +134,147 @@ async fn good_rows_land_bad_rows_are_mailed_once_and_the_file_is_archived() {
         "no second email after shutdown"
     );
 }
+
+fn file_with_one_bad_row() -> String {
+    "unique_id,login_source,first_name,email\n\
+     u1,sso,Ann,ann@example.org\n\
+     u2,sso,Bob,bob@example.org\n\
+     u3,nowhere,Cid,cid@example.org\n\
+     u4,local,Dee,dee@example.org\n"
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uploading_the_same_file_again_is_a_new_import_that_changes_nothing_and_reports_again() {
+    let mut app = spawn_app().await;
+    let env = &app.env;
+    let t = env.tenant("acme").unwrap();
+    env.drop_file("acme", "users.csv", file_with_one_bad_row().as_bytes())
+        .unwrap();
+    app.wait_files_settled(&t, 1).await;
+    let stamps_before = updated_at(env, &t);
+
+    env.drop_file("acme", "users.csv", file_with_one_bad_row().as_bytes())
+        .unwrap();
+    let files = app.wait_files_settled(&t, 2).await;
+    assert_eq!(files.len(), 2);
+    assert_eq!((files[0].4, files[0].6, files[0].7), (3, 0, 1));
+    assert_eq!(
+        (files[1].4, files[1].5, files[1].6, files[1].7),
+        (0, 0, 3, 1),
+        "second: all unchanged"
+    );
+    assert_eq!(
+        updated_at(env, &t),
+        stamps_before,
+        "no user touched by the second import"
+    );
+    // Both arrivals are kept in bak/, the second under a new name.
+    assert_eq!(files[0].10.as_deref(), Some("users.csv"));
+    assert_eq!(
+        files[1].10.as_deref(),
+        Some(format!("users.{}.csv", files[1].0).as_str())
+    );
+    let mails = env.smtp.messages();
+    assert_eq!(mails.len(), 2, "one email per import");
+    for m in &mails {
+        let rows = parse_csv(&m.attachments()[0].1);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1][0], "4");
+        assert_eq!(rows[1][5], "unknown_login_source");
+    }
+    app.stop().await;
+}
+
+fn updated_at(
+    env: &mui_tests::TestEnv,
+    t: &mui_shared::tenants::Tenant,
+) -> Vec<(String, chrono::DateTime<chrono::Utc>)> {
+    use diesel::prelude::*;
+    use mui_shared::schema::users;
+    users::table
+        .filter(users::tenant_id.eq(t.id))
+        .order(users::unique_id)
+        .select((users::unique_id, users::updated_at))
+        .load(&mut env.db.conn())
+        .expect("users query")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_in_the_middle_of_an_import_neither_loses_nor_repeats_anything() {
+    let mut app = mui_tests::spawn_app_with(mui_tests::AppOptions {
+        chunk_rows: 1,
+        workers: 1,
+        ..Default::default()
+    })
+    .await;
+    let t = app.env.tenant("acme").unwrap();
+    let mut csv = String::from("unique_id,login_source,first_name\n");
+    for i in 0..120 {
+        let source = if i % 40 == 7 { "bogus" } else { "sso" };
+        csv.push_str(&format!("id{i:03},{source},Name {i}\n"));
+    }
+    app.env
+        .drop_file("acme", "big.csv", csv.as_bytes())
+        .unwrap();
+    {
+        let env = &app.env;
+        env.wait_until(60, "some rows imported", || env.users(&t).len() >= 5)
+            .await;
+    }
+    app.stop().await;
+    let imported_at_stop = app.env.users(&t).len();
+    assert!(
+        imported_at_stop < 117,
+        "the restart really happened mid-import ({imported_at_stop})"
+    );
+    app.start();
+    let files = app.wait_files_settled(&t, 1).await;
+    assert_eq!(files.len(), 1, "one file, not re-registered");
+    assert_eq!((files[0].3, files[0].4, files[0].7), (Some(120), 117, 3));
+    assert_eq!(app.env.users(&t).len(), 117);
+    let mails = app.env.smtp.messages();
+    assert_eq!(mails.len(), 1, "exactly one email after the restart");
+    let rows = parse_csv(&mails[0].attachments()[0].1);
+    let failed: Vec<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(failed, ["9", "49", "89"]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_without_mail_settings_keeps_its_report_and_the_operator_sees_why() {
+    use diesel::prelude::*;
+    let mut app = spawn_app().await;
+    let env = &app.env;
+    let t = env.tenant("nomail").unwrap();
+    mui_shared::tenants::update(
+        &mut env.db.conn(),
+        t.tenant_id(),
+        &mui_shared::tenants::SettingsChange {
+            failed_import_emails: Some(vec![]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    env.drop_file("nomail", "users.csv", file_with_one_bad_row().as_bytes())
+        .unwrap();
+    let files = app.wait_files_settled(&t, 1).await;
+    assert_eq!(files[0].9, "held");
+    let detail: Option<String> = mui_shared::schema::import_files::table
+        .find(files[0].0)
+        .select(mui_shared::schema::import_files::notify_detail)
+        .first(&mut env.db.conn())
+        .unwrap();
+    assert_eq!(detail.as_deref(), Some("tenant has no Failed Import Email"));
+    assert_eq!(env.users(&t).len(), 3, "the import itself ran");
+    assert!(env.smtp.messages().is_empty());
+    // The report is kept: the failure records are there to fetch.
+    let kept = mui_notifier::load_failures(
+        &mut env.db.conn(),
+        mui_shared::domain::ImportFileId(files[0].0),
+        100,
+    )
+    .unwrap();
+    assert_eq!(kept.len(), 1);
+    app.stop().await;
+}

@@ -2,4 +2,5 @@
 
 mod file_level;
 mod pipeline;
+mod redelivery;
 mod upload;

@@ -1,1 +1,59 @@
+//! Uploads still in progress are not taken.
 
+use std::io::Write;
+use std::time::Duration;
+
+use mui_tests::spawn_app;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_written_in_pieces_is_not_taken_until_it_is_complete() {
+    let mut app = spawn_app().await;
+    let t = app.env.tenant("acme").unwrap();
+    let path = app.env.folder("acme").join("slow.csv");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(b"unique_id,login_source,first_name\n").unwrap();
+    // Pieces arrive every 150 ms (less than the 400 ms settle interval) for about 3 s.
+    for i in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        f.write_all(format!("s{i},sso,Slow {i}\n").as_bytes())
+            .unwrap();
+        f.flush().unwrap();
+        assert!(
+            app.env.files(&t).is_empty(),
+            "taken while still being written (after piece {i})"
+        );
+    }
+    drop(f);
+    let files = app.wait_files_settled(&t, 1).await;
+    assert_eq!(files[0].3, Some(20), "every row of the finished file");
+    assert_eq!(app.env.users(&t).len(), 20);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_that_pauses_longer_than_the_settle_interval_is_waited_for() {
+    let mut app = spawn_app().await;
+    let t = app.env.tenant("acme").unwrap();
+    let path = app.env.folder("acme").join("paused.csv");
+    // Another process holds the file open for writing, as sftp-server does, and pauses for
+    // 2 s (five settle intervals) in the middle of the upload.
+    let script = format!(
+        "exec 3>'{}'; printf 'unique_id,login_source\\np1,sso\\n' >&3; sleep 2; printf 'p2,sso\\np3,sso\\n' >&3",
+        path.display()
+    );
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        app.env.files(&t).is_empty(),
+        "taken while the writer still held it open"
+    );
+    assert!(child.wait().await.unwrap().success());
+    let files = app.wait_files_settled(&t, 1).await;
+    assert_eq!(files[0].3, Some(3));
+    assert_eq!(app.env.users(&t).len(), 3);
+    app.stop().await;
+}
