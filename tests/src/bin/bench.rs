@@ -1,1 +1,431 @@
-fn main() {}
+//! `mui-bench`: the pipeline against PostgreSQL's own bulk path, in one run.
+//!
+//! 1. Generates an N-row users file (realistic values, about 200 bytes a row; one row in a
+//!    thousand has an unknown login source so that a failure email is due).
+//! 2. Baseline: the same file loaded by `COPY` into a staging table and one
+//!    `INSERT … SELECT … ON CONFLICT (tenant_id, unique_id) DO UPDATE` into the users table
+//!    (for a tenant of its own), in one transaction.
+//! 3. Pipeline: the release binaries `mui-ingest`, `mui-worker` (×W) and `mui-notifier` run as
+//!    separate processes; the file is renamed into the tenant's drop folder and the clock
+//!    stops when the last row is committed and the email was accepted by the SMTP server.
+//! 4. Prints rows/s of both, their ratio, and each service's peak resident memory (VmHWM).
+//!
+//! Run with `scripts/bench.sh [--rows N] [--workers W]`.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use diesel::prelude::*;
+use mui_shared::domain::TenantSlug;
+use mui_shared::schema::import_files;
+use mui_shared::tenants;
+use mui_tests::{amqp_url, SmtpSink, TestDb};
+use rand::{Rng, SeedableRng};
+
+/// Measures the import pipeline against PostgreSQL's COPY + INSERT … ON CONFLICT baseline.
+#[derive(Debug, Parser)]
+#[command(name = "mui-bench")]
+struct Args {
+    /// Rows in the generated file.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Chunks each worker imports at once.
+    #[arg(long, default_value_t = 2)]
+    worker_concurrency: usize,
+    /// Rows per chunk.
+    #[arg(long, default_value_t = 5000)]
+    chunk_rows: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+}
+
+const COLUMNS: &[&str] = &[
+    "unique_id",
+    "login_source",
+    "first_name",
+    "last_name",
+    "user_name",
+    "email",
+    "street",
+    "city",
+    "province",
+    "postal_code",
+    "phone_cell",
+    "user_type_id",
+    "employ_no",
+    "employee_phone",
+    "student_no",
+    "date_of_birth",
+    "active",
+];
+
+const FIRST: &[&str] = &[
+    "Amélie", "Bjørn", "Carlos", "Dana", "Élodie", "Farah", "Günther", "Hiro", "Ines", "José",
+    "Kwame", "Léa", "Mateo", "Nadia", "Olivier", "Priya",
+];
+const LAST: &[&str] = &[
+    "Tremblay",
+    "Gagnon",
+    "Roy",
+    "Côté",
+    "Bouchard",
+    "Gauthier",
+    "Morin",
+    "Lavoie",
+    "Fortin",
+    "Gagné",
+    "Ouellet",
+    "Pelletier",
+    "Bélanger",
+    "Lévesque",
+    "Bergeron",
+    "Leblanc",
+];
+const CITY: &[&str] = &[
+    "Montréal",
+    "Québec",
+    "Ottawa",
+    "Toronto",
+    "Sherbrooke",
+    "Gatineau",
+    "Laval",
+    "Kingston",
+];
+const STREET: &[&str] = &[
+    "Maple Street",
+    "Rue Saint-Denis",
+    "King Street West",
+    "Boulevard René-Lévesque",
+    "Elm Avenue",
+    "Chemin du Lac",
+];
+
+fn generate(path: &Path, rows: u64) -> anyhow::Result<u64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    writeln!(w, "{}", COLUMNS.join(","))?;
+    let mut bad = 0;
+    for i in 0..rows {
+        let first = FIRST[rng.gen_range(0..FIRST.len())];
+        let last = LAST[rng.gen_range(0..LAST.len())];
+        let login = if i % 1000 == 999 {
+            bad += 1;
+            "retired-sso"
+        } else {
+            "sso"
+        };
+        writeln!(
+            w,
+            "U{i:09},{login},{first},{last},{}{}{i},{}.{}.{i}@staff.example.edu,\"{} {}\",{},QC,H{}X {}Y{},+1-514-555-{:04},{},E{:07},+1-438-555-{:04} x{},S{:07},{}-{:02}-{:02},1",
+            first.chars().next().unwrap_or('x').to_lowercase(),
+            last.to_lowercase(),
+            first.to_lowercase(),
+            last.to_lowercase(),
+            rng.gen_range(1..9999),
+            STREET[rng.gen_range(0..STREET.len())],
+            CITY[rng.gen_range(0..CITY.len())],
+            rng.gen_range(1..9),
+            rng.gen_range(1..9),
+            rng.gen_range(1..9),
+            rng.gen_range(0..10000),
+            rng.gen_range(1..3),
+            rng.gen_range(0..9_999_999),
+            rng.gen_range(0..10000),
+            rng.gen_range(100..999),
+            rng.gen_range(0..9_999_999),
+            rng.gen_range(1950..2005),
+            rng.gen_range(1..13),
+            rng.gen_range(1..29),
+        )?;
+    }
+    w.flush()?;
+    Ok(bad)
+}
+
+diesel::table! {
+    /// The baseline's staging table: the generated file's columns, as text.
+    bench_stage (unique_id) {
+        unique_id -> Text,
+        login_source -> Text,
+        first_name -> Text,
+        last_name -> Text,
+        user_name -> Text,
+        email -> Text,
+        street -> Text,
+        city -> Text,
+        province -> Text,
+        postal_code -> Text,
+        phone_cell -> Text,
+        user_type_id -> Text,
+        employ_no -> Text,
+        employee_phone -> Text,
+        student_no -> Text,
+        date_of_birth -> Text,
+        active -> Text,
+    }
+}
+
+fn baseline(url: &str, tenant_id: i64, file: &Path) -> anyhow::Result<Duration> {
+    let mut conn = PgConnection::establish(url)?;
+    let text_cols: Vec<String> = COLUMNS.iter().map(|c| format!("{c} TEXT")).collect();
+    let select: Vec<String> = COLUMNS
+        .iter()
+        .map(|c| match *c {
+            "date_of_birth" => "NULLIF(date_of_birth, '')::date".to_owned(),
+            "active" => "(active = '1')".to_owned(),
+            c => c.to_owned(),
+        })
+        .collect();
+    let updates: Vec<String> = COLUMNS
+        .iter()
+        .skip(1)
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect();
+    let start = Instant::now();
+    conn.transaction(|conn| {
+        diesel::sql_query(format!(
+            "CREATE TEMP TABLE bench_stage ({}) ON COMMIT DROP",
+            text_cols.join(", ")
+        ))
+        .execute(conn)?;
+        // COPY the file as it is (CSV with header), streamed through COPY FROM STDIN.
+        diesel::copy_from(bench_stage::table)
+            .from_raw_data(bench_stage::table, |w: &mut dyn Write| {
+                let io = |e: std::io::Error| diesel::result::Error::QueryBuilderError(Box::new(e));
+                let mut f = std::fs::File::open(file).map_err(io)?;
+                std::io::copy(&mut f, w).map(|_| ()).map_err(io)
+            })
+            .with_format(diesel::pg::CopyFormat::Csv)
+            .with_header(diesel::pg::CopyHeader::Set(true))
+            .execute(conn)?;
+        diesel::sql_query(format!(
+            "INSERT INTO users (tenant_id, {cols}, last_file_id, last_row) \
+             SELECT {tenant_id}, {sel}, 0, 0 FROM bench_stage \
+             ON CONFLICT (tenant_id, unique_id) DO UPDATE SET {upd}",
+            cols = COLUMNS.join(", "),
+            sel = select.join(", "),
+            upd = updates.join(", ")
+        ))
+        .execute(conn)?;
+        Ok::<_, diesel::result::Error>(())
+    })?;
+    Ok(start.elapsed())
+}
+
+fn spawn(bin: &Path, name: &str, envs: &[(&str, String)], log_dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+    Command::new(bin.join(if name.starts_with("mui-worker") {
+        "mui-worker"
+    } else {
+        name
+    }))
+    .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::from(log.try_clone()?))
+    .stderr(Stdio::from(log))
+    .spawn()
+    .with_context(|| format!("starting {name} (build with `cargo build --release --bins`)"))
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin: PathBuf = std::env::current_exe()?
+        .parent()
+        .context("binary folder")?
+        .to_path_buf();
+    let work = tempfile::tempdir()?;
+    let db = TestDb::new()?;
+    let prefix = format!("mui_bench_{}", std::process::id());
+    let smtp = SmtpSink::start()?;
+    let drop_root = work.path().join("drop");
+    let logs = work.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+
+    let mut conn = db.conn();
+    let make_tenant = |conn: &mut PgConnection, slug: &str| -> anyhow::Result<tenants::Tenant> {
+        let t = tenants::create(conn, &TenantSlug::parse(slug)?, slug)?;
+        tenants::update(
+            conn,
+            t.tenant_id(),
+            &tenants::SettingsChange {
+                reply_to_email: Some(Some("admin@bench.example.edu".into())),
+                failed_import_emails: Some(vec!["it@bench.example.edu".into()]),
+                ..Default::default()
+            },
+        )?;
+        tenants::add_login_source(conn, t.tenant_id(), "sso")?;
+        tenants::add_user_type(conn, t.tenant_id(), "1", "Staff")?;
+        tenants::add_user_type(conn, t.tenant_id(), "2", "Student")?;
+        Ok(t)
+    };
+    let base_tenant = make_tenant(&mut conn, "baseline")?;
+    let tenant = make_tenant(&mut conn, "bench")?;
+    std::fs::create_dir_all(drop_root.join("bench"))?;
+
+    let file = drop_root.join(".users.csv");
+    eprintln!("generating {} rows…", args.rows);
+    let bad = generate(&file, args.rows)?;
+    let size = std::fs::metadata(&file)?.len();
+    eprintln!(
+        "{} bytes ({:.0} bytes a row), {bad} bad rows",
+        size,
+        size as f64 / args.rows as f64
+    );
+
+    eprintln!("baseline: COPY + INSERT … ON CONFLICT…");
+    let base = baseline(&db.url, base_tenant.id, &file)?;
+    diesel::sql_query("CHECKPOINT").execute(&mut conn)?;
+
+    let envs = vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("AMQP_URL", amqp_url()),
+        ("MUI_QUEUE_PREFIX", prefix.clone()),
+        ("DROP_ROOT", drop_root.display().to_string()),
+        ("SMTP_URL", smtp.url()),
+        ("INGEST_SETTLE_MS", "200".into()),
+        ("INGEST_RESCAN_SECS", "1".into()),
+        ("CHUNK_ROWS", args.chunk_rows.to_string()),
+        ("WORKER_CONCURRENCY", args.worker_concurrency.to_string()),
+    ];
+    let mut children: Vec<(String, Child)> = Vec::new();
+    children.push((
+        "mui-notifier".into(),
+        spawn(&bin, "mui-notifier", &envs, &logs)?,
+    ));
+    for i in 0..args.workers {
+        let name = format!("mui-worker-{}", i + 1);
+        children.push((name.clone(), spawn(&bin, &name, &envs, &logs)?));
+    }
+    children.push((
+        "mui-ingest".into(),
+        spawn(&bin, "mui-ingest", &envs, &logs)?,
+    ));
+    std::thread::sleep(Duration::from_secs(3)); // connect, declare, start watching
+
+    eprintln!("pipeline: drop folder → … → email…");
+    let start = Instant::now();
+    std::fs::rename(&file, drop_root.join("bench").join("users.csv"))?;
+    let deadline = start + Duration::from_secs(args.timeout_secs);
+    let mut last_report = Instant::now();
+    let elapsed = loop {
+        let row: Option<(String, String, i32, Option<i32>)> = import_files::table
+            .filter(import_files::tenant_id.eq(tenant.id))
+            .select((
+                import_files::state,
+                import_files::notify_status,
+                import_files::chunks_done,
+                import_files::total_chunks,
+            ))
+            .first(&mut conn)
+            .optional()?;
+        if let Some((state, notify, done, total)) = &row {
+            if state == "failed" {
+                bail!("the file failed: see {}", logs.display());
+            }
+            if state == "done" && (notify == "sent" || notify == "not_needed") {
+                break start.elapsed();
+            }
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!(
+                    "  {:>5.0}s: chunks {done}/{}",
+                    start.elapsed().as_secs_f64(),
+                    total.map_or("?".into(), |t| t.to_string())
+                );
+                last_report = Instant::now();
+            }
+        }
+        for (name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited early ({status}); see {}", logs.display());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("timed out; see {}", logs.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let peaks: Vec<(String, Option<u64>)> = children
+        .iter()
+        .map(|(n, c)| (n.clone(), peak_rss_kib(c.id())))
+        .collect();
+    for (_, child) in children.iter_mut() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+    }
+    for (_, child) in children.iter_mut() {
+        let _ = child.wait();
+    }
+    let mails = smtp.messages().len();
+    let imported: i64 = mui_shared::schema::users::table
+        .filter(mui_shared::schema::users::tenant_id.eq(tenant.id))
+        .count()
+        .get_result(&mut conn)?;
+
+    let rows = args.rows as f64;
+    let pipe_rps = rows / elapsed.as_secs_f64();
+    let base_rps = rows / base.as_secs_f64();
+    println!("rows:                    {}", args.rows);
+    println!("file size:               {size} bytes");
+    println!(
+        "baseline (COPY+upsert):  {:>8.2} s  {:>9.0} rows/s",
+        base.as_secs_f64(),
+        base_rps
+    );
+    println!(
+        "pipeline (drop→email):   {:>8.2} s  {:>9.0} rows/s  ({} workers × {})",
+        elapsed.as_secs_f64(),
+        pipe_rps,
+        args.workers,
+        args.worker_concurrency
+    );
+    println!("ratio pipeline/baseline: {:.2}", pipe_rps / base_rps);
+    println!(
+        "users imported:          {imported} (expected {})",
+        args.rows - bad
+    );
+    println!("emails received:         {mails}");
+    for (name, kib) in peaks {
+        println!(
+            "peak memory {name:<13} {}",
+            kib.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+        );
+    }
+    if imported as u64 != args.rows - bad || mails != 1 {
+        bail!(
+            "the pipeline did not import what it should (see {})",
+            logs.display()
+        );
+    }
+    // Clean the broker up.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        if let Ok(c) =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
+        {
+            if let Ok(ch) = c.create_channel().await {
+                let _ = mui_shared::amqp::Topology::new(prefix).delete(&ch).await;
+            }
+        }
+    });
+    Ok(())
+}
