@@ -278,3 +278,63 @@ async fn a_tenant_without_mail_settings_keeps_its_report_and_the_operator_sees_w
     assert_eq!(kept.len(), 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_later_of_two_rows_with_the_same_unique_id_wins_within_and_across_chunks() {
+    // Chunks of 3 rows: d1 appears in chunk 0 and chunk 1, d2 twice within chunk 0.
+    let mut app = spawn_app().await;
+    let env = &app.env;
+    let t = env.tenant("acme").unwrap();
+    let csv = "unique_id,login_source,first_name\n\
+               d1,sso,Early\n\
+               d2,sso,First\n\
+               d2,sso,Second\n\
+               x1,sso,Other\n\
+               d1,sso,Late\n\
+               x2,sso,Other\n";
+    env.drop_file("acme", "dups.csv", csv.as_bytes()).unwrap();
+    let files = app.wait_files_settled(&t, 1).await;
+    let f = &files[0];
+    assert_eq!(f.3, Some(6));
+    assert_eq!(f.7, 2, "two earlier rows reported");
+    assert_eq!(f.4 + f.5 + f.6 + f.7, 6, "every row counted once");
+    let users = env.users(&t);
+    let names: Vec<(&str, &str)> = users
+        .iter()
+        .map(|u| (u.0.as_str(), u.2.as_deref().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("d1", "Late"),
+            ("d2", "Second"),
+            ("x1", "Other"),
+            ("x2", "Other")
+        ]
+    );
+    let mails = env.smtp.messages();
+    assert_eq!(mails.len(), 1);
+    let rows = parse_csv(&mails[0].attachments()[0].1);
+    let reported: Vec<(&str, &str, &str)> = rows[1..]
+        .iter()
+        .map(|r| (r[0].as_str(), r[1].as_str(), r[4].as_str()))
+        .collect();
+    assert_eq!(
+        reported,
+        [
+            ("2", "d1", "duplicate_unique_id"),
+            ("3", "d2", "duplicate_unique_id")
+        ]
+    );
+    assert!(
+        rows[1][5].contains("appears again in row 6"),
+        "{}",
+        rows[1][5]
+    );
+    assert!(
+        rows[2][5].contains("appears again in row 4"),
+        "{}",
+        rows[2][5]
+    );
+    app.stop().await;
+}

@@ -13,7 +13,7 @@
 //!
 //! Empty cells leave stored values unchanged; a new user without `active` is active.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Integer, Jsonb, Nullable, Text};
@@ -170,8 +170,8 @@ pub struct ChunkOutcome {
 
 #[derive(QueryableByName)]
 struct Existing {
-    #[diesel(sql_type = BigInt)]
-    row_no: i64,
+    #[diesel(sql_type = Text)]
+    unique_id: String,
     #[diesel(sql_type = BigInt)]
     last_file_id: i64,
     #[diesel(sql_type = BigInt)]
@@ -221,11 +221,16 @@ fn sql() -> &'static Sql {
              active BOOLEAN) ON COMMIT DELETE ROWS",
             text.iter().map(|c| format!("{c} TEXT")).collect::<Vec<_>>().join(", ")
         );
-        let select_existing = "SELECT s.row_no, u.last_file_id, u.last_row, \
+        // Users are found by probing the primary key with the staged ids (`= ANY(ARRAY(…))`),
+        // never by joining on the tenant: during a bulk load the table's statistics lag far
+        // behind, and a join plan chosen on them scans the tenant's every user per chunk.
+        let staged_ids = "ANY(ARRAY(SELECT unique_id FROM users_stage))";
+        let select_existing = format!(
+            "SELECT u.unique_id, u.last_file_id, u.last_row, \
              CASE WHEN u.last_file_id = $2 THEN to_jsonb(u) END AS old \
-             FROM users_stage s JOIN users u ON u.tenant_id = $1 AND u.unique_id = s.unique_id \
-             ORDER BY u.unique_id FOR UPDATE OF u"
-            .to_owned();
+             FROM users u WHERE u.tenant_id = $1 AND u.unique_id = {staged_ids} \
+             ORDER BY u.unique_id FOR UPDATE"
+        );
         let mut sets = vec!["login_source = s.login_source".to_owned()];
         let mut differs = vec!["u.login_source IS DISTINCT FROM s.login_source".to_owned()];
         for c in text.iter().chain(["date_of_birth", "active"].iter()) {
@@ -236,7 +241,7 @@ fn sql() -> &'static Sql {
             "UPDATE users u SET {}, last_file_id = $2, last_row = s.row_no, \
              updated_at = CASE WHEN {} THEN now() ELSE u.updated_at END \
              FROM users_stage s \
-             WHERE u.tenant_id = $1 AND u.unique_id = s.unique_id \
+             WHERE u.tenant_id = $1 AND u.unique_id = {staged_ids} AND u.unique_id = s.unique_id \
                AND (u.last_file_id, u.last_row) < ($2, s.row_no) \
              RETURNING s.row_no, (u.updated_at = now()) AS changed",
             sets.join(", "),
@@ -246,7 +251,6 @@ fn sql() -> &'static Sql {
             "INSERT INTO users (tenant_id, unique_id, login_source, {cols}, date_of_birth, active, last_file_id, last_row) \
              SELECT $1, s.unique_id, s.login_source, {scols}, s.date_of_birth, COALESCE(s.active, TRUE), $2, s.row_no \
              FROM users_stage s \
-             WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.tenant_id = $1 AND u.unique_id = s.unique_id) \
              ORDER BY s.unique_id \
              ON CONFLICT (tenant_id, unique_id) DO NOTHING RETURNING last_row",
             cols = text.join(", "),
@@ -416,11 +420,12 @@ fn upsert(
     diesel::copy_from(users_stage::table)
         .from_insertable(&stage)
         .execute(conn)?;
-    let by_row: HashMap<i64, &UserRow> = good.iter().map(|u| (u.row as i64, u)).collect();
+    let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), u)).collect();
     let tenant = chunk.tenant_id.0;
-    let mut pending: HashSet<i64> = by_row.keys().copied().collect();
-    // A concurrent transaction may insert one of our new users between our look-up and our
-    // insert; those rows are neither updated nor inserted and go round again.
+    let mut pending = good.len();
+    // Each round: lock and update the users that exist, drop them from the staging table,
+    // insert the rest. A concurrent transaction may insert one of our new users first; such
+    // rows stay staged and go round again, now as existing users.
     for _round in 0..5 {
         let existing: Vec<Existing> = diesel::sql_query(&sql.select_existing)
             .bind::<BigInt, _>(tenant)
@@ -433,20 +438,14 @@ fn upsert(
             .into_iter()
             .map(|u| (u.row_no, u.changed))
             .collect();
-        let inserted: Vec<Inserted> = diesel::sql_query(&sql.insert)
-            .bind::<BigInt, _>(tenant)
-            .bind::<BigInt, _>(file.0)
-            .load(conn)?;
-        for ins in &inserted {
-            outcome.inserted += 1;
-            pending.remove(&ins.last_row);
-        }
+        let mut resolved: Vec<i64> = Vec::with_capacity(existing.len());
         for ex in existing {
-            pending.remove(&ex.row_no);
-            let Some(user) = by_row.get(&ex.row_no) else {
+            let Some(user) = by_uid.get(ex.unique_id.as_str()) else {
                 continue;
             };
-            match updated.get(&ex.row_no) {
+            let row = user.row as i64;
+            resolved.push(row);
+            match updated.get(&row) {
                 Some(changed) => {
                     if ex.last_file_id == file.0 {
                         // An earlier row of this file (another chunk) wrote this user; it
@@ -485,21 +484,33 @@ fn upsert(
                 None => outcome.unchanged += 1,
             }
         }
-        if pending.is_empty() {
+        remove_staged(conn, &resolved)?;
+        let inserted: Vec<i64> = diesel::sql_query(&sql.insert)
+            .bind::<BigInt, _>(tenant)
+            .bind::<BigInt, _>(file.0)
+            .load::<Inserted>(conn)?
+            .into_iter()
+            .map(|i| i.last_row)
+            .collect();
+        outcome.inserted += inserted.len() as i64;
+        remove_staged(conn, &inserted)?;
+        pending = pending.saturating_sub(resolved.len() + inserted.len());
+        if pending == 0 {
             return Ok(());
         }
-        let done: Vec<i64> = by_row
-            .keys()
-            .filter(|r| !pending.contains(r))
-            .copied()
-            .collect();
-        diesel::sql_query("DELETE FROM users_stage WHERE row_no = ANY($1)")
-            .bind::<diesel::sql_types::Array<BigInt>, _>(done)
-            .execute(conn)?;
     }
     Err(ImportError::Db(mui_shared::db::DbError::Query(
         diesel::result::Error::RollbackTransaction,
     )))
+}
+
+fn remove_staged(conn: &mut PgConnection, rows: &[i64]) -> Result<(), diesel::result::Error> {
+    if !rows.is_empty() {
+        diesel::sql_query("DELETE FROM users_stage WHERE row_no = ANY($1)")
+            .bind::<diesel::sql_types::Array<BigInt>, _>(rows)
+            .execute(conn)?;
+    }
+    Ok(())
 }
 
 fn duplicate_failure(
