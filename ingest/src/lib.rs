@@ -54,7 +54,9 @@ pub struct IngestConfig {
     pub rescan_secs: u64,
     /// Do not use file-system events; only rescan (for network file systems), every
     /// INGEST_RESCAN_SECS.
-    #[arg(long, env = "INGEST_POLL_ONLY", default_value_t = false)]
+    #[arg(long, env = "INGEST_POLL_ONLY", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub poll_only: bool,
     /// Rows per chunk message.
     #[arg(long, env = "CHUNK_ROWS", default_value_t = 5000)]
@@ -102,13 +104,17 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         "IngestConfigured"
     );
     let pool = db::pool(&config.common.database_url, (config.concurrency as u32) + 4);
-    db::migrate_at_start(&pool)
-        .await
-        .context("applying database migrations")?;
+    tokio::select! {
+        r = db::migrate_at_start(&pool) => r.context("applying database migrations")?,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
     std::fs::create_dir_all(&config.drop_root)
         .with_context(|| format!("creating DROP_ROOT {}", config.drop_root.display()))?;
     let topology = Topology::new(&config.common.queue_prefix);
-    let conn = amqp::connect(&config.common.amqp_url, "mui-ingest").await?;
+    let conn = tokio::select! {
+        c = amqp::connect(&config.common.amqp_url, "mui-ingest") => c?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let setup = conn.create_channel().await?;
     topology.declare(&setup).await?;
     let publisher = Publisher::new(&conn, topology.clone()).await?;
@@ -284,6 +290,8 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
     while tasks.join_next().await.is_some() {}
     drop(watcher);
     let _ = relay_task.await;
+    ctx.publisher.close().await;
+    let _ = setup.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
 }

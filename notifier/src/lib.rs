@@ -106,11 +106,15 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> anyhow:
         "NotifierConfigured"
     );
     let pool = db::pool(&config.common.database_url, 4);
-    db::migrate_at_start(&pool)
-        .await
-        .context("applying database migrations")?;
     let topology = Topology::new(&config.common.queue_prefix);
-    let conn = amqp::connect(&config.common.amqp_url, "mui-notifier").await?;
+    tokio::select! {
+        r = db::migrate_at_start(&pool) => r.context("applying database migrations")?,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    let conn = tokio::select! {
+        c = amqp::connect(&config.common.amqp_url, "mui-notifier") => c?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let channel = conn.create_channel().await?;
     topology.declare(&channel).await?;
     // Messages are handled one at a time in order; a small prefetch keeps the pipe full
@@ -139,6 +143,8 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> anyhow:
         handler.handle_delivery(delivery, &shutdown).await;
     }
     tracing::info!("NotifierStopping");
+    drop(consumer);
+    let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
 }

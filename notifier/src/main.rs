@@ -16,10 +16,10 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() {
     if let Err(e) = mui_shared::config::load_config_file() {
         eprintln!("mui-notifier: {e:#}");
-        return std::process::ExitCode::from(2);
+        std::process::exit(2);
     }
     let cli = Cli::parse();
     telemetry::init("mui-notifier", cli.config.common.log_format);
@@ -30,10 +30,12 @@ async fn main() -> std::process::ExitCode {
         signal.cancel();
     });
     match mui_notifier::run(cli.config, shutdown).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        // Exit here rather than return: the runtime would otherwise wait for blocking
+        // tasks still retrying a connection (up to the pool's 10 s timeout) after shutdown.
+        Ok(()) => std::process::exit(0),
         Err(e) => {
             telemetry::log_error_chain("NotifierFailed", &e);
-            std::process::ExitCode::FAILURE
+            std::process::exit(1)
         }
     }
 }

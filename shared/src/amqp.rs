@@ -217,8 +217,8 @@ pub fn backoff_policy(max_elapsed: Option<Duration>) -> ExponentialBackoff {
     }
 }
 
-/// Connects to RabbitMQ, retrying with exponential backoff while the broker is unreachable.
-/// `name` shows in the management UI's connection list.
+/// Connects to RabbitMQ, retrying with exponential backoff (for up to two minutes) while the
+/// broker is unreachable. `name` shows in the management UI's connection list.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let conn = backoff::future::retry_notify(
@@ -251,6 +251,12 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(Self { channel, topology })
+    }
+
+    /// Closes the channel (before closing the connection, so nothing is left to close on
+    /// drop while the connection goes away).
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "shutdown".into()).await;
     }
 
     /// The topology this publisher targets.

@@ -77,7 +77,8 @@ impl Relay {
         }
     }
 
-    /// Runs until `shutdown`, then drains what is claimable once more.
+    /// Runs until `shutdown`, then drains what is claimable once more and closes its
+    /// channel.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             match self.publish_round().await {
@@ -97,6 +98,7 @@ impl Relay {
         if let Err(err) = self.publish_round().await {
             tracing::warn!(error = %err, "OutboxPublishError");
         }
+        self.publisher.close().await;
     }
 
     /// Claims a batch, publishes it with confirms, deletes it. Returns how many went out.

@@ -446,6 +446,7 @@ impl Drop for TestEnv {
                 {
                     if let Ok(ch) = conn.create_channel().await {
                         let _ = mui_shared::amqp::Topology::new(prefix).delete(&ch).await;
+                        let _ = ch.close(200, "bye".into()).await;
                     }
                     let _ = conn.close(200, "bye".into()).await;
                 }

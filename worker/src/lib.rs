@@ -64,11 +64,15 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     );
     let concurrency = config.concurrency.max(1);
     let pool = db::pool(&config.common.database_url, concurrency as u32 + 2);
-    db::migrate_at_start(&pool)
-        .await
-        .context("applying database migrations")?;
     let topology = Topology::new(&config.common.queue_prefix);
-    let conn = amqp::connect(&config.common.amqp_url, "mui-worker").await?;
+    tokio::select! {
+        r = db::migrate_at_start(&pool) => r.context("applying database migrations")?,
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    let conn = tokio::select! {
+        c = amqp::connect(&config.common.amqp_url, "mui-worker") => c?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let channel = conn.create_channel().await?;
     topology.declare(&channel).await?;
     // Prefetch = concurrency: every chunk this worker holds is being imported, none waits
@@ -129,6 +133,8 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     while tasks.join_next().await.is_some() {}
     relay_stop.cancel();
     let _ = relay_task.await;
+    drop(consumer);
+    let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
 }

@@ -17,10 +17,10 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() {
     if let Err(e) = mui_shared::config::load_config_file() {
         eprintln!("mui-worker: {e:#}");
-        return std::process::ExitCode::from(2);
+        std::process::exit(2);
     }
     let cli = Cli::parse();
     telemetry::init("mui-worker", cli.config.common.log_format);
@@ -31,10 +31,12 @@ async fn main() -> std::process::ExitCode {
         signal.cancel();
     });
     match mui_worker::run(cli.config, shutdown).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        // Exit here rather than return: the runtime would otherwise wait for blocking
+        // tasks still retrying a connection (up to the pool's 10 s timeout) after shutdown.
+        Ok(()) => std::process::exit(0),
         Err(e) => {
             telemetry::log_error_chain("WorkerFailed", &e);
-            std::process::ExitCode::FAILURE
+            std::process::exit(1)
         }
     }
 }

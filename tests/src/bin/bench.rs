@@ -424,7 +424,9 @@ fn main() -> anyhow::Result<()> {
         {
             if let Ok(ch) = c.create_channel().await {
                 let _ = mui_shared::amqp::Topology::new(prefix).delete(&ch).await;
+                let _ = ch.close(200, "bye".into()).await;
             }
+            let _ = c.close(200, "bye".into()).await;
         }
     });
     Ok(())
