@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use mui_shared::amqp::{self, Publisher, Topology};
+use mui_shared::amqp::Publisher;
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db;
 use mui_shared::outbox::{Kick, Relay};
@@ -104,19 +104,13 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         "IngestConfigured"
     );
     let pool = db::pool(&config.common.database_url, (config.concurrency as u32) + 4);
-    tokio::select! {
-        r = db::migrate_at_start(&pool) => r.context("applying database migrations")?,
-        _ = shutdown.cancelled() => return Ok(()),
-    }
+    let Some((conn, topology)) =
+        mui_shared::service::start(&config.common, "mui-ingest", &pool, &shutdown).await?
+    else {
+        return Ok(());
+    };
     std::fs::create_dir_all(&config.drop_root)
         .with_context(|| format!("creating DROP_ROOT {}", config.drop_root.display()))?;
-    let topology = Topology::new(&config.common.queue_prefix);
-    let conn = tokio::select! {
-        c = amqp::connect(&config.common.amqp_url, "mui-ingest") => c?,
-        _ = shutdown.cancelled() => return Ok(()),
-    };
-    let setup = conn.create_channel().await?;
-    topology.declare(&setup).await?;
     let publisher = Publisher::new(&conn, topology.clone()).await?;
     let kick = Kick::default();
     let relay = Relay::new(
@@ -291,7 +285,6 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
     drop(watcher);
     let _ = relay_task.await;
     ctx.publisher.close().await;
-    let _ = setup.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
 }

@@ -105,7 +105,12 @@ pub async fn handle(
         sniff.sha256
     );
     let (file_id, _) = register(ctx, tenant.tenant_id(), name, &arrival_key, &sniff).await?;
-    let span = tracing::info_span!("import_file", tenant = %tenant.slug, file_id = file_id.0);
+    let span = tracing::info_span!(
+        "import_file",
+        tenant_id = tenant.id,
+        tenant = %tenant.slug,
+        file_id = file_id.0
+    );
     async move {
         let Some(lock) = FileLock::try_acquire(&ctx.database_url, file_id).await? else {
             tracing::debug!("FileLockedElsewhere");

@@ -28,7 +28,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
-use mui_shared::amqp::{self, QueueKind, Topology};
+use mui_shared::amqp::{self, QueueKind};
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db::{self, DbError, PgPool};
 use mui_shared::domain::ImportFileId;
@@ -106,17 +106,12 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> anyhow:
         "NotifierConfigured"
     );
     let pool = db::pool(&config.common.database_url, 4);
-    let topology = Topology::new(&config.common.queue_prefix);
-    tokio::select! {
-        r = db::migrate_at_start(&pool) => r.context("applying database migrations")?,
-        _ = shutdown.cancelled() => return Ok(()),
-    }
-    let conn = tokio::select! {
-        c = amqp::connect(&config.common.amqp_url, "mui-notifier") => c?,
-        _ = shutdown.cancelled() => return Ok(()),
+    let Some((conn, topology)) =
+        mui_shared::service::start(&config.common, "mui-notifier", &pool, &shutdown).await?
+    else {
+        return Ok(());
     };
     let channel = conn.create_channel().await?;
-    topology.declare(&channel).await?;
     // Messages are handled one at a time in order; a small prefetch keeps the pipe full
     // without holding much that another notifier could take.
     channel.basic_qos(16, BasicQosOptions::default()).await?;

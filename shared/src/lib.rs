@@ -8,6 +8,7 @@
 //! - [`outbox`]: database-to-broker hand-off that a crash cannot lose.
 //! - [`tenants`]: tenant settings as the services read them.
 //! - [`config`] and [`telemetry`]: settings, logs and spans.
+//! - [`service`]: start-up, shutdown and exit, the same for every service.
 
 pub mod amqp;
 pub mod config;
@@ -16,5 +17,6 @@ pub mod domain;
 pub mod messages;
 pub mod outbox;
 pub mod schema;
+pub mod service;
 pub mod telemetry;
 pub mod tenants;

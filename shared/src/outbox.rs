@@ -124,8 +124,18 @@ impl Relay {
                 None => tracing::error!(id = row.id, queue = %row.queue, "OutboxUnknownQueue"),
             }
         }
-        self.publisher.publish_all(&messages).await?;
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+        if let Err(e) = self.publisher.publish_all(&messages).await {
+            // Release the claim so the rows go out on the next round, not in 30 s.
+            let _ = db::run(&self.pool, move |conn| {
+                diesel::sql_query("UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1)")
+                    .bind::<Array<Int8>, _>(ids)
+                    .execute(conn)?;
+                Ok(())
+            })
+            .await;
+            return Err(e.into());
+        }
         let n = ids.len();
         db::run(&self.pool, move |conn| {
             diesel::sql_query("DELETE FROM outbox WHERE id = ANY($1)")

@@ -27,7 +27,7 @@ use lapin::options::{
     BasicRejectOptions,
 };
 use lapin::types::FieldTable;
-use mui_shared::amqp::{self, Publisher, QueueKind, Topology};
+use mui_shared::amqp::{self, Publisher, QueueKind};
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db::{self, PgPool};
 use mui_shared::messages::{self, WorkMessage};
@@ -64,17 +64,12 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     );
     let concurrency = config.concurrency.max(1);
     let pool = db::pool(&config.common.database_url, concurrency as u32 + 2);
-    let topology = Topology::new(&config.common.queue_prefix);
-    tokio::select! {
-        r = db::migrate_at_start(&pool) => r.context("applying database migrations")?,
-        _ = shutdown.cancelled() => return Ok(()),
-    }
-    let conn = tokio::select! {
-        c = amqp::connect(&config.common.amqp_url, "mui-worker") => c?,
-        _ = shutdown.cancelled() => return Ok(()),
+    let Some((conn, topology)) =
+        mui_shared::service::start(&config.common, "mui-worker", &pool, &shutdown).await?
+    else {
+        return Ok(());
     };
     let channel = conn.create_channel().await?;
-    topology.declare(&channel).await?;
     // Prefetch = concurrency: every chunk this worker holds is being imported, none waits
     // here while another worker idles.
     channel

@@ -1,7 +1,5 @@
 use clap::Parser;
-use mui_shared::telemetry;
 use mui_worker::WorkerConfig;
-use tokio_util::sync::CancellationToken;
 
 /// Imports chunks of uploaded users from RabbitMQ into PostgreSQL and reports every row that
 /// failed to the notifier. Run as many as you like, on any hosts.
@@ -18,25 +16,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = mui_shared::config::load_config_file() {
-        eprintln!("mui-worker: {e:#}");
-        std::process::exit(2);
-    }
-    let cli = Cli::parse();
-    telemetry::init("mui-worker", cli.config.common.log_format);
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        signal.cancel();
-    });
-    match mui_worker::run(cli.config, shutdown).await {
-        // Exit here rather than return: the runtime would otherwise wait for blocking
-        // tasks still retrying a connection (up to the pool's 10 s timeout) after shutdown.
-        Ok(()) => std::process::exit(0),
-        Err(e) => {
-            telemetry::log_error_chain("WorkerFailed", &e);
-            std::process::exit(1)
-        }
-    }
+    let cli: Cli = mui_shared::service::parse_cli("mui-worker");
+    let log_format = cli.config.common.log_format;
+    mui_shared::service::serve("mui-worker", log_format, |shutdown| {
+        mui_worker::run(cli.config, shutdown)
+    })
+    .await
 }

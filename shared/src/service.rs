@@ -1,0 +1,73 @@
+//! What every service does around its own work: read configuration, set up logs, turn
+//! SIGTERM/SIGINT into a shutdown token, migrate the database and connect to RabbitMQ at
+//! start (cancellable), and exit with the right status.
+
+use std::future::Future;
+
+use anyhow::Context as _;
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, Topology};
+use crate::config::{self, CommonArgs, LogFormat};
+use crate::db::{self, PgPool};
+use crate::telemetry;
+
+/// Reads `MUI_CONFIG_FILE` (if set) into the environment, then parses the command line.
+/// Exits with status 2 and a message on a bad configuration file or bad arguments.
+pub fn parse_cli<C: clap::Parser>(service: &str) -> C {
+    if let Err(e) = config::load_config_file() {
+        eprintln!("{service}: {e:#}");
+        std::process::exit(2);
+    }
+    C::parse()
+}
+
+/// Runs a service: logs, a shutdown token cancelled by SIGTERM or SIGINT, then `run`.
+/// Exits the process when `run` returns (0, or 1 after logging the whole cause chain),
+/// without waiting for blocking tasks still retrying a connection.
+pub async fn serve<F, Fut>(service: &'static str, log_format: LogFormat, run: F) -> !
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    telemetry::init(service, log_format);
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        telemetry::shutdown_signal().await;
+        tracing::info!("ShutdownRequested");
+        signal.cancel();
+    });
+    match run(shutdown).await {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            telemetry::log_error_chain("ServiceFailed", &e);
+            std::process::exit(1)
+        }
+    }
+}
+
+/// Start-up shared by the services: applies migrations (waiting for the database) and
+/// connects to RabbitMQ (waiting for the broker) and declares the topology. Returns `None`
+/// if `shutdown` came first.
+pub async fn start(
+    common: &CommonArgs,
+    name: &str,
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<(Connection, Topology)>> {
+    tokio::select! {
+        r = db::migrate_at_start(pool) => r.context("applying database migrations")?,
+        _ = shutdown.cancelled() => return Ok(None),
+    }
+    let conn = tokio::select! {
+        c = amqp::connect(&common.amqp_url, name) => c.context("connecting to RabbitMQ")?,
+        _ = shutdown.cancelled() => return Ok(None),
+    };
+    let topology = Topology::new(&common.queue_prefix);
+    let channel = conn.create_channel().await?;
+    topology.declare(&channel).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(Some((conn, topology)))
+}
