@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use diesel::prelude::*;
 use mui_shared::domain::{ImportFileId, TenantSlug};
-use mui_shared::schema::{import_files, users};
+use mui_shared::schema::{import_files, permits, users};
 use mui_shared::tenants::{self, SettingsChange, Tenant};
 
 /// Operate Managed User Import: tenants and their settings, login sources and user types,
@@ -49,6 +49,40 @@ enum Command {
     /// A tenant's users (for checks and demos).
     #[command(subcommand)]
     Users(UsersCmd),
+    /// Users' parking permits (the import never creates permits; it releases them when it
+    /// archives a user).
+    #[command(subcommand)]
+    Permit(PermitCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PermitCmd {
+    /// Give a user an active permit.
+    Add {
+        /// The tenant.
+        slug: String,
+        /// The user's unique_id.
+        unique_id: String,
+        /// Permit number, unique within the tenant.
+        permit_number: String,
+        /// Lot name.
+        #[arg(long)]
+        lot: String,
+        /// Active window (e.g. "O: Perm").
+        #[arg(long)]
+        window: Option<String>,
+    },
+    /// List a tenant's permits (of one user with --user).
+    List {
+        /// The tenant.
+        slug: String,
+        /// Only this user's permits.
+        #[arg(long)]
+        user: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,9 +134,14 @@ struct SettingsArgs {
     /// Failed Import Email: recipient of failure reports (repeat for several; replaces the list).
     #[arg(long = "failed-import-email")]
     failed_import_emails: Vec<String>,
-    /// Archive users imported with active=0 (on|off).
+    /// Archive users imported with active=0 (on|off): `_YEAR` is appended to their
+    /// identifying fields and their active permits are released.
     #[arg(long, value_parser = parse_on_off)]
     archive_on_inactive: Option<bool>,
+    /// Fields that get the `_YEAR` suffix on archive, comma-separated (default
+    /// last_name,user_name,email).
+    #[arg(long, value_delimiter = ',')]
+    archive_fields: Option<Vec<String>>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -313,6 +352,93 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out.write_all(&csv)?;
             eprintln!("{} failed row(s) of {name:?}", failures.len());
         }
+        Command::Permit(PermitCmd::Add {
+            slug,
+            unique_id,
+            permit_number,
+            lot,
+            window,
+        }) => {
+            let t = find(conn, &slug)?;
+            let exists: i64 = users::table
+                .filter(
+                    users::tenant_id
+                        .eq(t.id)
+                        .and(users::unique_id.eq(&unique_id)),
+                )
+                .count()
+                .get_result(conn)?;
+            if exists == 0 {
+                bail!("tenant {} has no user {unique_id:?}", t.slug);
+            }
+            diesel::insert_into(permits::table)
+                .values((
+                    permits::tenant_id.eq(t.id),
+                    permits::unique_id.eq(&unique_id),
+                    permits::permit_number.eq(&permit_number),
+                    permits::lot_name.eq(&lot),
+                    permits::active_window.eq(&window),
+                ))
+                .execute(conn)
+                .with_context(|| {
+                    format!("permit {permit_number:?} (permit numbers are unique within a tenant)")
+                })?;
+            writeln!(out, "permit {permit_number} ({lot}) given to {unique_id}")?;
+        }
+        Command::Permit(PermitCmd::List { slug, user, json }) => {
+            let t = find(conn, &slug)?;
+            let mut q = permits::table
+                .filter(permits::tenant_id.eq(t.id))
+                .into_boxed();
+            if let Some(u) = &user {
+                q = q.filter(permits::unique_id.eq(u));
+            }
+            type PermitLine = (
+                String,
+                String,
+                String,
+                Option<String>,
+                String,
+                Option<chrono::DateTime<chrono::Utc>>,
+            );
+            let rows: Vec<PermitLine> = q
+                .order((permits::unique_id, permits::permit_number))
+                .select((
+                    permits::permit_number,
+                    permits::unique_id,
+                    permits::lot_name,
+                    permits::active_window,
+                    permits::state,
+                    permits::released_at,
+                ))
+                .load(conn)?;
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|r| serde_json::json!({"permit_number": r.0, "unique_id": r.1, "lot_name": r.2, "active_window": r.3, "state": r.4, "released_at": r.5}))
+                    .collect();
+                serde_json::to_writer_pretty(&mut *out, &v)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<12} {:<20} {:<24} {:<10} RELEASED",
+                    "PERMIT", "USER", "LOT", "STATE"
+                )?;
+                for r in rows {
+                    writeln!(
+                        out,
+                        "{:<12} {:<20} {:<24} {:<10} {}",
+                        r.0,
+                        r.1,
+                        r.2,
+                        r.4,
+                        r.5.map(|d| d.format("%Y-%m-%d").to_string())
+                            .unwrap_or_default()
+                    )?;
+                }
+            }
+        }
         Command::Users(UsersCmd::List { slug, json, limit }) => {
             let t = find(conn, &slug)?;
             type UserLine = (
@@ -322,6 +448,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Option<String>,
                 Option<String>,
                 bool,
+                Option<chrono::DateTime<chrono::Utc>>,
             );
             let rows: Vec<UserLine> = users::table
                 .filter(users::tenant_id.eq(t.id))
@@ -334,31 +461,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     users::last_name,
                     users::email,
                     users::active,
+                    users::archived_at,
                 ))
                 .load(conn)?;
             if json {
                 let v: Vec<_> = rows
                     .iter()
-                    .map(|r| serde_json::json!({"unique_id": r.0, "login_source": r.1, "first_name": r.2, "last_name": r.3, "email": r.4, "active": r.5}))
+                    .map(|r| serde_json::json!({"unique_id": r.0, "login_source": r.1, "first_name": r.2, "last_name": r.3, "email": r.4, "active": r.5, "archived_at": r.6}))
                     .collect();
                 serde_json::to_writer_pretty(&mut *out, &v)?;
                 writeln!(out)?;
             } else {
                 writeln!(
                     out,
-                    "{:<20} {:<12} {:<30} {:<32} ACTIVE",
-                    "UNIQUE_ID", "LOGIN", "NAME", "EMAIL"
+                    "{:<20} {:<12} {:<30} {:<32} {:<6} ARCHIVED",
+                    "UNIQUE_ID", "LOGIN", "NAME", "EMAIL", "ACTIVE"
                 )?;
                 for r in rows {
                     let name = format!("{} {}", r.2.unwrap_or_default(), r.3.unwrap_or_default());
+                    let archived =
+                        r.6.map(|d| d.format("%Y-%m-%d").to_string())
+                            .unwrap_or_default();
                     writeln!(
                         out,
-                        "{:<20} {:<12} {:<30} {:<32} {}",
+                        "{:<20} {:<12} {:<30} {:<32} {:<6} {}",
                         r.0,
                         r.1,
                         name.trim(),
                         r.4.unwrap_or_default(),
-                        if r.5 { 1 } else { 0 }
+                        if r.5 { 1 } else { 0 },
+                        archived
                     )?;
                 }
             }
@@ -397,15 +529,36 @@ fn apply(
                 .collect()
         }),
         archive_on_inactive: s.archive_on_inactive,
+        archive_suffix_fields: match &s.archive_fields {
+            None => None,
+            Some(fields) => Some(archive_fields(fields)?),
+        },
     };
     if change.name.is_none()
         && change.reply_to_email.is_none()
         && change.failed_import_emails.is_none()
         && change.archive_on_inactive.is_none()
+        && change.archive_suffix_fields.is_none()
     {
         return Ok(t.clone());
     }
     Ok(tenants::update(conn, t.tenant_id(), &change)?)
+}
+
+/// Checks the fields named for the archive suffix: text columns other than the key fields.
+fn archive_fields(fields: &[String]) -> anyhow::Result<Vec<String>> {
+    use mui_shared::domain::Column;
+    let mut out = Vec::new();
+    for f in fields.iter().map(|f| f.trim()).filter(|f| !f.is_empty()) {
+        match Column::from_header(f) {
+            Some(Column::UniqueId | Column::LoginSource | Column::DateOfBirth | Column::Active)
+            | None => bail!(
+                "{f:?} cannot take an archive suffix; use text columns such as last_name, user_name, email"
+            ),
+            Some(c) => out.push(c.name().to_owned()),
+        }
+    }
+    Ok(out)
 }
 
 fn print_tenant(
@@ -441,6 +594,11 @@ fn print_tenant(
         out,
         "archive on inactive:  {}",
         if t.archive_on_inactive { "on" } else { "off" }
+    )?;
+    writeln!(
+        out,
+        "archive suffix on:    {}",
+        t.archive_suffix_fields.join(", ")
     )?;
     writeln!(
         out,
@@ -481,6 +639,9 @@ struct FileLine {
     rows_updated: i64,
     rows_unchanged: i64,
     rows_failed: i64,
+    users_archived: i64,
+    users_reactivated: i64,
+    permits_released: i64,
     error_code: Option<String>,
     error_message: Option<String>,
     archived_name: Option<String>,
@@ -512,6 +673,9 @@ fn list_files(
             import_files::rows_updated,
             import_files::rows_unchanged,
             import_files::rows_failed,
+            import_files::users_archived,
+            import_files::users_reactivated,
+            import_files::permits_released,
             import_files::error_code,
             import_files::error_message,
             import_files::archived_name,
@@ -560,6 +724,13 @@ fn list_files(
             f.notify_status,
             f.received_at.format("%Y-%m-%d %H:%M:%S")
         )?;
+        if f.users_archived + f.users_reactivated + f.permits_released > 0 {
+            writeln!(
+                out,
+                "{:>6} archived {} user(s), reactivated {}, released {} permit(s)",
+                "", f.users_archived, f.users_reactivated, f.permits_released
+            )?;
+        }
         if let Some(msg) = f.error_message {
             writeln!(out, "{:>6} error: {}", "", msg)?;
         }

@@ -20,6 +20,12 @@ pub struct FileSummary {
     pub unchanged: i64,
     /// Rows not imported.
     pub failed: i64,
+    /// Users archived (active=0 with archive-on-inactive).
+    pub archived: i64,
+    /// Archived users made active again.
+    pub reactivated: i64,
+    /// Permits released by archiving.
+    pub permits_released: i64,
     /// Detected encoding.
     pub encoding: Option<String>,
     /// Detected delimiter.
@@ -88,6 +94,15 @@ impl FileSummary {
             self.inserted, self.updated, self.unchanged
         ));
         b.push_str(&format!("Failed:           {}\n", self.failed));
+        if self.archived + self.reactivated + self.permits_released > 0 {
+            b.push_str(&format!(
+                "Archived:         {} user(s), {} permit(s) released\n",
+                self.archived, self.permits_released
+            ));
+            if self.reactivated > 0 {
+                b.push_str(&format!("Reactivated:      {} user(s)\n", self.reactivated));
+            }
+        }
         if let Some(enc) = &self.encoding {
             b.push_str(&format!("Encoding:         {enc}\n"));
         }

@@ -9,6 +9,7 @@ diesel::table! {
         failed_import_emails -> Array<Text>,
         archive_on_inactive -> Bool,
         created_at -> Timestamptz,
+        archive_suffix_fields -> Array<Text>,
     }
 }
 
@@ -59,6 +60,7 @@ diesel::table! {
         last_row -> Int8,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        archive_suffix -> Nullable<Varchar>,
     }
 }
 
@@ -105,6 +107,9 @@ diesel::table! {
         queued_at -> Nullable<Timestamptz>,
         finished_at -> Nullable<Timestamptz>,
         notified_at -> Nullable<Timestamptz>,
+        users_archived -> Int8,
+        users_reactivated -> Int8,
+        permits_released -> Int8,
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Tenant {
     pub archive_on_inactive: bool,
     /// When the tenant was created.
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Fields that get the `_YEAR` suffix when a user is archived.
+    pub archive_suffix_fields: Vec<String>,
 }
 
 impl Tenant {
@@ -98,6 +100,8 @@ pub struct SettingsChange {
     pub failed_import_emails: Option<Vec<String>>,
     /// New archive-on-inactive setting.
     pub archive_on_inactive: Option<bool>,
+    /// New list of fields suffixed on archive.
+    pub archive_suffix_fields: Option<Vec<String>>,
 }
 
 /// Applies a settings change.

@@ -23,7 +23,7 @@ use mui_shared::messages::{
     self, Chunk, FileFinished, NotifyMessage, RowError, RowErrorCode, RowFailure, RowFailures,
 };
 use mui_shared::outbox;
-use mui_shared::schema::{file_chunks, import_files};
+use mui_shared::schema::{file_chunks, import_files, tenants};
 
 use crate::validate::{self, TenantRules, UserRow, TEXT_COLUMNS};
 
@@ -122,6 +122,13 @@ impl<'a> StageRow<'a> {
     }
 }
 
+/// A tenant's archive-on-inactive settings.
+#[derive(Debug, Clone)]
+struct ArchiveSettings {
+    on: bool,
+    fields: Vec<String>,
+}
+
 /// Why a chunk could not be imported.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -164,6 +171,12 @@ pub struct ChunkOutcome {
     pub unchanged: i64,
     /// Rows reported.
     pub failed: i64,
+    /// Users archived by this chunk (active=0 with archive-on-inactive on).
+    pub archived: i64,
+    /// Archived users reactivated (active=1).
+    pub reactivated: i64,
+    /// Permits released because their holder was archived.
+    pub permits_released: i64,
     /// Whether this chunk finished its file.
     pub finished_file: bool,
 }
@@ -176,6 +189,8 @@ struct Existing {
     last_file_id: i64,
     #[diesel(sql_type = BigInt)]
     last_row: i64,
+    #[diesel(sql_type = Bool)]
+    was_archived: bool,
     #[diesel(sql_type = Nullable<Jsonb>)]
     old: Option<serde_json::Value>,
 }
@@ -186,12 +201,18 @@ struct Updated {
     row_no: i64,
     #[diesel(sql_type = Bool)]
     changed: bool,
+    #[diesel(sql_type = Bool)]
+    archived: bool,
+    #[diesel(sql_type = Nullable<Bool>)]
+    newly_archived: Option<bool>,
 }
 
 #[derive(QueryableByName)]
 struct Inserted {
     #[diesel(sql_type = BigInt)]
     last_row: i64,
+    #[diesel(sql_type = Bool)]
+    archived: bool,
 }
 
 #[derive(QueryableByName)]
@@ -226,35 +247,71 @@ fn sql() -> &'static Sql {
         // behind, and a join plan chosen on them scans the tenant's every user per chunk.
         let staged_ids = "ANY(ARRAY(SELECT unique_id FROM users_stage))";
         let select_existing = format!(
-            "SELECT u.unique_id, u.last_file_id, u.last_row, \
+            "SELECT u.unique_id, u.last_file_id, u.last_row, (u.archived_at IS NOT NULL) AS was_archived, \
              CASE WHEN u.last_file_id = $2 THEN to_jsonb(u) END AS old \
              FROM users u WHERE u.tenant_id = $1 AND u.unique_id = {staged_ids} \
              ORDER BY u.unique_id FOR UPDATE"
         );
+        // Archive-on-inactive ($3: the tenant's setting, $4: the fields that get the suffix).
+        // A user ends archived when the row says active=0 and the setting is on (or it was
+        // archived already), or when the row leaves `active` empty and it was archived.
+        // Suffixed fields hold their value plus the archive suffix exactly once: the stored
+        // value is un-suffixed first, so a repeat adds nothing and reactivation (active=1)
+        // takes the suffix off.
+        let archived = "((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) \
+                        OR (s.active IS NULL AND u.archived_at IS NOT NULL))";
+        let new_suffix = "('_' || to_char(now(), 'YYYY'))";
+        let final_suffix = format!("(CASE WHEN {archived} THEN COALESCE(u.archive_suffix, {new_suffix}) END)");
         let mut sets = vec!["login_source = s.login_source".to_owned()];
         let mut differs = vec!["u.login_source IS DISTINCT FROM s.login_source".to_owned()];
-        for c in text.iter().chain(["date_of_birth", "active"].iter()) {
+        for col in TEXT_COLUMNS {
+            let (c, max) = (col.name(), col.max_len());
+            let value = format!(
+                "(CASE WHEN '{c}' = ANY($4) \
+                   THEN mui_suffix(mui_unsuffix(COALESCE(s.{c}, u.{c}), u.archive_suffix), {final_suffix}, {max}) \
+                   ELSE COALESCE(s.{c}, u.{c}) END)"
+            );
+            differs.push(format!("u.{c} IS DISTINCT FROM {value}"));
+            sets.push(format!("{c} = {value}"));
+        }
+        for c in ["date_of_birth", "active"] {
             sets.push(format!("{c} = COALESCE(s.{c}, u.{c})"));
             differs.push(format!("u.{c} IS DISTINCT FROM COALESCE(s.{c}, u.{c})"));
         }
+        sets.push(format!("archived_at = CASE WHEN {archived} THEN COALESCE(u.archived_at, now()) END"));
+        sets.push(format!("archive_suffix = {final_suffix}"));
+        differs.push(format!("(u.archived_at IS NOT NULL) IS DISTINCT FROM {archived}"));
         let update = format!(
             "UPDATE users u SET {}, last_file_id = $2, last_row = s.row_no, \
              updated_at = CASE WHEN {} THEN now() ELSE u.updated_at END \
              FROM users_stage s \
              WHERE u.tenant_id = $1 AND u.unique_id = {staged_ids} AND u.unique_id = s.unique_id \
                AND (u.last_file_id, u.last_row) < ($2, s.row_no) \
-             RETURNING s.row_no, (u.updated_at = now()) AS changed",
+             RETURNING s.row_no, (u.updated_at = now()) AS changed, \
+               (u.archived_at IS NOT NULL) AS archived, (u.archived_at = now()) AS newly_archived",
             sets.join(", "),
             differs.join(" OR ")
         );
+        let archive_new = "(s.active IS FALSE AND $3)";
+        let insert_values: Vec<String> = TEXT_COLUMNS
+            .iter()
+            .map(|col| {
+                let (c, max) = (col.name(), col.max_len());
+                format!("CASE WHEN '{c}' = ANY($4) AND {archive_new} THEN mui_suffix(s.{c}, {new_suffix}, {max}) ELSE s.{c} END")
+            })
+            .collect();
         let insert = format!(
-            "INSERT INTO users (tenant_id, unique_id, login_source, {cols}, date_of_birth, active, last_file_id, last_row) \
-             SELECT $1, s.unique_id, s.login_source, {scols}, s.date_of_birth, COALESCE(s.active, TRUE), $2, s.row_no \
+            "INSERT INTO users (tenant_id, unique_id, login_source, {cols}, date_of_birth, active, \
+               archived_at, archive_suffix, last_file_id, last_row) \
+             SELECT $1, s.unique_id, s.login_source, {vals}, s.date_of_birth, COALESCE(s.active, TRUE), \
+               CASE WHEN {archive_new} THEN now() END, CASE WHEN {archive_new} THEN {new_suffix} END, \
+               $2, s.row_no \
              FROM users_stage s \
              ORDER BY s.unique_id \
-             ON CONFLICT (tenant_id, unique_id) DO NOTHING RETURNING last_row",
+             ON CONFLICT (tenant_id, unique_id) DO NOTHING \
+             RETURNING last_row, (archived_at IS NOT NULL) AS archived",
             cols = text.join(", "),
-            scols = text.iter().map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+            vals = insert_values.join(", ")
         );
         Sql {
             create_stage,
@@ -298,6 +355,11 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
     }
 
     let map = HeaderMap::parse(&chunk.header)?;
+    let (on, fields): (bool, Vec<String>) = tenants::table
+        .find(chunk.tenant_id.0)
+        .select((tenants::archive_on_inactive, tenants::archive_suffix_fields))
+        .first(conn)?;
+    let archive = ArchiveSettings { on, fields };
     let rules = TenantRules::new(
         mui_shared::tenants::login_sources_of(conn, chunk.tenant_id)?,
         mui_shared::tenants::user_types_of(conn, chunk.tenant_id)?,
@@ -353,6 +415,7 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
             &fields_of,
             &mut failures,
             &mut outcome,
+            &archive,
         )?;
     }
     failures.sort_by_key(|f| f.row);
@@ -364,7 +427,9 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
     let progress: Progress = diesel::sql_query(
         "UPDATE import_files SET chunks_done = chunks_done + 1, \
          rows_inserted = rows_inserted + $2, rows_updated = rows_updated + $3, \
-         rows_unchanged = rows_unchanged + $4, rows_failed = rows_failed + $5 \
+         rows_unchanged = rows_unchanged + $4, rows_failed = rows_failed + $5, \
+         users_archived = users_archived + $6, users_reactivated = users_reactivated + $7, \
+         permits_released = permits_released + $8 \
          WHERE id = $1 RETURNING chunks_done, total_chunks, state",
     )
     .bind::<BigInt, _>(file.0)
@@ -372,6 +437,9 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
     .bind::<BigInt, _>(outcome.updated)
     .bind::<BigInt, _>(outcome.unchanged)
     .bind::<BigInt, _>(outcome.failed)
+    .bind::<BigInt, _>(outcome.archived)
+    .bind::<BigInt, _>(outcome.reactivated)
+    .bind::<BigInt, _>(outcome.permits_released)
     .get_result(conn)?;
     if !failures.is_empty() {
         let msg = NotifyMessage::RowFailuresV1(RowFailures {
@@ -413,6 +481,7 @@ fn upsert(
     fields_of: &HashMap<u64, &[String]>,
     failures: &mut Vec<RowFailure>,
     outcome: &mut ChunkOutcome,
+    archive: &ArchiveSettings,
 ) -> Result<(), ImportError> {
     let sql = sql();
     diesel::sql_query(&sql.create_stage).execute(conn)?;
@@ -423,6 +492,7 @@ fn upsert(
     let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), u)).collect();
     let tenant = chunk.tenant_id.0;
     let mut pending = good.len();
+    let mut release: Vec<String> = Vec::new();
     // Each round: lock and update the users that exist, drop them from the staging table,
     // insert the rest. A concurrent transaction may insert one of our new users first; such
     // rows stay staged and go round again, now as existing users.
@@ -431,12 +501,14 @@ fn upsert(
             .bind::<BigInt, _>(tenant)
             .bind::<BigInt, _>(file.0)
             .load(conn)?;
-        let updated: HashMap<i64, bool> = diesel::sql_query(&sql.update)
+        let updated: HashMap<i64, Updated> = diesel::sql_query(&sql.update)
             .bind::<BigInt, _>(tenant)
             .bind::<BigInt, _>(file.0)
+            .bind::<Bool, _>(archive.on)
+            .bind::<diesel::sql_types::Array<Text>, _>(&archive.fields)
             .load::<Updated>(conn)?
             .into_iter()
-            .map(|u| (u.row_no, u.changed))
+            .map(|u| (u.row_no, u))
             .collect();
         let mut resolved: Vec<i64> = Vec::with_capacity(existing.len());
         for ex in existing {
@@ -446,7 +518,15 @@ fn upsert(
             let row = user.row as i64;
             resolved.push(row);
             match updated.get(&row) {
-                Some(changed) => {
+                Some(up) => {
+                    if up.newly_archived == Some(true) {
+                        outcome.archived += 1;
+                    } else if ex.was_archived && !up.archived {
+                        outcome.reactivated += 1;
+                    }
+                    if up.archived && user.active == Some(false) {
+                        release.push(user.unique_id.clone());
+                    }
                     if ex.last_file_id == file.0 {
                         // An earlier row of this file (another chunk) wrote this user; it
                         // loses to this row. This row takes its place in the counts.
@@ -459,7 +539,7 @@ fn upsert(
                             &chunk.header,
                             true,
                         ));
-                    } else if *changed {
+                    } else if up.changed {
                         outcome.updated += 1;
                     } else {
                         outcome.unchanged += 1;
@@ -488,14 +568,32 @@ fn upsert(
         let inserted: Vec<i64> = diesel::sql_query(&sql.insert)
             .bind::<BigInt, _>(tenant)
             .bind::<BigInt, _>(file.0)
+            .bind::<Bool, _>(archive.on)
+            .bind::<diesel::sql_types::Array<Text>, _>(&archive.fields)
             .load::<Inserted>(conn)?
             .into_iter()
-            .map(|i| i.last_row)
+            .map(|i| {
+                if i.archived {
+                    outcome.archived += 1;
+                }
+                i.last_row
+            })
             .collect();
         outcome.inserted += inserted.len() as i64;
         remove_staged(conn, &inserted)?;
         pending = pending.saturating_sub(resolved.len() + inserted.len());
         if pending == 0 {
+            if !release.is_empty() {
+                // Every active permit of a user archived by an active=0 row, released with
+                // the date; already released permits keep theirs.
+                outcome.permits_released += diesel::sql_query(
+                    "UPDATE permits SET state = 'released', released_at = now() \
+                     WHERE tenant_id = $1 AND unique_id = ANY($2) AND state = 'active'",
+                )
+                .bind::<BigInt, _>(tenant)
+                .bind::<diesel::sql_types::Array<Text>, _>(&release)
+                .execute(conn)? as i64;
+            }
             return Ok(());
         }
     }
