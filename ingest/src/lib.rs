@@ -64,6 +64,12 @@ pub struct IngestConfig {
     /// Files handled at once (of different tenants).
     #[arg(long, env = "INGEST_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
+    /// Largest file accepted, in bytes; a larger one is refused with a clear report.
+    #[arg(long, env = "MAX_FILE_BYTES", default_value_t = 1 << 30)]
+    pub max_file_bytes: u64,
+    /// Most rows accepted in one file.
+    #[arg(long, env = "MAX_FILE_ROWS", default_value_t = 5_000_000)]
+    pub max_file_rows: u64,
 }
 
 /// Identity of a directory entry as last seen.
@@ -126,6 +132,10 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         publisher,
         kick,
         chunk_rows: config.chunk_rows.max(1),
+        limits: reader::Limits {
+            max_bytes: config.max_file_bytes,
+            max_rows: config.max_file_rows,
+        },
     });
 
     let (events_tx, mut events) = mpsc::unbounded_channel::<PathBuf>();

@@ -50,6 +50,8 @@ pub struct Context {
     pub kick: Kick,
     /// Rows per chunk.
     pub chunk_rows: usize,
+    /// Size and row limits of an uploaded file.
+    pub limits: reader::Limits,
 }
 
 /// Whether `name` is a temporary upload name left alone until renamed.
@@ -217,23 +219,24 @@ async fn publish_rows(
     let chunk_rows = ctx.chunk_rows;
     let tenant_id = tenant.tenant_id();
     let sniff_for_read = sniff.clone();
+    let limits = ctx.limits;
     let reading = tokio::task::spawn_blocking(move || {
         let mut hashing = HashingReader {
             inner: file,
             hasher: Sha256::new(),
         };
-        let header: std::cell::RefCell<Vec<String>> = std::cell::RefCell::new(Vec::new());
         let outcome = reader::read_chunks(
             &mut hashing,
             &sniff_for_read,
+            limits,
             chunk_rows,
-            |cells, _, _| *header.borrow_mut() = cells.to_vec(),
-            |chunk_no, rows| {
+            |_, _, _| {},
+            |chunk_no, header, _, rows| {
                 let msg = WorkMessage::ChunkV1(Chunk {
                     file_id,
                     tenant_id,
                     chunk_no,
-                    header: header.borrow().clone(),
+                    header: header.to_vec(),
                     rows,
                 });
                 let bytes = messages::encode(&msg).map_err(io::Error::other)?;
@@ -416,6 +419,9 @@ async fn handle_not_regular(
         encoding: encoding_rs::UTF_8,
         bom: false,
         binary: None,
+        rows_at_most: None,
+        long_line: None,
+        broken_utf8: None,
     };
     let (file_id, state) = register(ctx, tenant.tenant_id(), name, &arrival_key, &sniff).await?;
     if state == "received" {

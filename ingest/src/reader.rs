@@ -30,6 +30,12 @@ pub struct Sniff {
     pub bom: bool,
     /// If the content is clearly not text: the likely format.
     pub binary: Option<&'static str>,
+    /// Data rows, at most (unknown for UTF-16).
+    pub rows_at_most: Option<u64>,
+    /// First line longer than [`MAX_LINE_BYTES`].
+    pub long_line: Option<u64>,
+    /// For a damaged UTF-8 file: byte offset and line of the first invalid byte.
+    pub broken_utf8: Option<(u64, u64)>,
 }
 
 impl Sniff {
@@ -62,7 +68,135 @@ impl FileProblem {
     }
 }
 
-/// First pass: hash, size, encoding, binary detection. Leaves `file` at its start.
+/// Limits a deployment sets on uploaded files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest file accepted, in bytes.
+    pub max_bytes: u64,
+    /// Most data rows accepted.
+    pub max_rows: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 30,
+            max_rows: 5_000_000,
+        }
+    }
+}
+
+/// Streaming UTF-8 check that keeps going past errors, to tell a file that is mostly UTF-8
+/// with a few broken bytes from one in another encoding.
+#[derive(Debug, Default)]
+struct Utf8Scan {
+    carry: Vec<u8>,
+    /// Offset in the file of `carry[0]`.
+    offset: u64,
+    /// Line breaks before `offset`.
+    lines_before: u64,
+    multibyte: u64,
+    invalid: u64,
+    first_invalid: Option<(u64, u64)>,
+}
+
+impl Utf8Scan {
+    fn feed(&mut self, bytes: &[u8]) {
+        self.carry.extend_from_slice(bytes);
+        let data = std::mem::take(&mut self.carry);
+        let mut i = 0;
+        loop {
+            match std::str::from_utf8(&data[i..]) {
+                Ok(valid) => {
+                    self.multibyte += valid.bytes().filter(|b| *b >= 0xC0).count() as u64;
+                    i = data.len();
+                    break;
+                }
+                Err(e) => {
+                    let good = &data[i..i + e.valid_up_to()];
+                    self.multibyte += good.iter().filter(|b| **b >= 0xC0).count() as u64;
+                    match e.error_len() {
+                        None => {
+                            // An incomplete sequence at the end: wait for more bytes.
+                            i += e.valid_up_to();
+                            break;
+                        }
+                        Some(n) => {
+                            let at = i + e.valid_up_to();
+                            if self.first_invalid.is_none() {
+                                let line = self.lines_before
+                                    + data[..at].iter().filter(|b| **b == b'\n').count() as u64
+                                    + 1;
+                                self.first_invalid = Some((self.offset + at as u64, line));
+                            }
+                            self.invalid += n as u64;
+                            i = at + n;
+                        }
+                    }
+                }
+            }
+        }
+        let (done, rest) = data.split_at(i);
+        self.lines_before += done.iter().filter(|b| **b == b'\n').count() as u64;
+        self.offset += done.len() as u64;
+        self.carry = rest.to_vec();
+    }
+
+    fn finish(&mut self) {
+        if !self.carry.is_empty() {
+            if self.first_invalid.is_none() {
+                self.first_invalid = Some((self.offset, self.lines_before + 1));
+            }
+            self.invalid += self.carry.len() as u64;
+            self.carry.clear();
+        }
+    }
+}
+
+/// Counts CSV records on the raw bytes (quoted line breaks included), with `csv-core`.
+#[derive(Debug)]
+struct RecordCount {
+    reader: csv_core::Reader,
+    records: u64,
+    out: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl RecordCount {
+    fn new() -> Self {
+        Self {
+            reader: csv_core::Reader::new(),
+            records: 0,
+            out: vec![0; 64 * 1024],
+            ends: vec![0; 1024],
+        }
+    }
+
+    fn feed(&mut self, mut input: &[u8]) {
+        let at_end = input.is_empty();
+        loop {
+            let (result, nin, _, _) = self
+                .reader
+                .read_record(input, &mut self.out, &mut self.ends);
+            input = &input[nin..];
+            match result {
+                csv_core::ReadRecordResult::InputEmpty => {
+                    if !at_end {
+                        return;
+                    }
+                }
+                csv_core::ReadRecordResult::OutputFull
+                | csv_core::ReadRecordResult::OutputEndsFull => {}
+                csv_core::ReadRecordResult::Record => self.records += 1,
+                csv_core::ReadRecordResult::End => return,
+            }
+        }
+    }
+}
+
+/// First pass: hash, size, encoding, binary detection, and the structural limits (line
+/// length, row count) so that a file breaking them is refused before anything is imported.
+/// Leaves `file` at its start.
 pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
     file.seek(SeekFrom::Start(0))?;
     let mut hasher = Sha256::new();
@@ -70,10 +204,13 @@ pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut head: Vec<u8> = Vec::new();
     let mut size: u64 = 0;
-    let mut utf8_ok = true;
-    let mut carry: Vec<u8> = Vec::new();
+    let mut utf8 = Utf8Scan::default();
+    let mut records = RecordCount::new();
     let mut fed: usize = 0;
     let mut nul = false;
+    let mut line_len: usize = 0;
+    let mut line_no: u64 = 1;
+    let mut long_line: Option<u64> = None;
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
@@ -90,22 +227,24 @@ pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
             detector.feed(bytes, false);
             fed += n;
         }
-        if utf8_ok {
-            carry.extend_from_slice(bytes);
-            match std::str::from_utf8(&carry) {
-                Ok(_) => carry.clear(),
-                Err(e) if e.error_len().is_none() => {
-                    // An incomplete sequence at the end: keep it for the next read.
-                    let keep = carry.split_off(e.valid_up_to());
-                    carry = keep;
+        utf8.feed(bytes);
+        records.feed(bytes);
+        for &b in bytes {
+            if b == b'\n' || b == b'\r' {
+                line_len = 0;
+                if b == b'\n' {
+                    line_no += 1;
                 }
-                Err(_) => utf8_ok = false,
+            } else {
+                line_len += 1;
+                if line_len > MAX_LINE_BYTES && long_line.is_none() {
+                    long_line = Some(line_no);
+                }
             }
         }
     }
-    if !carry.is_empty() {
-        utf8_ok = false;
-    }
+    utf8.finish();
+    records.feed(&[]);
     detector.feed(&[], true);
     file.seek(SeekFrom::Start(0))?;
 
@@ -113,14 +252,22 @@ pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
         Some((enc, _)) => (Some(enc), true),
         None => (None, false),
     };
-    let binary = if bom_encoding.is_some_and(|e| e != encoding_rs::UTF_8) {
+    let utf16 = bom_encoding.is_some_and(|e| e != encoding_rs::UTF_8);
+    let binary = if utf16 {
         None // UTF-16 text legitimately holds NUL bytes.
     } else {
         binary_kind(&head, nul)
     };
+    // Mostly valid UTF-8 with some broken bytes: a damaged UTF-8 file, not Windows-1252.
+    let broken_utf8 = match utf8.first_invalid {
+        Some(at) if !utf16 && bom_encoding.is_none() && utf8.multibyte >= utf8.invalid => Some(at),
+        Some(at) if bom_encoding == Some(encoding_rs::UTF_8) => Some(at),
+        _ => None,
+    };
     let encoding = match bom_encoding {
         Some(enc) => enc,
-        None if utf8_ok => encoding_rs::UTF_8,
+        None if utf8.invalid == 0 => encoding_rs::UTF_8,
+        None if broken_utf8.is_some() => encoding_rs::UTF_8,
         None => detector.guess(None, chardetng::Utf8Detection::Deny),
     };
     Ok(Sniff {
@@ -129,7 +276,60 @@ pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
         encoding,
         bom,
         binary,
+        // Records minus the header (blank lines are records to csv-core, so this is an upper
+        // bound); not known for UTF-16, whose bytes csv-core cannot read.
+        rows_at_most: (!utf16).then(|| records.records.saturating_sub(1)),
+        long_line,
+        broken_utf8,
     })
+}
+
+impl Sniff {
+    /// A problem the first pass found, if any: the file is refused before any row is read.
+    pub fn problem(&self, limits: &Limits) -> Option<FileProblem> {
+        if let Some(kind) = self.binary {
+            return Some(FileProblem::new(
+                FileErrorCode::NotCsv,
+                format!("the file is not CSV text: it looks like {kind}. Save it as \"CSV UTF-8 (Comma delimited)\" and upload the .csv"),
+            ));
+        }
+        if self.size > limits.max_bytes {
+            return Some(FileProblem::new(
+                FileErrorCode::TooLarge,
+                format!(
+                    "the file is {} bytes; this service takes files of at most {} bytes. Split it into smaller files",
+                    self.size, limits.max_bytes
+                ),
+            ));
+        }
+        if let Some(rows) = self.rows_at_most {
+            if rows > limits.max_rows {
+                return Some(FileProblem::new(
+                    FileErrorCode::TooLarge,
+                    format!(
+                        "the file has {rows} rows; this service takes at most {} rows a file. Split it into smaller files",
+                        limits.max_rows
+                    ),
+                ));
+            }
+        }
+        if let Some(line) = self.long_line {
+            return Some(FileProblem::new(
+                FileErrorCode::LineTooLong,
+                format!("line {line} is longer than the limit of {MAX_LINE_BYTES} bytes; is this really a CSV file?"),
+            ));
+        }
+        if let Some((offset, line)) = self.broken_utf8 {
+            return Some(FileProblem::new(
+                FileErrorCode::BadEncoding,
+                format!(
+                    "the file is UTF-8 but holds bytes that are not valid UTF-8, first on line {line} (at byte offset {offset}); \
+                     re-save it as \"CSV UTF-8\" from your spreadsheet"
+                ),
+            ));
+        }
+        None
+    }
 }
 
 fn binary_kind(head: &[u8], has_nul: bool) -> Option<&'static str> {
@@ -261,10 +461,11 @@ pub fn delimiter_label(d: u8) -> &'static str {
 
 /// Second pass: decodes `file` with the sniffed encoding and calls `on_header` once with the
 /// mapped header (a header problem stops the read before any row is handed over), then
-/// `on_chunk` for each run of at most `chunk_rows` rows. The callbacks return `false` to stop.
+/// `on_chunk` for each run of at most `chunk_rows` rows, with the header again. The callbacks return `false` to stop.
 pub fn read_chunks<R, H, C>(
     file: R,
     sniff: &Sniff,
+    limits: Limits,
     chunk_rows: usize,
     mut on_header: H,
     mut on_chunk: C,
@@ -272,13 +473,10 @@ pub fn read_chunks<R, H, C>(
 where
     R: Read,
     H: FnMut(&[String], &HeaderMap, u8),
-    C: FnMut(u32, Vec<RawRow>) -> io::Result<()>,
+    C: FnMut(u32, &[String], &HeaderMap, Vec<RawRow>) -> io::Result<()>,
 {
-    if let Some(kind) = sniff.binary {
-        return Ok(Err(FileProblem::new(
-            FileErrorCode::NotCsv,
-            format!("the file is not CSV text: it looks like {kind}. Save it as \"CSV UTF-8 (Comma delimited)\" and upload the .csv"),
-        )));
+    if let Some(problem) = sniff.problem(&limits) {
+        return Ok(Err(problem));
     }
     let decoded = encoding_rs_io::DecodeReaderBytesBuilder::new()
         .encoding(Some(sniff.encoding))
@@ -307,6 +505,7 @@ where
 
     let mut record = csv::StringRecord::new();
     let mut header: Option<(Vec<String>, HeaderMap)> = None;
+    let mut full = false;
     let mut rows: Vec<RawRow> = Vec::with_capacity(chunk_rows);
     let mut chunk_no: u32 = 0;
     let mut total: u64 = 0;
@@ -366,13 +565,26 @@ where
                     fields: record.iter().map(str::to_owned).collect(),
                 });
                 total += 1;
-                if rows.len() >= chunk_rows {
-                    on_chunk(
-                        chunk_no,
-                        std::mem::replace(&mut rows, Vec::with_capacity(chunk_rows)),
-                    )?;
-                    chunk_no += 1;
+                if total > limits.max_rows {
+                    // Only reachable for UTF-16, whose rows the first pass cannot count.
+                    return Ok(Err(FileProblem::new(
+                        FileErrorCode::TooLarge,
+                        format!("the file has more than {} rows, the most this service takes; split it into smaller files", limits.max_rows),
+                    )));
                 }
+                full = rows.len() >= chunk_rows;
+            }
+        }
+        if full {
+            full = false;
+            if let Some((cells, map)) = &header {
+                on_chunk(
+                    chunk_no,
+                    cells,
+                    map,
+                    std::mem::replace(&mut rows, Vec::with_capacity(chunk_rows)),
+                )?;
+                chunk_no += 1;
             }
         }
     }
@@ -389,7 +601,7 @@ where
         )));
     }
     if !rows.is_empty() {
-        on_chunk(chunk_no, rows)?;
+        on_chunk(chunk_no, &header, &map, rows)?;
         chunk_no += 1;
     }
     Ok(Ok(ReadSummary {
@@ -404,7 +616,7 @@ where
 fn line_error(e: io::Error) -> Result<Result<(), FileProblem>, io::Error> {
     if e.get_ref().is_some_and(|inner| inner.is::<LineTooLong>()) {
         Ok(Err(FileProblem::new(
-            FileErrorCode::MalformedCsv,
+            FileErrorCode::LineTooLong,
             format!("a line is longer than the limit of {MAX_LINE_BYTES} bytes; is this really a CSV file?"),
         )))
     } else {
@@ -466,9 +678,10 @@ mod tests {
         let r = read_chunks(
             cur,
             &s,
+            Limits::default(),
             2,
             |_, _, _| {},
-            |_, rows| {
+            |_, _, _, rows| {
                 all.extend(rows);
                 Ok(())
             },
@@ -525,6 +738,55 @@ mod tests {
     }
 
     #[test]
+    fn broken_utf8_is_reported_where_it_is() {
+        let (s, r, _) =
+            read(b"unique_id,login_source,first_name\n1,sso,Ren\xC3\xA9e\n2,sso,Bj\xF8rn\n");
+        assert_eq!(s.encoding.name(), "UTF-8");
+        let p = r.unwrap_err();
+        assert_eq!(p.code, FileErrorCode::BadEncoding);
+        assert!(
+            p.message.contains("line 3 (at byte offset 55)"),
+            "{}",
+            p.message
+        );
+    }
+
+    #[test]
+    fn utf16_with_bom() {
+        let text = "unique_id,login_source,first_name\r\n1,sso,Zoë\r\n";
+        let mut bytes = vec![0xFF, 0xFE];
+        for unit in text.encode_utf16() {
+            bytes.extend_from_slice(&unit.to_le_bytes());
+        }
+        let (s, r, rows) = read(&bytes);
+        assert_eq!(s.encoding_label(), "UTF-16LE with BOM");
+        assert_eq!(r.unwrap().rows, 1);
+        assert_eq!(rows[0].fields[2], "Zoë");
+    }
+
+    #[test]
+    fn limits_refuse_before_reading_rows() {
+        let mut cur = Cursor::new(b"unique_id,login_source\n1,a\n\"2\nstill 2\",a\n3,a\n".to_vec());
+        let s = sniff(&mut cur).unwrap();
+        assert_eq!(s.rows_at_most, Some(3));
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_rows: 2,
+        };
+        assert_eq!(s.problem(&limits).unwrap().code, FileErrorCode::TooLarge);
+        let limits = Limits {
+            max_bytes: 10,
+            max_rows: 100,
+        };
+        assert!(s
+            .problem(&limits)
+            .unwrap()
+            .message
+            .contains("at most 10 bytes"));
+        assert!(s.problem(&Limits::default()).is_none());
+    }
+
+    #[test]
     fn semicolons_and_tabs() {
         assert_eq!(detect_delimiter(b"unique_id;login_source;email\n"), b';');
         assert_eq!(detect_delimiter(b"unique_id\tlogin_source\n"), b'\t');
@@ -557,6 +819,8 @@ mod tests {
         let mut data = b"unique_id,login_source\n1,".to_vec();
         data.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
         let (_, r, _) = read(&data);
-        assert_eq!(r.unwrap_err().code, FileErrorCode::MalformedCsv);
+        let p = r.unwrap_err();
+        assert_eq!(p.code, FileErrorCode::LineTooLong);
+        assert!(p.message.starts_with("line 2 is longer"), "{}", p.message);
     }
 }

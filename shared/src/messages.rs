@@ -124,6 +124,10 @@ pub enum RowErrorCode {
     FieldCount,
     /// A later row of the same file has the same unique_id and wins.
     DuplicateUniqueId,
+    /// The email already belongs to another user of the tenant.
+    EmailTaken,
+    /// The user name already belongs to another user of the tenant.
+    UserNameTaken,
 }
 
 impl RowErrorCode {
@@ -141,6 +145,8 @@ impl RowErrorCode {
             Self::ControlCharacter => "control_character",
             Self::FieldCount => "field_count",
             Self::DuplicateUniqueId => "duplicate_unique_id",
+            Self::EmailTaken => "email_taken",
+            Self::UserNameTaken => "user_name_taken",
         }
     }
 }
@@ -175,6 +181,12 @@ pub enum FileErrorCode {
     NotRegularFile,
     /// The CSV structure could not be read.
     MalformedCsv,
+    /// A line is longer than the documented limit.
+    LineTooLong,
+    /// The file is larger (bytes or rows) than the deployment accepts.
+    TooLarge,
+    /// Bytes that the detected encoding cannot explain (a damaged UTF-8 file).
+    BadEncoding,
     /// The file could not be read.
     Unreadable,
 }
@@ -191,6 +203,9 @@ impl FileErrorCode {
             Self::NotCsvName => "not_csv_name",
             Self::NotRegularFile => "not_regular_file",
             Self::MalformedCsv => "malformed_csv",
+            Self::LineTooLong => "line_too_long",
+            Self::TooLarge => "too_large",
+            Self::BadEncoding => "bad_encoding",
             Self::Unreadable => "unreadable",
         }
     }

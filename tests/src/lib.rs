@@ -229,6 +229,8 @@ pub struct AppOptions {
     pub settle_ms: u64,
     /// Workers to run.
     pub workers: usize,
+    /// Most rows a file may have.
+    pub max_file_rows: u64,
 }
 
 impl Default for AppOptions {
@@ -237,6 +239,7 @@ impl Default for AppOptions {
             chunk_rows: 3,
             settle_ms: 400,
             workers: 2,
+            max_file_rows: 5_000_000,
         }
     }
 }
@@ -287,6 +290,8 @@ impl TestEnv {
             poll_only: false,
             chunk_rows: self.options.chunk_rows,
             concurrency: 4,
+            max_file_bytes: 1 << 30,
+            max_file_rows: self.options.max_file_rows,
         }
     }
 

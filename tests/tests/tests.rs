@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod archive;
+mod corpus;
 mod file_level;
 mod pipeline;
 mod redelivery;
+mod roundtrip;
 mod upload;

@@ -401,6 +401,7 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
         }
     }
 
+    let good = check_identities(conn, chunk, &map, good, &mut failures)?;
     let mut outcome = ChunkOutcome {
         applied: true,
         ..ChunkOutcome::default()
@@ -600,6 +601,119 @@ fn upsert(
     Err(ImportError::Db(mui_shared::db::DbError::Query(
         diesel::result::Error::RollbackTransaction,
     )))
+}
+
+/// The identifying fields that must be unique within a tenant, case-insensitively.
+const IDENTITIES: [(Column, usize, RowErrorCode, &str); 2] = [
+    (Column::Email, 3, RowErrorCode::EmailTaken, "email"),
+    (
+        Column::UserName,
+        2,
+        RowErrorCode::UserNameTaken,
+        "user name",
+    ),
+];
+
+/// Refuses rows whose email or user name (compared case-insensitively) belongs to another
+/// user of the tenant, or to an earlier row of this chunk with another unique_id. Returns the
+/// rows that may be imported. Two chunks importing the same new email for different users
+/// at the same moment are not caught (the check is not a unique constraint, which would make
+/// a swap of two users' emails in one file fail).
+fn check_identities(
+    conn: &mut PgConnection,
+    chunk: &Chunk,
+    map: &HeaderMap,
+    good: Vec<UserRow>,
+    failures: &mut Vec<RowFailure>,
+) -> Result<Vec<UserRow>, ImportError> {
+    let mut problems: HashMap<u64, Vec<RowError>> = HashMap::new();
+    for (column, idx, code, what) in IDENTITIES {
+        let wanted: Vec<String> = good
+            .iter()
+            .filter_map(|u| u.text[idx].as_ref().map(|v| v.to_lowercase()))
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        #[derive(QueryableByName)]
+        struct Owner {
+            #[diesel(sql_type = Text)]
+            value: String,
+            #[diesel(sql_type = Text)]
+            unique_id: String,
+        }
+        let c = column.name();
+        let owners: Vec<Owner> = diesel::sql_query(format!(
+            "SELECT lower({c}) AS value, unique_id FROM users \
+             WHERE tenant_id = $1 AND {c} IS NOT NULL AND lower({c}) = ANY($2)"
+        ))
+        .bind::<BigInt, _>(chunk.tenant_id.0)
+        .bind::<diesel::sql_types::Array<Text>, _>(&wanted)
+        .load(conn)?;
+        let mut owner_of: HashMap<String, Vec<String>> = HashMap::new();
+        for o in owners {
+            owner_of.entry(o.value).or_default().push(o.unique_id);
+        }
+        let label = map
+            .position(column)
+            .and_then(|i| chunk.header.get(i))
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|| c.to_owned());
+        let mut first_in_chunk: HashMap<String, (u64, &str)> = HashMap::new();
+        for u in &good {
+            let Some(value) = u.text[idx].as_deref() else {
+                continue;
+            };
+            let key = value.to_lowercase();
+            let quoted = messages::truncate_for_message(value, 60);
+            let taken_by = owner_of
+                .get(&key)
+                .and_then(|owners| owners.iter().find(|o| **o != u.unique_id));
+            let message = if let Some(other) = taken_by {
+                Some(format!(
+                    "`{label}` \"{quoted}\" already belongs to another user of this tenant (unique_id \"{}\"); each user needs their own {what}",
+                    messages::truncate_for_message(other, 60)
+                ))
+            } else {
+                match first_in_chunk.get(&key) {
+                    Some((row, uid)) if *uid != u.unique_id => Some(format!(
+                        "`{label}` \"{quoted}\" is also given to unique_id \"{}\" in row {row}; each user needs their own {what}",
+                        messages::truncate_for_message(uid, 60)
+                    )),
+                    _ => None,
+                }
+            };
+            match message {
+                Some(message) => problems.entry(u.row).or_default().push(RowError {
+                    code,
+                    column: Some(label.clone()),
+                    message,
+                }),
+                None => {
+                    first_in_chunk.entry(key).or_insert((u.row, &u.unique_id));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        return Ok(good);
+    }
+    let raw_of: HashMap<u64, &Vec<String>> =
+        chunk.rows.iter().map(|r| (r.row, &r.fields)).collect();
+    Ok(good
+        .into_iter()
+        .filter_map(|u| match problems.remove(&u.row) {
+            None => Some(u),
+            Some(errors) => {
+                failures.push(RowFailure {
+                    row: u.row,
+                    fields: raw_of.get(&u.row).map(|f| f.to_vec()).unwrap_or_default(),
+                    errors,
+                });
+                None
+            }
+        })
+        .collect())
 }
 
 fn remove_staged(conn: &mut PgConnection, rows: &[i64]) -> Result<(), diesel::result::Error> {

@@ -105,7 +105,9 @@ pub fn validate(
             continue;
         }
         let label = header.get(i).map(|h| h.trim()).unwrap_or(col.name());
-        if let Some(c) = v.chars().find(|c| c.is_control()) {
+        // A line break inside a quoted cell is data (Excel's Alt+Enter in an address);
+        // any other control character is refused.
+        if let Some(c) = v.chars().find(|c| c.is_control() && *c != '\n') {
             errors.push(err(
                 RowErrorCode::ControlCharacter,
                 label,
@@ -473,6 +475,15 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e[0].code, RowErrorCode::ControlCharacter);
+        let street = check(
+            &["unique_id", "login_source", "street"],
+            &["1", "sso", "Line 1\nLine 2"],
+        );
+        assert_eq!(
+            street.unwrap().text[4].as_deref(),
+            Some("Line 1\nLine 2"),
+            "a line break in a cell is data"
+        );
     }
 
     #[test]

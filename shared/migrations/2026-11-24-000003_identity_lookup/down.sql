@@ -1,0 +1,2 @@
+DROP INDEX users_user_name_ci;
+DROP INDEX users_email_ci;
