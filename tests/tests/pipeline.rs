@@ -338,3 +338,28 @@ async fn the_later_of_two_rows_with_the_same_unique_id_wins_within_and_across_ch
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_email_or_user_name_of_another_user_is_refused_case_insensitively() {
+    let mut app = spawn_app().await;
+    let env = &app.env;
+    let t = env.tenant("acme").unwrap();
+    env.drop_file("acme", "first.csv", b"unique_id,login_source,email,user_name\nm1,sso,ann@example.org,ann\n").unwrap();
+    app.wait_files_settled(&t, 1).await;
+    env.drop_file(
+        "acme",
+        "second.csv",
+        b"unique_id,login_source,email,user_name\nm2,sso,ANN@example.org,ann2\nm3,sso,m3@example.org,Ann\nm1,sso,ann@example.org,ann\n",
+    )
+    .unwrap();
+    let files = app.wait_files_settled(&t, 2).await;
+    assert_eq!((files[1].7, files[1].6), (2, 1), "two refused, m1 unchanged");
+    let mails = env.smtp.messages();
+    let rows = parse_csv(&mails[0].attachments()[0].1);
+    assert_eq!(rows[1][..2], ["2", "m2"]);
+    assert_eq!(rows[1][5], "email_taken");
+    assert!(rows[1][6].contains("already belongs to another user of this tenant (unique_id \"m1\")"), "{}", rows[1][6]);
+    assert_eq!(rows[2][5], "user_name_taken");
+    assert_eq!(env.users(&t).len(), 1);
+    app.stop().await;
+}
