@@ -3,11 +3,14 @@
 //! 1. insert the chunk's marker `(file_id, chunk_no)`: if it exists the chunk was imported
 //!    before (a redelivery) and nothing else happens;
 //! 2. check every row ([`crate::validate`]); within the chunk, a later row with the same
-//!    `unique_id` wins and the earlier is reported;
+//!    `unique_id` wins and the earlier is reported; a row whose email or user name belongs
+//!    to another user of the tenant is reported ([`check_identities`]);
 //! 3. `COPY` the good rows into a temporary staging table and upsert them into `users` with
 //!    set-based statements. Each user carries the version `(file id, row)` that last wrote
 //!    it, and a write only applies when its version is newer, so chunks may be imported by
-//!    any number of workers in any order and the later row (of a later file) still wins;
+//!    any number of workers in any order and the later row (of a later file) still wins.
+//!    The same statements apply archive-on-inactive (archive, suffix, reactivate), and the
+//!    permits of users archived by an `active=0` row are released;
 //! 4. add the counts to the file, put the chunk's failure records (and, for the file's last
 //!    chunk, "file finished") in the outbox.
 //!
