@@ -87,7 +87,7 @@ enum PermitCmd {
 
 #[derive(Debug, Subcommand)]
 enum TenantCmd {
-    /// Create a tenant; its drop folder is DROP_ROOT/<slug>.
+    /// Create a tenant; its drop folder is DROP_ROOT/SLUG.
     Create {
         /// Drop folder and SFTP account name: lowercase letter first, then a-z, 0-9, '-', '_'.
         slug: String,

@@ -124,7 +124,10 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         Publisher::new(&conn, topology).await?,
         kick.clone(),
     );
-    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+    // A child token: the relay stops with shutdown, and also when this run fails (the guard).
+    let relay_stop = shutdown.child_token();
+    let _relay_guard = relay_stop.clone().drop_guard();
+    let relay_task = tokio::spawn(relay.run(relay_stop));
 
     let ctx = Arc::new(pipeline::Context {
         pool: pool.clone(),
@@ -216,6 +219,11 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                 }
             }
             _ = tick.tick() => {
+                if !conn.status().connected() {
+                    // Publishing needs the broker: start over (the supervisor reconnects).
+                    while tasks.join_next().await.is_some() {}
+                    anyhow::bail!("lost the connection to RabbitMQ");
+                }
                 let now = Instant::now();
                 let mut became_ready = Vec::new();
                 candidates.retain(|path, cand| {

@@ -18,7 +18,7 @@ async fn main() {
     let cli: Cli = mui_shared::service::parse_cli("mui-ingest");
     let log_format = cli.config.common.log_format;
     mui_shared::service::serve("mui-ingest", log_format, |shutdown| {
-        mui_ingest::run(cli.config, shutdown)
+        mui_ingest::run(cli.config.clone(), shutdown)
     })
     .await
 }

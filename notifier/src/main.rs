@@ -18,7 +18,7 @@ async fn main() {
     let cli: Cli = mui_shared::service::parse_cli("mui-notifier");
     let log_format = cli.config.common.log_format;
     mui_shared::service::serve("mui-notifier", log_format, |shutdown| {
-        mui_notifier::run(cli.config, shutdown)
+        mui_notifier::run(cli.config.clone(), shutdown)
     })
     .await
 }

@@ -23,12 +23,12 @@ pub fn parse_cli<C: clap::Parser>(service: &str) -> C {
     C::parse()
 }
 
-/// Runs a service: logs, a shutdown token cancelled by SIGTERM or SIGINT, then `run`.
-/// Exits the process when `run` returns (0, or 1 after logging the whole cause chain),
-/// without waiting for blocking tasks still retrying a connection.
+/// Runs a service: logs, a shutdown token cancelled by SIGTERM or SIGINT, then `run` under
+/// [`supervise`]. Exits the process when it stops (0 on shutdown), without waiting for
+/// blocking tasks still retrying a connection.
 pub async fn serve<F, Fut>(service: &'static str, log_format: LogFormat, run: F) -> !
 where
-    F: FnOnce(CancellationToken) -> Fut,
+    F: Fn(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     telemetry::init(service, log_format);
@@ -39,11 +39,50 @@ where
         tracing::info!("ShutdownRequested");
         signal.cancel();
     });
-    match run(shutdown).await {
+    match supervise(service, &shutdown, run).await {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             telemetry::log_error_chain("ServiceFailed", &e);
             std::process::exit(1)
+        }
+    }
+}
+
+/// Runs `run` until `shutdown`, starting it again after it fails (lost broker connection,
+/// consumer cancelled, database gone at start), with exponential backoff: the one place
+/// where a service reconnects. Everything a run holds is recoverable by design (unacked
+/// messages are redelivered, files stay in their folder, the outbox keeps its rows).
+/// A run that lasted a minute resets the backoff.
+pub async fn supervise<F, Fut>(
+    service: &str,
+    shutdown: &CancellationToken,
+    run: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut policy = amqp::backoff_policy(None);
+    loop {
+        let started = std::time::Instant::now();
+        let result = run(shutdown.clone()).await;
+        if shutdown.is_cancelled() {
+            return result;
+        }
+        let err = match result {
+            Ok(()) => anyhow::anyhow!("{service} stopped without being asked to"),
+            Err(e) => e,
+        };
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            policy = amqp::backoff_policy(None);
+        }
+        let wait = backoff::backoff::Backoff::next_backoff(&mut policy)
+            .unwrap_or(std::time::Duration::from_secs(10));
+        let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+        tracing::warn!(service, error = %chain.join(": "), restart_in_ms = wait.as_millis() as u64, "ServiceRestarting");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
 }

@@ -22,6 +22,7 @@ use mail_parser::MimeHeaders;
 use mui_shared::config::{CommonArgs, LogFormat};
 use mui_shared::domain::TenantSlug;
 use mui_shared::schema::{import_files, users};
+use mui_shared::service::supervise;
 use mui_shared::tenants::{self, SettingsChange, Tenant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -231,6 +232,8 @@ pub struct AppOptions {
     pub workers: usize,
     /// Most rows a file may have.
     pub max_file_rows: u64,
+    /// Put a [`TcpProxy`] the test controls between the services and RabbitMQ.
+    pub broker_proxy: bool,
 }
 
 impl Default for AppOptions {
@@ -240,6 +243,7 @@ impl Default for AppOptions {
             settle_ms: 400,
             workers: 2,
             max_file_rows: 5_000_000,
+            broker_proxy: false,
         }
     }
 }
@@ -257,24 +261,46 @@ pub struct TestEnv {
     pub smtp: SmtpSink,
     /// Options the services run with.
     pub options: AppOptions,
+    /// The proxy in front of RabbitMQ, with [`AppOptions::broker_proxy`].
+    pub broker: Option<TcpProxy>,
 }
 
 impl TestEnv {
     /// Fresh resources.
     pub fn new(options: AppOptions) -> anyhow::Result<Self> {
+        let broker = if options.broker_proxy {
+            let target = url::Url::parse(&amqp_url())?;
+            let host = target.host_str().unwrap_or("127.0.0.1").to_owned();
+            Some(TcpProxy::start(&format!(
+                "{host}:{}",
+                target.port().unwrap_or(5672)
+            ))?)
+        } else {
+            None
+        };
         Ok(Self {
             db: TestDb::new()?,
             prefix: unique("mui_t"),
             drop_root: tempfile::tempdir()?,
             smtp: SmtpSink::start()?,
             options,
+            broker,
         })
     }
 
     fn common(&self) -> CommonArgs {
+        let amqp_url = match &self.broker {
+            Some(proxy) => {
+                let mut u = url::Url::parse(&amqp_url()).expect("MUI_TEST_AMQP_URL is a URL");
+                let _ = u.set_port(Some(proxy.port));
+                let _ = u.set_host(Some("127.0.0.1"));
+                u.to_string()
+            }
+            None => amqp_url(),
+        };
         CommonArgs {
             database_url: self.db.url.clone(),
-            amqp_url: amqp_url(),
+            amqp_url,
             queue_prefix: self.prefix.clone(),
             log_format: LogFormat::Human,
         }
@@ -493,27 +519,40 @@ pub async fn spawn_app_with(options: AppOptions) -> App {
 }
 
 impl App {
-    /// Starts (or restarts) the services.
+    /// Starts (or restarts) the services, each under the supervisor that restarts it after a
+    /// failure, as the binaries run them.
     pub fn start(&mut self) {
         assert!(self.services.is_none(), "already running");
         let shutdown = CancellationToken::new();
         let mut handles = Vec::new();
+        let ingest = self.env.ingest_config();
+        let token = shutdown.clone();
         handles.push((
             "ingest",
-            tokio::spawn(mui_ingest::run(self.env.ingest_config(), shutdown.clone())),
+            tokio::spawn(async move {
+                supervise("mui-ingest", &token, |s| mui_ingest::run(ingest.clone(), s)).await
+            }),
         ));
         for _ in 0..self.env.options.workers {
+            let worker = self.env.worker_config();
+            let token = shutdown.clone();
             handles.push((
                 "worker",
-                tokio::spawn(mui_worker::run(self.env.worker_config(), shutdown.clone())),
+                tokio::spawn(async move {
+                    supervise("mui-worker", &token, |s| mui_worker::run(worker.clone(), s)).await
+                }),
             ));
         }
+        let notifier = self.env.notifier_config();
+        let token = shutdown.clone();
         handles.push((
             "notifier",
-            tokio::spawn(mui_notifier::run(
-                self.env.notifier_config(),
-                shutdown.clone(),
-            )),
+            tokio::spawn(async move {
+                supervise("mui-notifier", &token, |s| {
+                    mui_notifier::run(notifier.clone(), s)
+                })
+                .await
+            }),
         ));
         self.services = Some(Services { shutdown, handles });
     }
@@ -570,4 +609,50 @@ pub fn parse_csv(bytes: &[u8]) -> Vec<Vec<String>> {
 /// Whether `path` exists.
 pub fn exists(path: &Path) -> bool {
     path.exists()
+}
+
+/// A TCP proxy on a random loopback port that the test can cut: every connection through it
+/// is dropped at once, as a network failure or a broker restart would.
+#[derive(Debug, Clone)]
+pub struct TcpProxy {
+    /// Port it listens on.
+    pub port: u16,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding `127.0.0.1:<port>` to `target`.
+    pub fn start(target: &str) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let proxy = Self { port, cuts };
+        let target = target.to_owned();
+        let cuts = proxy.cuts.clone();
+        tokio::spawn(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(proxy)
+    }
+
+    /// Drops every connection going through the proxy.
+    pub fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
 }

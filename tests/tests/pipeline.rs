@@ -344,7 +344,12 @@ async fn an_email_or_user_name_of_another_user_is_refused_case_insensitively() {
     let mut app = spawn_app().await;
     let env = &app.env;
     let t = env.tenant("acme").unwrap();
-    env.drop_file("acme", "first.csv", b"unique_id,login_source,email,user_name\nm1,sso,ann@example.org,ann\n").unwrap();
+    env.drop_file(
+        "acme",
+        "first.csv",
+        b"unique_id,login_source,email,user_name\nm1,sso,ann@example.org,ann\n",
+    )
+    .unwrap();
     app.wait_files_settled(&t, 1).await;
     env.drop_file(
         "acme",
@@ -353,12 +358,20 @@ async fn an_email_or_user_name_of_another_user_is_refused_case_insensitively() {
     )
     .unwrap();
     let files = app.wait_files_settled(&t, 2).await;
-    assert_eq!((files[1].7, files[1].6), (2, 1), "two refused, m1 unchanged");
+    assert_eq!(
+        (files[1].7, files[1].6),
+        (2, 1),
+        "two refused, m1 unchanged"
+    );
     let mails = env.smtp.messages();
     let rows = parse_csv(&mails[0].attachments()[0].1);
     assert_eq!(rows[1][..2], ["2", "m2"]);
     assert_eq!(rows[1][5], "email_taken");
-    assert!(rows[1][6].contains("already belongs to another user of this tenant (unique_id \"m1\")"), "{}", rows[1][6]);
+    assert!(
+        rows[1][6].contains("already belongs to another user of this tenant (unique_id \"m1\")"),
+        "{}",
+        rows[1][6]
+    );
     assert_eq!(rows[2][5], "user_name_taken");
     assert_eq!(env.users(&t).len(), 1);
     app.stop().await;

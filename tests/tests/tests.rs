@@ -5,6 +5,7 @@
 
 mod archive;
 mod corpus;
+mod faults;
 mod file_level;
 mod pipeline;
 mod redelivery;

@@ -4,7 +4,7 @@
 //!    before (a redelivery) and nothing else happens;
 //! 2. check every row ([`crate::validate`]); within the chunk, a later row with the same
 //!    `unique_id` wins and the earlier is reported; a row whose email or user name belongs
-//!    to another user of the tenant is reported ([`check_identities`]);
+//!    to another user of the tenant is reported (`check_identities`);
 //! 3. `COPY` the good rows into a temporary staging table and upsert them into `users` with
 //!    set-based statements. Each user carries the version `(file id, row)` that last wrote
 //!    it, and a write only applies when its version is newer, so chunks may be imported by

@@ -81,7 +81,9 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         Publisher::new(&conn, topology.clone()).await?,
         kick.clone(),
     );
+    // Stopped after the in-flight chunks (below), or by the guard if this run fails.
     let relay_stop = CancellationToken::new();
+    let _relay_guard = relay_stop.clone().drop_guard();
     let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
 
     let tag = format!("mui-worker-{}", std::process::id());

@@ -19,7 +19,7 @@ async fn main() {
     let cli: Cli = mui_shared::service::parse_cli("mui-worker");
     let log_format = cli.config.common.log_format;
     mui_shared::service::serve("mui-worker", log_format, |shutdown| {
-        mui_worker::run(cli.config, shutdown)
+        mui_worker::run(cli.config.clone(), shutdown)
     })
     .await
 }
