@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod archive;
+mod concurrency;
 mod corpus;
 mod faults;
 mod file_level;

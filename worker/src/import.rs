@@ -288,7 +288,7 @@ fn sql() -> &'static Sql {
             "UPDATE users u SET {}, last_file_id = $2, last_row = s.row_no, \
              updated_at = CASE WHEN {} THEN now() ELSE u.updated_at END \
              FROM users_stage s \
-             WHERE u.tenant_id = $1 AND u.unique_id = {staged_ids} AND u.unique_id = s.unique_id \
+             WHERE u.tenant_id = $1 AND u.unique_id = ANY($5) AND u.unique_id = s.unique_id \
                AND (u.last_file_id, u.last_row) < ($2, s.row_no) \
              RETURNING s.row_no, (u.updated_at = now()) AS changed, \
                (u.archived_at IS NOT NULL) AS archived, (u.archived_at = now()) AS newly_archived",
@@ -505,11 +505,16 @@ fn upsert(
             .bind::<BigInt, _>(tenant)
             .bind::<BigInt, _>(file.0)
             .load(conn)?;
+        // Only the users just locked are updated: each statement sees newly committed rows,
+        // so a user another chunk inserted after the SELECT must wait for the next round
+        // (updating it here would make this round read its own write as someone else's).
+        let locked: Vec<&str> = existing.iter().map(|e| e.unique_id.as_str()).collect();
         let updated: HashMap<i64, Updated> = diesel::sql_query(&sql.update)
             .bind::<BigInt, _>(tenant)
             .bind::<BigInt, _>(file.0)
             .bind::<Bool, _>(archive.on)
             .bind::<diesel::sql_types::Array<Text>, _>(&archive.fields)
+            .bind::<diesel::sql_types::Array<Text>, _>(&locked)
             .load::<Updated>(conn)?
             .into_iter()
             .map(|u| (u.row_no, u))
