@@ -651,9 +651,16 @@ fn check_identities(
             unique_id: String,
         }
         let c = column.name();
+        // One index probe per value (the `users_*_ci` indexes): a LATERAL subquery that
+        // cannot be flattened (OFFSET 0) runs once per value, whatever the statistics say;
+        // plans chosen on statistics went quadratic or scanned the table during bulk loads.
         let owners: Vec<Owner> = diesel::sql_query(format!(
-            "SELECT lower({c}) AS value, unique_id FROM users \
-             WHERE tenant_id = $1 AND {c} IS NOT NULL AND lower({c}) = ANY($2)"
+            "SELECT v.value, u.unique_id \
+             FROM unnest($2::text[]) AS v(value) \
+             CROSS JOIN LATERAL ( \
+               SELECT unique_id, tenant_id FROM users \
+               WHERE {c} IS NOT NULL AND lower({c}) = v.value OFFSET 0) u \
+             WHERE u.tenant_id = $1"
         ))
         .bind::<BigInt, _>(chunk.tenant_id.0)
         .bind::<diesel::sql_types::Array<Text>, _>(&wanted)
