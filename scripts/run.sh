@@ -35,7 +35,7 @@ if ! "$BIN/muictl" tenant show demo >/dev/null 2>&1; then
     "$BIN/muictl" user-type add demo 1 --name Staff
     "$BIN/muictl" user-type add demo 2 --name Student
 fi
-mkdir -p "$DROP_ROOT/demo"
+mkdir -p "$DROP_ROOT/demo/upload"
 
 pids=()
 stop() {
@@ -52,9 +52,9 @@ cat <<MSG
 
 Managed User Import is running (logs in $RUN_DIR/logs/).
 
-  Drop a CSV here:     $DROP_ROOT/demo/
-                       e.g. cp examples/users.csv $DROP_ROOT/demo/
-  Processed files:     $DROP_ROOT/demo/bak/
+  Drop a CSV here:     $DROP_ROOT/demo/upload/
+                       e.g. cp examples/users.csv $DROP_ROOT/demo/upload/
+  Processed files:     $DROP_ROOT/demo/upload/bak/
   Failure emails:      ${SMTP_URL:+sent via SMTP_URL}${SMTP_URL:-$MAIL_OUTBOX/*.eml}
   The demo's files:    target/release/muictl files list demo
   The demo's users:    target/release/muictl users list demo

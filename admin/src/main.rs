@@ -87,7 +87,7 @@ enum PermitCmd {
 
 #[derive(Debug, Subcommand)]
 enum TenantCmd {
-    /// Create a tenant; its drop folder is DROP_ROOT/SLUG.
+    /// Create a tenant; its drop folder is DROP_ROOT/SLUG/upload.
     Create {
         /// Drop folder and SFTP account name: lowercase letter first, then a-z, 0-9, '-', '_'.
         slug: String,
@@ -261,7 +261,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 apply(conn, &t, None, &settings)
             })?;
             if let Some(root) = drop_root {
-                let dir = root.join(slug.as_str());
+                let dir = tenants::drop_folder(&root, slug.as_str());
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("creating drop folder {}", dir.display()))?;
                 writeln!(out, "drop folder: {}", dir.display())?;

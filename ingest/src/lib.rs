@@ -1,7 +1,8 @@
 //! # ingest
 //!
-//! Watches `DROP_ROOT/<tenant>/` for every tenant and hands each finished upload to the
-//! workers. A newcomer's map:
+//! Watches every tenant's drop folder, `DROP_ROOT/<tenant>/upload/`
+//! ([`mui_shared::tenants::drop_folder`]), and hands each finished upload to the workers.
+//! `DROP_ROOT/<tenant>/` is the tenant's SFTP chroot (see `deploy/sftp/`). A newcomer's map:
 //!
 //! - [`run`] (this file): the watch loop. File-system events (inotify through `notify`) and a
 //!   periodic rescan feed *candidates*; a candidate becomes *ready* once its size, mtime and
@@ -43,7 +44,7 @@ pub struct IngestConfig {
     /// Shared settings.
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Folder holding one drop folder per tenant (`DROP_ROOT/<tenant>/`).
+    /// Folder holding one folder per tenant; files are dropped into `DROP_ROOT/<tenant>/upload/`.
     #[arg(long, env = "DROP_ROOT", default_value = "/srv/mui/drop")]
     pub drop_root: PathBuf,
     /// How long a file must stay unchanged (size, mtime) before it is taken, in milliseconds.
@@ -79,6 +80,7 @@ struct Signature {
     dev: u64,
     size: u64,
     mtime_ns: i64,
+    nlink: u64,
     regular: bool,
 }
 
@@ -90,6 +92,7 @@ impl Signature {
             dev: m.dev(),
             size: m.len(),
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            nlink: m.nlink(),
             regular: m.file_type().is_file(),
         })
     }
@@ -189,33 +192,39 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                     Err(e) => tracing::warn!(error = format!("{e:#}"), "TenantRefreshError"),
                 }
                 for slug in tenants.keys() {
-                    let folder = config.drop_root.join(slug);
-                    if let Some(w) = watcher.as_mut() {
-                        if !watched.contains(&folder) && folder.is_dir() {
-                            match w.watch(&folder, RecursiveMode::NonRecursive) {
-                                Ok(()) => { watched.insert(folder.clone()); }
-                                Err(e) => tracing::warn!(error = %e, tenant = %slug, "WatchError"),
+                    // The tenant's folder too, so that a drop folder (re)created in it is
+                    // noticed at once rather than at the next rescan.
+                    let tenant_dir = config.drop_root.join(slug);
+                    let folder = tenants::drop_folder(&config.drop_root, slug);
+                    for dir in [&tenant_dir, &folder] {
+                        if let Some(w) = watcher.as_mut() {
+                            if !watched.contains(dir) && dir.is_dir() {
+                                match w.watch(dir, RecursiveMode::NonRecursive) {
+                                    Ok(()) => { watched.insert(dir.clone()); }
+                                    Err(e) => tracing::warn!(error = %e, tenant = %slug, "WatchError"),
+                                }
                             }
                         }
-                    }
-                    if !folder.is_dir() {
-                        // A deleted drop folder: forget its watch so a recreated one is watched.
-                        if watched.remove(&folder) {
-                            if let Some(w) = watcher.as_mut() { let _ = w.unwatch(&folder); }
+                        if !dir.is_dir() && watched.remove(dir) {
+                            // A deleted folder: forget its watch so a recreated one is watched.
+                            if let Some(w) = watcher.as_mut() { let _ = w.unwatch(dir); }
                         }
-                        continue;
                     }
-                    scan_folder(&folder, &mut candidates, &in_flight);
+                    if folder.is_dir() {
+                        scan_folder(&folder, &mut candidates, &in_flight);
+                    }
                 }
             }
             Some(path) = events.recv() => {
-                if path == config.drop_root || path.parent() == Some(config.drop_root.as_path()) {
-                    // A tenant folder appeared or the watch overflowed: rescan now.
+                if tenant_of(&config.drop_root, &path).is_some() {
+                    observe(&path, &mut candidates, &in_flight);
+                } else if path == config.drop_root
+                    || path.parent() == Some(config.drop_root.as_path())
+                    || path.parent().and_then(Path::parent) == Some(config.drop_root.as_path())
+                {
+                    // A tenant folder or a drop folder appeared or went, or the watch
+                    // overflowed: rescan now.
                     rescan.reset_immediately();
-                } else if let Some(parent) = path.parent() {
-                    if parent.parent() == Some(config.drop_root.as_path()) {
-                        observe(&path, &mut candidates, &in_flight);
-                    }
                 }
             }
             _ = tick.tick() => {
@@ -291,7 +300,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
             busy.insert(slug.clone());
             in_flight.insert(path.clone());
             let ctx = ctx.clone();
-            let folder = config.drop_root.join(&slug);
+            let folder = tenants::drop_folder(&config.drop_root, &slug);
             tasks.spawn(async move {
                 let result = pipeline::handle(&ctx, &tenant, &folder, &name).await;
                 (slug, path, result)
@@ -312,12 +321,17 @@ async fn refresh_tenants(pool: &db::PgPool) -> anyhow::Result<HashMap<String, Te
     Ok(list.into_iter().map(|t| (t.slug.clone(), t)).collect())
 }
 
+/// The tenant whose drop folder holds `path` (`DROP_ROOT/<tenant>/upload/<name>`).
 fn tenant_of(drop_root: &Path, path: &Path) -> Option<String> {
-    let parent = path.parent()?;
-    if parent.parent()? != drop_root {
+    let folder = path.parent()?;
+    if folder.file_name()? != tenants::DROP_SUBDIR {
         return None;
     }
-    parent.file_name()?.to_str().map(str::to_owned)
+    let tenant_dir = folder.parent()?;
+    if tenant_dir.parent()? != drop_root {
+        return None;
+    }
+    tenant_dir.file_name()?.to_str().map(str::to_owned)
 }
 
 fn observe(

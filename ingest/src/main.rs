@@ -1,7 +1,7 @@
 use clap::Parser;
 use mui_ingest::IngestConfig;
 
-/// Watches the tenants' SFTP drop folders (DROP_ROOT/<tenant>/) and hands every finished CSV
+/// Watches the tenants' SFTP drop folders (DROP_ROOT/<tenant>/upload/) and hands every finished CSV
 /// upload to the workers through RabbitMQ, then moves it to the tenant's bak/ folder.
 ///
 /// Every option can be given as the environment variable shown; MUI_CONFIG_FILE may name a

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context as _;
 use diesel::prelude::*;
@@ -89,6 +89,18 @@ pub async fn handle(
     let fmeta = file.metadata()?;
     if !fmeta.file_type().is_file() || fmeta.ino() != meta.ino() {
         return Ok(()); // Replaced under us; the next scan sees the new entry.
+    }
+    if fmeta.nlink() > 1 {
+        match other_names(folder, name, fmeta.ino()) {
+            // OpenSSH renames by link + unlink: the temporary name is about to go.
+            OtherNames::RenameInProgress => return Ok(()),
+            // All names are the tenant's: the file is registered once by its content and
+            // inode, whichever name is handled first.
+            OtherNames::InOwnFolder => {}
+            OtherNames::Elsewhere => {
+                return handle_not_regular(ctx, tenant, name, &meta).await;
+            }
+        }
     }
     let (file, sniff) = tokio::task::spawn_blocking(move || {
         let mut file = file;
@@ -385,8 +397,42 @@ async fn fail(
     Ok(())
 }
 
-/// Symlinks, FIFOs, devices, directories: never opened or followed; reported once (their
-/// arrival key is their inode and mtime) and left where they are.
+enum OtherNames {
+    RenameInProgress,
+    InOwnFolder,
+    Elsewhere,
+}
+
+/// Where the other names of a file with several hard links are: a temporary name beside it
+/// (an OpenSSH rename, done as link + unlink, is under way), another name in the tenant's
+/// own folder or its `bak/` (the tenant's own link, or our interrupted move to `bak/`), or
+/// somewhere we cannot see: outside the tenant's folder.
+fn other_names(folder: &Path, name: &str, ino: u64) -> OtherNames {
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.metadata().is_ok_and(|m| m.ino() == ino && m.is_file()))
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .filter(|n| n != name)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let beside = names(folder);
+    if beside.iter().any(|n| is_temporary(n)) {
+        OtherNames::RenameInProgress
+    } else if !beside.is_empty() || !names(&folder.join("bak")).is_empty() {
+        OtherNames::InOwnFolder
+    } else {
+        OtherNames::Elsewhere
+    }
+}
+
+/// Symlinks, FIFOs, devices, directories, and regular files that are also linked from outside
+/// the drop folder: never opened or followed (nor read); reported once (their arrival key is
+/// their inode and mtime) and left where they are.
 async fn handle_not_regular(
     ctx: &Context,
     tenant: &Tenant,
@@ -395,7 +441,9 @@ async fn handle_not_regular(
 ) -> anyhow::Result<()> {
     let ft = meta.file_type();
     use std::os::unix::fs::FileTypeExt;
-    let kind = if ft.is_symlink() {
+    let kind = if ft.is_file() {
+        "a hard link to a file outside this folder"
+    } else if ft.is_symlink() {
         "a symbolic link"
     } else if ft.is_dir() {
         "a folder"
@@ -428,7 +476,7 @@ async fn handle_not_regular(
         let problem = FileProblem {
             code: FileErrorCode::NotRegularFile,
             message: format!(
-                "{name:?} is {kind}, not a regular file; only regular .csv files are imported, and it was left untouched"
+                "{name:?} is {kind}; only regular .csv files uploaded into this folder are imported, and it was left untouched"
             ),
         };
         fail(ctx, file_id, tenant.tenant_id(), &problem, None).await?;
@@ -485,9 +533,4 @@ impl<R: Read> Read for HashingReader<R> {
         self.hasher.update(&buf[..n]);
         Ok(n)
     }
-}
-
-/// The path of a tenant's drop folder.
-pub fn tenant_folder(drop_root: &Path, slug: &str) -> PathBuf {
-    drop_root.join(slug)
 }

@@ -165,3 +165,13 @@ pub fn user_types_of(conn: &mut PgConnection, id: TenantId) -> QueryResult<Vec<S
         .select(user_types::type_id)
         .load(conn)
 }
+
+/// The folder a tenant drops files into: `DROP_ROOT/<slug>/upload/`. `DROP_ROOT/<slug>/` is
+/// the tenant's SFTP chroot (root-owned, as OpenSSH requires), `upload/` the one folder the
+/// tenant can write to, and `upload/bak/` where handled files go.
+pub fn drop_folder(drop_root: &std::path::Path, slug: &str) -> std::path::PathBuf {
+    drop_root.join(slug).join(DROP_SUBDIR)
+}
+
+/// The name of the drop folder inside a tenant's folder (see [`drop_folder`]).
+pub const DROP_SUBDIR: &str = "upload";

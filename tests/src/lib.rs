@@ -11,6 +11,8 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and `MUI_TEST_AMQP_URL` (default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
+pub mod sftp;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -234,6 +236,9 @@ pub struct AppOptions {
     pub max_file_rows: u64,
     /// Put a [`TcpProxy`] the test controls between the services and RabbitMQ.
     pub broker_proxy: bool,
+    /// Make DROP_ROOT where OpenSSH accepts chroot folders (every folder above it root-owned
+    /// and writable by nobody else, so not under /tmp): see [`sftp`].
+    pub chroot_ready: bool,
 }
 
 impl Default for AppOptions {
@@ -244,6 +249,7 @@ impl Default for AppOptions {
             workers: 2,
             max_file_rows: 5_000_000,
             broker_proxy: false,
+            chroot_ready: false,
         }
     }
 }
@@ -281,7 +287,11 @@ impl TestEnv {
         Ok(Self {
             db: TestDb::new()?,
             prefix: unique("mui_t"),
-            drop_root: tempfile::tempdir()?,
+            drop_root: if options.chroot_ready {
+                sftp::chroot_ready_tempdir()?
+            } else {
+                tempfile::tempdir()?
+            },
             smtp: SmtpSink::start()?,
             options,
             broker,
@@ -364,7 +374,7 @@ impl TestEnv {
 
     /// A tenant's drop folder.
     pub fn folder(&self, slug: &str) -> PathBuf {
-        self.drop_root.path().join(slug)
+        tenants::drop_folder(self.drop_root.path(), slug)
     }
 
     /// Writes a file into a tenant's drop folder the way an upload finishes: written under a

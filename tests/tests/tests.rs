@@ -11,4 +11,5 @@ mod file_level;
 mod pipeline;
 mod redelivery;
 mod roundtrip;
+mod sftp;
 mod upload;

@@ -276,7 +276,7 @@ fn main() -> anyhow::Result<()> {
     };
     let base_tenant = make_tenant(&mut conn, "baseline")?;
     let tenant = make_tenant(&mut conn, "bench")?;
-    std::fs::create_dir_all(drop_root.join("bench"))?;
+    std::fs::create_dir_all(mui_shared::tenants::drop_folder(&drop_root, "bench"))?;
 
     let file = drop_root.join(".users.csv");
     eprintln!("generating {} rows…", args.rows);
@@ -320,7 +320,10 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("pipeline: drop folder → … → email…");
     let start = Instant::now();
-    std::fs::rename(&file, drop_root.join("bench").join("users.csv"))?;
+    std::fs::rename(
+        &file,
+        mui_shared::tenants::drop_folder(&drop_root, "bench").join("users.csv"),
+    )?;
     let deadline = start + Duration::from_secs(args.timeout_secs);
     let mut last_report = Instant::now();
     let elapsed = loop {

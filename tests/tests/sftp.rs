@@ -1,0 +1,366 @@
+//! The SFTP front door: a real OpenSSH server on a loopback port, configured with
+//! `deploy/sftp/mui-sftp.conf`, tenant accounts made by `deploy/sftp/mui-sftp-account`, and
+//! uploads by the real clients (OpenSSH `sftp` in batch mode, curl's libssh2). Every test
+//! checks the users in the database, the email and where the file ended.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use mui_shared::tenants::Tenant;
+use mui_tests::sftp::{Account, SftpServer};
+use mui_tests::{spawn_app_with, App, AppOptions};
+
+async fn setup(tenants: &[&str], settle_ms: u64) -> (App, SftpServer, Vec<(Tenant, Account)>) {
+    let app = spawn_app_with(AppOptions {
+        chroot_ready: true,
+        settle_ms,
+        ..AppOptions::default()
+    })
+    .await;
+    let mut server = SftpServer::start(app.env.drop_root.path()).unwrap();
+    let mut out = Vec::new();
+    for slug in tenants {
+        let t = app.env.tenant(slug).unwrap();
+        let a = server.add_account(slug).unwrap();
+        out.push((t, a));
+    }
+    (app, server, out)
+}
+
+fn users_csv(prefix: &str, n: usize, bad_row: bool) -> String {
+    let mut s = String::from("unique_id,login_source,first_name,last_name,active\n");
+    for i in 0..n {
+        s.push_str(&format!("{prefix}{i:05},sso,First {i},Last {i},1\n"));
+    }
+    if bad_row {
+        s.push_str(&format!("{prefix}-bad,nowhere,Bad,Row,1\n"));
+    }
+    s
+}
+
+fn local_file(dir: &Path, name: &str, content: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+fn uids(app: &App, t: &Tenant) -> BTreeSet<String> {
+    app.env.users(t).into_iter().map(|u| u.0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn put_filepart_rename_and_link_unlink_rename_each_import_once_and_bak_lists_them() {
+    let (mut app, server, accounts) = setup(&["acme"], 400).await;
+    let (t, a) = &accounts[0];
+    let local = tempfile::tempdir().unwrap();
+
+    // 1. Plain `put`: sftp writes users.csv in place.
+    let f1 = local_file(local.path(), "one.csv", &users_csv("p", 3, true));
+    let run = server.sftp(a, &[], &format!("put {} users.csv\n", f1.display()));
+    assert!(run.ok, "{}\n{}", run.output, server.log());
+    let files = app.wait_files_settled(t, 1).await;
+    assert_eq!((files[0].4, files[0].7), (3, 1), "3 inserted, 1 failed");
+    assert_eq!(files[0].10.as_deref(), Some("users.csv"));
+
+    // 2. WinSCP's way: upload as .filepart, then rename (posix-rename@openssh.com).
+    let f2 = local_file(local.path(), "two.csv", &users_csv("q", 2, false));
+    let run = server.sftp(
+        a,
+        &[],
+        &format!(
+            "put {} second.csv.filepart\nrename second.csv.filepart second.csv\n",
+            f2.display()
+        ),
+    );
+    assert!(run.ok, "{}", run.output);
+    app.wait_files_settled(t, 2).await;
+
+    // 3. curl (libssh2) renames with a plain SFTP rename, which OpenSSH's server performs
+    //    as link + unlink: the watcher sees a new name appear beside the temporary one.
+    let f3 = local_file(local.path(), "three.csv", &users_csv("r", 2, false));
+    let run = server.curl_upload(
+        a,
+        &f3,
+        "/upload/third.csv.filepart",
+        &["rename /upload/third.csv.filepart /upload/third.csv"],
+    );
+    assert!(run.ok, "{}", run.output);
+    let files = app.wait_files_settled(t, 3).await;
+
+    // Each upload imported once, one email each (only the first had a bad row).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let files_after = app.env.files(t);
+    assert_eq!(
+        files_after.len(),
+        3,
+        "nothing imported twice: {files_after:?}"
+    );
+    let names: Vec<&str> = files.iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(names, ["users.csv", "second.csv", "third.csv"]);
+    assert_eq!(uids(&app, t).len(), 7);
+    let mails = app.env.smtp.messages();
+    assert_eq!(mails.len(), 1, "one report: the file with a bad row");
+    assert!(
+        mails[0].subject().contains("users.csv"),
+        "{}",
+        mails[0].subject()
+    );
+
+    // The tenant lists bak/ and sees its files; the drop folder is empty again.
+    let run = server.sftp(a, &[], "ls -1 bak\nls -1\n");
+    assert!(run.ok, "{}", run.output);
+    for name in ["users.csv", "second.csv", "third.csv"] {
+        assert!(
+            run.output.contains(&format!("bak/{name}")),
+            "{}",
+            run.output
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(app.env.folder("acme"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["bak"], "only bak/ is left in the drop folder");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_upload_pausing_longer_than_the_settle_interval_is_taken_once_complete() {
+    // Settle 300 ms; curl limited to 40 kB/s sends its writes (up to 64 kB at a time) with
+    // pauses of up to a second and a half, over about 4 s.
+    let (mut app, server, accounts) = setup(&["acme"], 300).await;
+    let (t, a) = &accounts[0];
+    let local = tempfile::tempdir().unwrap();
+    let content = users_csv("s", 4000, false);
+    assert!(content.len() > 120_000);
+    let f = local_file(local.path(), "slow.csv", &content);
+    let child = server
+        .curl_command(a, &f, "/upload/slow.csv", &["--limit-rate", "40k"])
+        .spawn()
+        .unwrap();
+    // The upload is slow: the file is seen part-written (and nothing is taken meanwhile).
+    let remote = app.env.folder("acme").join("slow.csv");
+    app.env
+        .wait_until(30, "a part-written file", || {
+            std::fs::metadata(&remote)
+                .is_ok_and(|m| m.len() > 0 && (m.len() as usize) < content.len())
+        })
+        .await;
+    assert!(app.env.files(t).is_empty());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files = app.wait_files_settled(t, 1).await;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].3, Some(4000), "the whole file, once: {files:?}");
+    assert_eq!(uids(&app, t).len(), 4000);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_killed_halfway_is_imported_as_far_as_it_got_and_a_full_upload_completes_it() {
+    let (mut app, server, accounts) = setup(&["acme"], 400).await;
+    let (t, a) = &accounts[0];
+    let local = tempfile::tempdir().unwrap();
+    let content = users_csv("k", 4000, false);
+    let f = local_file(local.path(), "big.csv", &content);
+    let mut child = server
+        .curl_command(a, &f, "/upload/big.csv", &["--limit-rate", "20k"])
+        .spawn()
+        .unwrap();
+    // Kill the client (kill -9) once about a third has arrived: the connection drops and
+    // sftp-server closes the partial file.
+    let remote = app.env.folder("acme").join("big.csv");
+    app.env
+        .wait_until(60, "a third of the upload", || {
+            std::fs::metadata(&remote).is_ok_and(|m| m.len() as usize > content.len() / 3)
+        })
+        .await;
+    child.kill().unwrap(); // SIGKILL
+    let _ = child.wait();
+
+    let files = app.wait_files_settled(t, 1).await;
+    let f0 = &files[0];
+    assert_eq!(f0.2, "done");
+    let total = f0.3.unwrap();
+    assert!(
+        total > 0 && (total as usize) < 4000,
+        "a partial file: {f0:?}"
+    );
+    assert_eq!(f0.4 + f0.7, total, "every row imported or reported");
+    assert!(
+        f0.7 <= 1,
+        "at most the cut-off last row is reported: {f0:?}"
+    );
+    assert_eq!(f0.10.as_deref(), Some("big.csv"), "archived like any file");
+    let imported = uids(&app, t);
+    assert_eq!(imported.len() as i64, f0.4);
+    assert!(imported.iter().all(|u| u.starts_with('k')));
+    assert_eq!(app.env.smtp.messages().len(), f0.7 as usize);
+
+    // The tenant uploads the whole file again: everything is there, nothing doubled.
+    let run = server.sftp(a, &[], &format!("put {} big.csv\n", f.display()));
+    assert!(run.ok, "{}", run.output);
+    let files = app.wait_files_settled(t, 2).await;
+    assert_eq!(files[1].3, Some(4000));
+    assert_eq!(files[1].7, 0);
+    assert_eq!(uids(&app, t).len(), 4000);
+    let bak = app.env.folder("acme").join("bak");
+    assert!(bak.join("big.csv").exists());
+    assert!(bak.join(format!("big.{}.csv", files[1].0)).exists());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_name_twice_odd_names_and_two_tenants_at_once() {
+    let (mut app, server, accounts) = setup(&["acme", "globex"], 400).await;
+    let local = tempfile::tempdir().unwrap();
+    let (ta, aa) = &accounts[0];
+    let (tg, ag) = &accounts[1];
+
+    // Two tenants upload at the same time.
+    let fa = local_file(local.path(), "a.csv", &users_csv("a", 300, true));
+    let fg = local_file(local.path(), "g.csv", &users_csv("g", 300, true));
+    let (ra, rg) = std::thread::scope(|s| {
+        let ja = s.spawn(|| server.sftp(aa, &[], &format!("put {} users.csv\n", fa.display())));
+        let jg = s.spawn(|| server.sftp(ag, &[], &format!("put {} users.csv\n", fg.display())));
+        (ja.join().unwrap(), jg.join().unwrap())
+    });
+    assert!(ra.ok && rg.ok, "{}\n{}", ra.output, rg.output);
+    app.wait_files_settled(ta, 1).await;
+    app.wait_files_settled(tg, 1).await;
+    let (ua, ug) = (uids(&app, ta), uids(&app, tg));
+    assert_eq!((ua.len(), ug.len()), (300, 300));
+    assert!(ua.iter().all(|u| u.starts_with('a')) && ug.iter().all(|u| u.starts_with('g')));
+
+    // The same name again, after the first was taken: a second import, kept beside the
+    // first in bak/ (never overwriting it).
+    let fa2 = local_file(
+        local.path(),
+        "a2.csv",
+        &users_csv("a", 2, false).replace("First", "Renamed"),
+    );
+    let run = server.sftp(aa, &[], &format!("put {} users.csv\n", fa2.display()));
+    assert!(run.ok, "{}", run.output);
+    let files = app.wait_files_settled(ta, 2).await;
+    assert_eq!(files[1].5, 2, "two users updated");
+    let bak = app.env.folder("acme").join("bak");
+    assert!(
+        bak.join("users.csv").exists() && bak.join(format!("users.{}.csv", files[1].0)).exists()
+    );
+
+    // Odd names: spaces, unicode, quotes, a leading dash, a long name.
+    let long = format!("{}.csv", "long-name-".repeat(20));
+    let odd = ["my users (v2) ünïcødé 'q'.csv", "-dash.csv", long.as_str()];
+    let fo = local_file(local.path(), "o.csv", &users_csv("o", 1, true));
+    let mut batch = String::new();
+    for name in odd {
+        batch.push_str(&format!("put {} \"./{name}\"\n", fo.display()));
+    }
+    let run = server.sftp(aa, &[], &batch);
+    assert!(run.ok, "{}", run.output);
+    let files = app.wait_files_settled(ta, 5).await;
+    let names: BTreeSet<&str> = files[2..].iter().map(|f| f.1.as_str()).collect();
+    assert_eq!(names, odd.into_iter().collect());
+    // Each report names its file: in the subject (a very long name is shortened there) and
+    // in full as its attachment's name.
+    let mails = app.env.smtp.messages();
+    for name in odd {
+        let attachment = format!("{name}.failures.csv");
+        let short: String = name.chars().take(60).collect();
+        assert!(
+            mails.iter().any(|m| m.subject().contains(&short)
+                && m.attachments().iter().any(|(n, _)| *n == attachment)),
+            "{name:?} not reported"
+        );
+        assert!(bak.join(name).exists(), "{name:?} in bak/");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_cannot_escape_its_chroot_nor_import_another_tenants_file() {
+    let (mut app, server, accounts) = setup(&["victim", "mallory"], 400).await;
+    let local = tempfile::tempdir().unwrap();
+    let (tv, av) = &accounts[0];
+    let (tm, am) = &accounts[1];
+    let fv = local_file(local.path(), "v.csv", &users_csv("v", 3, false));
+    assert!(
+        server
+            .sftp(av, &[], &format!("put {} victim.csv\n", fv.display()))
+            .ok
+    );
+    app.wait_files_settled(tv, 1).await;
+    let victim_file = app.env.folder("victim").join("bak/victim.csv");
+    assert!(victim_file.exists());
+
+    // Outside the chroot is out of reach: `..` stops at the chroot's root, which is
+    // read-only, and the other tenant's folder does not exist from in here.
+    let fm = local_file(local.path(), "m.csv", &users_csv("m", 1, false));
+    for cmd in [
+        format!("put {} ../../victim/upload/evil.csv", fm.display()),
+        format!("put {} /evil.csv", fm.display()),
+        format!(
+            "put {} {}",
+            fm.display(),
+            app.env.folder("victim").join("evil.csv").display()
+        ),
+        "ls ../../victim/upload/bak".to_owned(),
+        format!("ln {} stolen.csv", victim_file.display()),
+    ] {
+        let run = server.sftp(am, &[], &format!("{cmd}\n"));
+        assert!(!run.ok, "{cmd:?} should fail: {}", run.output);
+    }
+    // Symbolic links can be made, pointing anywhere; they are never followed.
+    for (target, name) in [
+        (victim_file.display().to_string(), "link-abs.csv"),
+        (
+            "../../victim/upload/bak/victim.csv".to_owned(),
+            "link-rel.csv",
+        ),
+        (
+            app.env.folder("victim").display().to_string(),
+            "link-dir.csv",
+        ),
+    ] {
+        let run = server.sftp(am, &[], &format!("symlink {target} {name}\n"));
+        assert!(run.ok, "symlink: {}", run.output);
+    }
+    app.env
+        .wait_until(60, "mallory's 3 links reported", || {
+            let files = app.env.files(tm);
+            files.len() >= 3 && files.iter().all(|f| f.9 == "sent")
+        })
+        .await;
+    let files = app.env.files(tm);
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in &files {
+        assert_eq!(f.2, "failed");
+        assert_eq!(f.8.as_deref(), Some("not_regular_file"), "{f:?}");
+        assert_eq!(f.10, None, "left where it is");
+    }
+    assert!(uids(&app, tm).is_empty(), "nothing imported into mallory");
+    assert_eq!(uids(&app, tv).len(), 3, "victim unchanged");
+    assert_eq!(app.env.files(tv).len(), 1);
+    let mails = app.env.smtp.messages();
+    let to_mallory: Vec<_> = mails
+        .iter()
+        .filter(|m| m.subject().contains("link-"))
+        .collect();
+    assert_eq!(to_mallory.len(), 3);
+    assert!(
+        to_mallory[0].body().contains("symbolic link"),
+        "{}",
+        to_mallory[0].body()
+    );
+    for name in ["link-abs.csv", "link-rel.csv", "link-dir.csv"] {
+        let p = app.env.folder("mallory").join(name);
+        assert!(std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()));
+    }
+    app.stop().await;
+}
