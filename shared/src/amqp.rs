@@ -5,8 +5,16 @@
 //! - `P.chunks`: quorum queue of [`crate::messages::WorkMessage`]s, consumed by workers.
 //! - `P.notify`: quorum queue of [`crate::messages::NotifyMessage`]s, consumed by the notifier.
 //! - `P.dead`: fanout exchange and `P.dead-letters` quorum queue that receive a message
-//!   rejected more than [`DELIVERY_LIMIT`] times, so a poison message cannot block the
-//!   queue behind it.
+//!   rejected without requeue, or returned more than [`DELIVERY_LIMIT`] times, so a poison
+//!   message cannot block the queue behind it. The notifier records each one in the
+//!   `dead_letters` table (see [`crate::deadletters`]) for `muictl dead-letters`.
+//!
+//! Dead-lettering is **at-least-once** (`x-dead-letter-strategy: at-least-once`, RabbitMQ
+//! 3.10+, quorum queues only; it requires `x-overflow: reject-publish`): the source queue
+//! keeps a dead-lettered message until `P.dead-letters` has confirmed it, so a broker crash
+//! or a missing binding cannot drop it (the default, at-most-once, can). Changing these
+//! arguments on an existing queue makes its declaration fail with `PRECONDITION_FAILED`:
+//! `deploy/README.md` says how to migrate a deployment that declared the queues before.
 //!
 //! Messages are published to the default exchange with the queue name as routing key,
 //! `mandatory` (an unroutable message is an error, not silently dropped) and persistent.
@@ -143,6 +151,13 @@ impl Topology {
                 "x-dead-letter-exchange".into(),
                 long_string(&self.dead_exchange()),
             );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            // Required by at-least-once dead-lettering (no length limit is set, so nothing
+            // is ever refused for it).
+            args.insert("x-overflow".into(), long_string("reject-publish"));
             channel
                 .queue_declare(self.queue(kind).as_str().into(), durable, args)
                 .await?;
