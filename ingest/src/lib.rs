@@ -172,7 +172,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
 
     let settle = Duration::from_millis(config.settle_ms);
     let mut tenants: HashMap<String, Tenant> = HashMap::new();
-    let mut watched: HashSet<PathBuf> = HashSet::new();
+    // Watched folders and the inode each was watched at: a folder deleted and made again is
+    // a new inode, and needs a new watch.
+    let mut watched: HashMap<PathBuf, (u64, u64)> = HashMap::new();
     let mut candidates: HashMap<PathBuf, Candidate> = HashMap::new();
     // Ready files per tenant, oldest mtime first.
     let mut ready: HashMap<String, BTreeMap<(i64, PathBuf), ()>> = HashMap::new();
@@ -197,17 +199,23 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                     let tenant_dir = config.drop_root.join(slug);
                     let folder = tenants::drop_folder(&config.drop_root, slug);
                     for dir in [&tenant_dir, &folder] {
-                        if let Some(w) = watcher.as_mut() {
-                            if !watched.contains(dir) && dir.is_dir() {
+                        let now_id = std::fs::metadata(dir)
+                            .ok()
+                            .filter(|m| m.is_dir())
+                            .map(|m| (m.dev(), m.ino()));
+                        let was = watched.get(dir).copied();
+                        if was.is_some() && was != now_id {
+                            // Deleted (and perhaps made again): drop the old watch.
+                            watched.remove(dir);
+                            if let Some(w) = watcher.as_mut() { let _ = w.unwatch(dir); }
+                        }
+                        if let (Some(w), Some(id)) = (watcher.as_mut(), now_id) {
+                            if !watched.contains_key(dir) {
                                 match w.watch(dir, RecursiveMode::NonRecursive) {
-                                    Ok(()) => { watched.insert(dir.clone()); }
+                                    Ok(()) => { watched.insert(dir.clone(), id); }
                                     Err(e) => tracing::warn!(error = %e, tenant = %slug, "WatchError"),
                                 }
                             }
-                        }
-                        if !dir.is_dir() && watched.remove(dir) {
-                            // A deleted folder: forget its watch so a recreated one is watched.
-                            if let Some(w) = watcher.as_mut() { let _ = w.unwatch(dir); }
                         }
                     }
                     if folder.is_dir() {

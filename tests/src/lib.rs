@@ -236,6 +236,8 @@ pub struct AppOptions {
     pub max_file_rows: u64,
     /// Put a [`TcpProxy`] the test controls between the services and RabbitMQ.
     pub broker_proxy: bool,
+    /// ingest's full rescan interval, seconds (the safety net behind file-system events).
+    pub rescan_secs: u64,
     /// Make DROP_ROOT where OpenSSH accepts chroot folders (every folder above it root-owned
     /// and writable by nobody else, so not under /tmp): see [`sftp`].
     pub chroot_ready: bool,
@@ -250,6 +252,7 @@ impl Default for AppOptions {
             max_file_rows: 5_000_000,
             broker_proxy: false,
             chroot_ready: false,
+            rescan_secs: 1,
         }
     }
 }
@@ -322,7 +325,7 @@ impl TestEnv {
             common: self.common(),
             drop_root: self.drop_root.path().to_path_buf(),
             settle_ms: self.options.settle_ms,
-            rescan_secs: 1,
+            rescan_secs: self.options.rescan_secs,
             poll_only: false,
             chunk_rows: self.options.chunk_rows,
             concurrency: 4,

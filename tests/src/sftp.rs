@@ -183,7 +183,13 @@ impl SftpServer {
         Ok(account)
     }
 
-    fn ssh_options(&self) -> Vec<String> {
+    /// Runs `sftp` in batch mode logging in with the private key `key` instead.
+    pub fn sftp_with_key(&self, account: &Account, key: &Path, commands: &str) -> SftpRun {
+        let mut cmd = self.sftp_command_with_key(account, key, &[]);
+        SftpRun::from(cmd.output_with_stdin(commands))
+    }
+
+    fn ssh_options(&self, key: &Path) -> Vec<String> {
         [
             "-o",
             "StrictHostKeyChecking=no",
@@ -199,7 +205,7 @@ impl SftpServer {
         ]
         .iter()
         .map(|s| s.to_string())
-        .chain([self.client_key().display().to_string()])
+        .chain([key.display().to_string()])
         .collect()
     }
 
@@ -215,9 +221,13 @@ impl SftpServer {
 
     /// The `sftp` command, ready to spawn (batch commands on its standard input).
     pub fn sftp_command(&self, account: &Account, extra: &[&str]) -> Command {
+        self.sftp_command_with_key(account, &self.client_key(), extra)
+    }
+
+    fn sftp_command_with_key(&self, account: &Account, key: &Path, extra: &[&str]) -> Command {
         let mut cmd = Command::new("sftp");
         cmd.args(["-b", "-", "-P", &self.port.to_string()])
-            .args(self.ssh_options())
+            .args(self.ssh_options(key))
             .args(extra)
             .arg(format!("{}@127.0.0.1", account.user))
             .stdin(Stdio::piped())

@@ -364,3 +364,92 @@ async fn a_tenant_cannot_escape_its_chroot_nor_import_another_tenants_file() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotating_a_tenants_key_locks_the_old_one_out() {
+    let (mut app, server, accounts) = setup(&["acme"], 400).await;
+    let (t, a) = &accounts[0];
+    let new_key = server.dir.path().join("rotated_key");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&new_key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert!(server.sftp(a, &[], "ls\n").ok, "the first key works");
+    let out = server
+        .account_script(
+            &[
+                "rotate",
+                "acme",
+                "--user",
+                &a.user,
+                "--key",
+                &format!("{}.pub", new_key.display()),
+            ],
+            None,
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old = server.sftp(a, &[], "ls\n");
+    assert!(!old.ok, "the old key is refused: {}", old.output);
+    let local = tempfile::tempdir().unwrap();
+    let f = local_file(local.path(), "r.csv", &users_csv("z", 2, false));
+    let new = server.sftp_with_key(a, &new_key, &format!("put {} users.csv\n", f.display()));
+    assert!(new.ok, "the new key works: {}", new.output);
+    let files = app.wait_files_settled(t, 1).await;
+    assert_eq!(files[0].4, 2);
+    // A bad argument is refused with a message naming it.
+    let bad = server
+        .account_script(&["add", "Bad Slug", "--key", "x"], None)
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("tenant slug 'Bad Slug'"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_resumed_after_a_dropped_connection_is_imported_once_whole() {
+    // A settle interval long enough for the tenant to reconnect and resume.
+    let (mut app, server, accounts) = setup(&["acme"], 15_000).await;
+    let (t, a) = &accounts[0];
+    let local = tempfile::tempdir().unwrap();
+    let content = users_csv("m", 4000, false);
+    let f = local_file(local.path(), "big.csv", &content);
+    let mut child = server
+        .curl_command(a, &f, "/upload/big.csv", &["--limit-rate", "20k"])
+        .spawn()
+        .unwrap();
+    let remote = app.env.folder("acme").join("big.csv");
+    app.env
+        .wait_until(60, "a third of the upload", || {
+            std::fs::metadata(&remote).is_ok_and(|m| m.len() as usize > content.len() / 3)
+        })
+        .await;
+    child.kill().unwrap();
+    let _ = child.wait();
+    let partial = std::fs::metadata(&remote).unwrap().len() as usize;
+    assert!(partial < content.len());
+    // OpenSSH's sftp resumes: it sends only what the remote file lacks.
+    let run = server.sftp(a, &[], &format!("reput {} big.csv\n", f.display()));
+    assert!(run.ok, "{}", run.output);
+    assert!(
+        app.env.files(t).is_empty(),
+        "the partial file was not taken"
+    );
+    let files = app.wait_files_settled(t, 1).await;
+    assert_eq!(files.len(), 1);
+    assert_eq!((files[0].3, files[0].7), (Some(4000), 0), "{files:?}");
+    assert_eq!(uids(&app, t).len(), 4000);
+    assert_eq!(
+        std::fs::read(app.env.folder("acme").join("bak/big.csv")).unwrap(),
+        content.as_bytes(),
+        "the resumed file is the whole file"
+    );
+    assert!(app.env.smtp.messages().is_empty(), "no bad rows, no email");
+    app.stop().await;
+}

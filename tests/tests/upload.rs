@@ -57,3 +57,32 @@ async fn a_writer_that_pauses_longer_than_the_settle_interval_is_waited_for() {
     assert_eq!(app.env.users(&t).len(), 3);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drop_folder_deleted_and_made_again_is_still_watched() {
+    // No rescan during the test: only file-system events can find the files.
+    let mut app = mui_tests::spawn_app_with(mui_tests::AppOptions {
+        rescan_secs: 3600,
+        ..mui_tests::AppOptions::default()
+    })
+    .await;
+    let t = app.env.tenant("acme").unwrap();
+    app.env
+        .drop_file("acme", "first.csv", b"unique_id,login_source\nf1,sso\n")
+        .unwrap();
+    app.wait_files_settled(&t, 1).await;
+    let folder = app.env.folder("acme");
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::fs::create_dir(&folder).unwrap();
+    // Let the rescan that the folder's creation triggers pass first, so that only a watch on
+    // the new folder can see the file arrive.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.env
+        .drop_file("acme", "second.csv", b"unique_id,login_source\nf2,sso\n")
+        .unwrap();
+    let files = app.wait_files_settled(&t, 2).await;
+    assert_eq!(files[1].1, "second.csv");
+    assert_eq!(app.env.users(&t).len(), 2);
+    assert!(folder.join("bak/second.csv").exists());
+    app.stop().await;
+}
