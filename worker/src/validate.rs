@@ -90,7 +90,7 @@ pub fn validate(
             code: RowErrorCode::FieldCount,
             column: None,
             message: format!(
-                "the row has {} fields but the header has {} columns; check for a missing or extra delimiter or an unclosed quote",
+                "the row has {} fields but the header has {} columns; check for a missing or extra delimiter or an unclosed quote (on the last row, an upload that was cut off: upload the whole file again)",
                 raw.fields.len(),
                 n_header
             ),
