@@ -81,11 +81,25 @@ pub async fn handle(
     }
     // O_NOFOLLOW: a symlink swapped in since the stat is refused, never followed.
     // O_NONBLOCK: a FIFO swapped in cannot block us.
-    let file = std::fs::OpenOptions::new()
+    let file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(&path)
-        .with_context(|| format!("open {}", path.display()))?;
+    {
+        Ok(f) => f,
+        // The tenant changed the file's permissions so that ingest may not read it.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let problem = FileProblem {
+                code: FileErrorCode::Unreadable,
+                message: format!(
+                    "{name:?} cannot be read by the import service: its permissions were changed (mode {:o}); upload it again without changing them",
+                    meta.mode() & 0o7777
+                ),
+            };
+            return report_unopened(ctx, tenant, name, &meta, &problem).await;
+        }
+        Err(e) => return Err(e).with_context(|| format!("open {}", path.display())),
+    };
     let fmeta = file.metadata()?;
     if !fmeta.file_type().is_file() || fmeta.ino() != meta.ino() {
         return Ok(()); // Replaced under us; the next scan sees the new entry.
@@ -454,6 +468,24 @@ async fn handle_not_regular(
     } else {
         "a device file"
     };
+    let problem = FileProblem {
+        code: FileErrorCode::NotRegularFile,
+        message: format!(
+            "{name:?} is {kind}; only regular .csv files uploaded into this folder are imported, and it was left untouched"
+        ),
+    };
+    report_unopened(ctx, tenant, name, meta, &problem).await
+}
+
+/// Reports an entry that is not opened (or cannot be) once, keyed on its inode and mtime, and
+/// leaves it where it is.
+async fn report_unopened(
+    ctx: &Context,
+    tenant: &Tenant,
+    name: &str,
+    meta: &std::fs::Metadata,
+    problem: &FileProblem,
+) -> anyhow::Result<()> {
     let arrival_key = format!(
         "{}:{}:{}:{}:special",
         tenant.id,
@@ -473,13 +505,7 @@ async fn handle_not_regular(
     };
     let (file_id, state) = register(ctx, tenant.tenant_id(), name, &arrival_key, &sniff).await?;
     if state == "received" {
-        let problem = FileProblem {
-            code: FileErrorCode::NotRegularFile,
-            message: format!(
-                "{name:?} is {kind}; only regular .csv files uploaded into this folder are imported, and it was left untouched"
-            ),
-        };
-        fail(ctx, file_id, tenant.tenant_id(), &problem, None).await?;
+        fail(ctx, file_id, tenant.tenant_id(), problem, None).await?;
     }
     Ok(())
 }
