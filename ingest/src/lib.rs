@@ -153,6 +153,11 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             match res {
                 Ok(ev) => {
+                    if ev.need_rescan() {
+                        // The kernel's event queue overflowed: events were lost.
+                        tracing::warn!("WatchOverflow");
+                        let _ = tx.send(root.clone());
+                    }
                     for p in ev.paths {
                         let _ = tx.send(p);
                     }

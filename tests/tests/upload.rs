@@ -86,3 +86,45 @@ async fn a_drop_folder_deleted_and_made_again_is_still_watched() {
     assert!(folder.join("bak/second.csv").exists());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_whose_events_overflowed_the_kernel_queue_are_still_found() {
+    // ingest's inotify instance gets a queue of 16 events (the limit is read when the
+    // instance is made; restored at once), and there is no periodic rescan during the test:
+    // only the overflow notice can make ingest look again.
+    struct Limit(String);
+    const LIMIT: &str = "/proc/sys/fs/inotify/max_queued_events";
+    impl Drop for Limit {
+        fn drop(&mut self) {
+            let _ = std::fs::write(LIMIT, self.0.trim());
+        }
+    }
+    let limit = Limit(std::fs::read_to_string(LIMIT).unwrap());
+    std::fs::write(LIMIT, "16").unwrap();
+    let mut app = mui_tests::spawn_app_with(mui_tests::AppOptions {
+        rescan_secs: 3600,
+        ..mui_tests::AppOptions::default()
+    })
+    .await;
+    let t = app.env.tenant("acme").unwrap();
+    // The tenant's folder watch is made by the rescan its creation triggers.
+    app.env
+        .drop_file("acme", "first.csv", b"unique_id,login_source\nf0,sso\n")
+        .unwrap();
+    app.wait_files_settled(&t, 1).await;
+    drop(limit); // ingest's watcher exists by now
+                 // 40 files at once: 80 events or more (create, write, close, rename) for a queue of 16.
+    for i in 1..=40 {
+        app.env
+            .drop_file(
+                "acme",
+                &format!("f{i}.csv"),
+                format!("unique_id,login_source\nf{i},sso\n").as_bytes(),
+            )
+            .unwrap();
+    }
+    let files = app.wait_files_settled(&t, 41).await;
+    assert_eq!(files.len(), 41);
+    assert_eq!(app.env.users(&t).len(), 41);
+    app.stop().await;
+}
