@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use diesel::prelude::*;
+use mui_shared::deadletters;
 use mui_shared::domain::{ImportFileId, TenantSlug};
 use mui_shared::schema::{import_files, permits, users};
 use mui_shared::tenants::{self, SettingsChange, Tenant};
 
 /// Operate Managed User Import: tenants and their settings, login sources and user types,
-/// the files each tenant sent and their failure reports.
+/// the files each tenant sent and their failure reports, dead letters and their replay.
 ///
 /// Connects to DATABASE_URL (MUI_CONFIG_FILE may name a file of KEY=value lines read first).
 #[derive(Debug, Parser)]
@@ -53,6 +54,44 @@ enum Command {
     /// archives a user).
     #[command(subcommand)]
     Permit(PermitCmd),
+    /// Messages RabbitMQ dead-lettered (a chunk or report that kept failing or could never
+    /// be handled), and replaying them after the cause is fixed.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLettersCmd {
+    /// Dead letters not yet replayed, oldest first: tenant, file, message, the broker's
+    /// reason (delivery_limit: kept failing; rejected: can never succeed), deliveries,
+    /// when, and the last error the service noted.
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Include dead letters already replayed.
+        #[arg(long)]
+        include_replayed: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters again to the queue they came from and mark them replayed. Fix the
+    /// cause first. The messages go through the outbox: a running worker or ingest
+    /// publishes them within about a second. Idempotent: chunks already imported
+    /// are skipped, and the tenant gets one email per file.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "tenant", "all"])))]
+    Replay {
+        /// One dead letter (its ID in `dead-letters list`).
+        #[arg(long)]
+        id: Option<i64>,
+        /// Every dead letter of this tenant not yet replayed.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Every dead letter not yet replayed.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -336,6 +375,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Files(FilesCmd::List { slug, json, limit }) => {
             let t = find(conn, &slug)?;
             list_files(out, conn, &t, json, limit)?;
+        }
+        Command::DeadLetters(DeadLettersCmd::List {
+            tenant,
+            include_replayed,
+            json,
+        }) => {
+            let tenant_id = match tenant {
+                Some(slug) => Some(find(conn, &slug)?.id),
+                None => None,
+            };
+            let letters = deadletters::list(conn, tenant_id, include_replayed)?;
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &letters)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", deadletters::render(&letters))?;
+            }
+        }
+        Command::DeadLetters(DeadLettersCmd::Replay { id, tenant, all }) => {
+            let selection = match (id, tenant, all) {
+                (Some(id), _, _) => deadletters::Selection::Id(id),
+                (None, Some(slug), _) => deadletters::Selection::Tenant(find(conn, &slug)?.id),
+                (None, None, true) => deadletters::Selection::All,
+                (None, None, false) => bail!("say which: --id N, --tenant SLUG or --all"),
+            };
+            let done = deadletters::replay(conn, selection)?;
+            if let (deadletters::Selection::Id(id), true, true) =
+                (selection, done.replayed.is_empty(), done.skipped.is_empty())
+            {
+                bail!("no dead letter {id} (see `muictl dead-letters list`)");
+            }
+            for (id, why) in &done.skipped {
+                writeln!(out, "dead letter {id} skipped: {why}")?;
+            }
+            writeln!(
+                out,
+                "{} dead letter(s) replayed{}",
+                done.replayed.len(),
+                if done.replayed.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({}); a running worker or ingest publishes them within about a second",
+                        done.replayed
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            )?;
         }
         Command::Files(FilesCmd::Failures { file_id }) => {
             let (name, header): (String, Option<serde_json::Value>) = import_files::table
@@ -685,6 +775,7 @@ fn list_files(
             import_files::finished_at,
         ))
         .load(conn)?;
+    let dead = deadletters::pending_by_file(conn, t.id)?;
     if json {
         serde_json::to_writer_pretty(&mut *out, &files)?;
         writeln!(out)?;
@@ -712,6 +803,12 @@ fn list_files(
         } else {
             f.state.clone()
         };
+        let dead_letters = dead.get(&f.id).copied().unwrap_or(0);
+        let state = if dead_letters > 0 && f.state != "done" {
+            "dead-lettered".to_owned()
+        } else {
+            state
+        };
         writeln!(
             out,
             "{:>6} {:<28} {:<10} {:>9} {:>9} {:>7} {:<11} {}",
@@ -736,6 +833,13 @@ fn list_files(
         }
         if let Some(detail) = f.notify_detail {
             writeln!(out, "{:>6} email: {}", "", detail)?;
+        }
+        if dead_letters > 0 {
+            writeln!(
+                out,
+                "{:>6} {} dead-lettered message(s): see `muictl dead-letters list --tenant {}`",
+                "", dead_letters, t.slug
+            )?;
         }
     }
     Ok(())

@@ -13,7 +13,10 @@
 //! timestamp, so two notifiers never mail the same file at once, and a notifier that died
 //! while sending lets its claim expire. SMTP errors are retried with exponential backoff
 //! while the triggering message is held; on success it is acknowledged.
+//!
+//! The notifier also records dead letters ([`dead_letters`]) for `muictl dead-letters`.
 
+pub mod dead_letters;
 pub mod mailer;
 pub mod report;
 
@@ -124,24 +127,45 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> anyhow:
             FieldTable::default(),
         )
         .await?;
-    let handler = Handler::new(pool, mailer, config.max_attached_failures);
+    let handler = Handler::new(pool.clone(), mailer, config.max_attached_failures);
     tracing::info!("NotifierReady");
+    // The notify consumer and the dead-letter recorder run side by side; if one fails the
+    // other is stopped too and the run fails (the supervisor starts it again).
+    let stop = shutdown.child_token();
+    let notify = async {
+        let result = consume_notify(&mut consumer, &handler, &stop).await;
+        stop.cancel();
+        result
+    };
+    let dead = async {
+        let result = dead_letters::run(&conn, pool.clone(), topology.clone(), stop.clone()).await;
+        stop.cancel();
+        result
+    };
+    let (notify_result, dead_result) = tokio::join!(notify, dead);
+    tracing::info!("NotifierStopping");
+    drop(consumer);
+    let _ = channel.close(200, "shutdown".into()).await;
+    let _ = conn.close(200, "shutdown".into()).await;
+    notify_result.and(dead_result)
+}
+
+async fn consume_notify(
+    consumer: &mut lapin::Consumer,
+    handler: &Handler,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => return Ok(()),
             next = consumer.next() => match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e).context("consuming notify messages"),
                 None => anyhow::bail!("the broker cancelled the notify consumer"),
             },
         };
-        handler.handle_delivery(delivery, &shutdown).await;
+        handler.handle_delivery(delivery, stop).await;
     }
-    tracing::info!("NotifierStopping");
-    drop(consumer);
-    let _ = channel.close(200, "shutdown".into()).await;
-    let _ = conn.close(200, "shutdown".into()).await;
-    Ok(())
 }
 
 /// Handles notify messages.
@@ -167,6 +191,8 @@ impl Handler {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(error = %e, "NotifyUndecodableError");
+                self.note_error(None, &delivery.data, format!("not a notify message: {e}"))
+                    .await;
                 let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
                 return;
             }
@@ -176,6 +202,12 @@ impl Handler {
             NotifyMessage::FileFinishedV1(f) => (f.file_id, f.tenant_id),
             _ => {
                 tracing::error!("NotifyUnknownVersionError");
+                self.note_error(
+                    None,
+                    &delivery.data,
+                    "unknown notify message version".into(),
+                )
+                .await;
                 let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
                 return;
             }
@@ -205,6 +237,12 @@ impl Handler {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, cause = ?e, "NotifyRejectedError");
+                        let file = match e {
+                            NotifyError::WrongTenant(_) => None,
+                            _ => Some(file_id.0),
+                        };
+                        let why = format!("{e}: {}", error_chain(&e));
+                        self.note_error(file, &delivery.data, why).await;
                         let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
                         return;
                     }
@@ -213,6 +251,24 @@ impl Handler {
         }
         .instrument(span)
         .await
+    }
+
+    /// Notes why a message is rejected, for its dead-letter record (best effort).
+    async fn note_error(&self, file_id: Option<i64>, payload: &[u8], error: String) {
+        let payload = payload.to_vec();
+        let result = db::run(&self.pool, move |conn| {
+            Ok(mui_shared::deadletters::note_error(
+                conn,
+                QueueKind::Notify,
+                file_id,
+                &payload,
+                &error,
+            )?)
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "NotifyErrorNoteError");
+        }
     }
 
     /// Handles one message: stores failure records, then sends the report if it is due.

@@ -224,6 +224,8 @@ fn long_string(s: &str) -> AMQPValue {
 /// capped at 10 s between tries, for at most `max_elapsed` (None: forever).
 pub fn backoff_policy(max_elapsed: Option<Duration>) -> ExponentialBackoff {
     ExponentialBackoff {
+        // The first wait (the default would start at 500 ms whatever the initial interval).
+        current_interval: Duration::from_millis(100),
         initial_interval: Duration::from_millis(100),
         max_interval: Duration::from_secs(10),
         multiplier: 2.0,

@@ -6,6 +6,7 @@
 //! - [`schema`] and [`db`]: the PostgreSQL schema (migrations embedded) and pool.
 //! - [`amqp`]: the RabbitMQ topology, connecting with backoff, publishing with confirms.
 //! - [`outbox`]: database-to-broker hand-off that a crash cannot lose.
+//! - [`deadletters`]: recording, listing and replaying dead-lettered messages.
 //! - [`tenants`]: tenant settings as the services read them.
 //! - [`config`] and [`telemetry`]: settings, logs and spans.
 //! - [`service`]: start-up, shutdown and exit, the same for every service.
@@ -13,6 +14,7 @@
 pub mod amqp;
 pub mod config;
 pub mod db;
+pub mod deadletters;
 pub mod domain;
 pub mod messages;
 pub mod outbox;

@@ -142,6 +142,38 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// Messages dead-lettered by RabbitMQ, as recorded by the notifier.
+    dead_letters (id) {
+        id -> Int8,
+        queue -> Nullable<Varchar>,
+        source_queue -> Text,
+        tenant_id -> Nullable<Int8>,
+        file_id -> Nullable<Int8>,
+        chunk_no -> Nullable<Int4>,
+        reason -> Text,
+        last_error -> Nullable<Text>,
+        attempts -> Int4,
+        died_at -> Timestamptz,
+        recorded_at -> Timestamptz,
+        payload -> Bytea,
+        payload_sha256 -> Bytea,
+        replayed_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// The last error noted for a message, by payload hash, until it succeeds or dies.
+    message_errors (payload_sha256, queue) {
+        payload_sha256 -> Bytea,
+        queue -> Varchar,
+        file_id -> Nullable<Int8>,
+        error -> Text,
+        failures -> Int4,
+        noted_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(login_sources -> tenants (tenant_id));
 diesel::joinable!(user_types -> tenants (tenant_id));
 diesel::joinable!(users -> tenants (tenant_id));

@@ -11,6 +11,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and `MUI_TEST_AMQP_URL` (default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
+pub mod chaos;
 pub mod sftp;
 
 use std::net::TcpListener;

@@ -6,6 +6,7 @@
 mod archive;
 mod concurrency;
 mod corpus;
+mod dead_letters;
 mod faults;
 mod file_level;
 mod pipeline;

@@ -7,8 +7,11 @@
 //! - [`run`] (this file): the consumer. Prefetch equals the number of chunks imported at
 //!   once, so a worker never hoards work another could do. A delivery is acknowledged only
 //!   after its transaction committed; database trouble is retried with exponential backoff
-//!   while the message is held (so an outage does not burn the queue's delivery limit); a
-//!   message that can never be imported is rejected and dead-lettered with the reason logged.
+//!   while the message is held (so an outage does not burn the queue's delivery limit). A
+//!   query that keeps failing (3 tries) hands the chunk back to the queue, which
+//!   dead-letters it after its delivery limit; a message that can never be imported is
+//!   rejected and dead-lettered at once. Either way the error is logged and noted for the
+//!   message's dead-letter record (`muictl dead-letters list`).
 //! - [`validate`]: the row checks; a row becomes a [`validate::UserRow`] or a failure record.
 //! - [`import`]: one chunk in one transaction: users upserted in bulk, failure records and
 //!   "file finished" written to the outbox, relayed to the notifier.
@@ -30,6 +33,7 @@ use lapin::types::FieldTable;
 use mui_shared::amqp::{self, Publisher, QueueKind};
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db::{self, PgPool};
+use mui_shared::deadletters as dead;
 use mui_shared::messages::{self, WorkMessage};
 use mui_shared::outbox::{Kick, Relay};
 use tokio::sync::Semaphore;
@@ -50,8 +54,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
 }
 
-/// Query errors (not connection trouble) tolerated for one chunk before it is dead-lettered.
-const MAX_QUERY_FAILURES: u32 = 5;
+/// Query errors (not connection trouble) tolerated in one delivery of a chunk before it is
+/// handed back to the queue (which dead-letters it after its delivery limit).
+const MAX_QUERY_FAILURES: u32 = 3;
 
 /// Runs the worker until `shutdown`: it stops taking chunks, finishes and acknowledges the
 /// ones it holds, and returns.
@@ -136,6 +141,35 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     Ok(())
 }
 
+/// Notes why a message failed, where its dead-letter record will find it (best effort: the
+/// database may be what failed).
+async fn note_error(pool: &PgPool, file_id: Option<i64>, payload: Vec<u8>, error: String) {
+    let result = db::run(pool, move |conn| {
+        Ok(dead::note_error(
+            conn,
+            QueueKind::Chunks,
+            file_id,
+            &payload,
+            &error,
+        )?)
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "ChunkErrorNoteError");
+    }
+}
+
+/// The error and its causes, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        parts.push(c.to_string());
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
 async fn handle_delivery(
     pool: &PgPool,
     delivery: lapin::message::Delivery,
@@ -145,12 +179,16 @@ async fn handle_delivery(
         Ok(m) => m,
         Err(e) => {
             tracing::error!(error = %e, "ChunkUndecodableError");
+            let why = format!("not a chunk message: {e}");
+            note_error(pool, None, delivery.data.clone(), why).await;
             let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
             return;
         }
     };
     let WorkMessage::ChunkV1(chunk) = msg else {
         tracing::error!("ChunkUnknownVersionError");
+        let why = "unknown chunk message version".to_owned();
+        note_error(pool, None, delivery.data.clone(), why).await;
         let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
         return;
     };
@@ -188,6 +226,14 @@ async fn handle_delivery(
                     } else {
                         tracing::info!("ChunkAlreadyImported");
                     }
+                    if delivery.redelivered || query_failures > 0 {
+                        // It may have failed before: its noted error no longer applies.
+                        let payload = delivery.data.clone();
+                        let _ = db::run(pool, move |conn| {
+                            Ok(dead::forget_error(conn, QueueKind::Chunks, &payload)?)
+                        })
+                        .await;
+                    }
                     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                         // The commit stands; the redelivery will be recognised and skipped.
                         tracing::warn!(error = %e, "ChunkAckError");
@@ -200,8 +246,15 @@ async fn handle_delivery(
                         query_failures += 1;
                     }
                     if query_failures >= MAX_QUERY_FAILURES {
-                        tracing::error!(error = %e, cause = ?e, "ChunkImportError");
-                        let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                        // Hand it back to the queue: the next delivery (maybe on another
+                        // worker) tries again, and past the queue's delivery limit it is
+                        // dead-lettered with this error noted for the operator.
+                        let why = chain(&e);
+                        tracing::error!(error = %why, redelivered = delivery.redelivered, "ChunkImportError");
+                        note_error(pool, Some(chunk.file_id.0), delivery.data.clone(), why).await;
+                        let _ = delivery
+                            .nack(BasicNackOptions { requeue: true, multiple: false })
+                            .await;
                         return;
                     }
                     let wait = backoff::backoff::Backoff::next_backoff(&mut backoff)
@@ -218,7 +271,13 @@ async fn handle_delivery(
                 }
                 Err(permanent) => {
                     // A chunk that can never be imported (wrong tenant, unusable header).
-                    tracing::error!(error = %permanent, "ChunkRejectedError");
+                    let why = chain(&permanent);
+                    tracing::error!(error = %why, "ChunkRejectedError");
+                    let file = match permanent {
+                        ImportError::WrongTenant { .. } => None,
+                        _ => Some(chunk.file_id.0),
+                    };
+                    note_error(pool, file, delivery.data.clone(), why).await;
                     let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
                     return;
                 }

@@ -1,0 +1,2 @@
+DROP TABLE message_errors;
+DROP TABLE dead_letters;

@@ -1,0 +1,45 @@
+//! `mui-service ingest|worker|notifier`: one of the services, exactly as its own binary runs
+//! it (configuration from the environment, the supervisor, SIGTERM handling), built with the
+//! tests so that they can kill it with SIGKILL or stop it with SIGTERM as a real process.
+
+use clap::{Parser, Subcommand};
+
+/// Runs one Managed User Import service (for the fault tests).
+#[derive(Debug, Parser)]
+#[command(name = "mui-service")]
+struct Cli {
+    #[command(subcommand)]
+    service: Service,
+}
+
+#[derive(Debug, Subcommand)]
+enum Service {
+    /// mui-ingest.
+    Ingest(mui_ingest::IngestConfig),
+    /// mui-worker.
+    Worker(mui_worker::WorkerConfig),
+    /// mui-notifier.
+    Notifier(mui_notifier::NotifierConfig),
+}
+
+#[tokio::main]
+async fn main() {
+    let cli: Cli = mui_shared::service::parse_cli("mui-service");
+    match cli.service {
+        Service::Ingest(c) => {
+            let format = c.common.log_format;
+            mui_shared::service::serve("mui-ingest", format, |s| mui_ingest::run(c.clone(), s))
+                .await
+        }
+        Service::Worker(c) => {
+            let format = c.common.log_format;
+            mui_shared::service::serve("mui-worker", format, |s| mui_worker::run(c.clone(), s))
+                .await
+        }
+        Service::Notifier(c) => {
+            let format = c.common.log_format;
+            mui_shared::service::serve("mui-notifier", format, |s| mui_notifier::run(c.clone(), s))
+                .await
+        }
+    }
+}
