@@ -349,3 +349,40 @@ pub fn reported_rows(attachment: &[u8]) -> Vec<u64> {
         .map(|r| r[col].parse().expect("a row number"))
         .collect()
 }
+
+/// Waits until `count` files of `tenant` are finished and their email handled (as
+/// [`crate::App::wait_files_settled`], for services the test runs itself).
+pub async fn wait_settled(
+    env: &crate::TestEnv,
+    tenant: &mui_shared::tenants::Tenant,
+    count: usize,
+    secs: u64,
+) -> Vec<crate::FileRow> {
+    env.wait_until(
+        secs,
+        &format!("{count} file(s) of {} finished and notified", tenant.slug),
+        || {
+            let files = env.files(tenant);
+            files.len() >= count
+                && files.iter().all(|f| {
+                    (f.2 == "done" || f.2 == "failed")
+                        && f.9 != "pending"
+                        && f.9 != "sending"
+                        && f.10.is_some()
+                })
+        },
+    )
+    .await;
+    env.files(tenant)
+}
+
+/// Chunk markers of a file (each chunk imported once leaves exactly one).
+pub fn chunk_markers(env: &crate::TestEnv, file_id: i64) -> i64 {
+    use diesel::prelude::*;
+    use mui_shared::schema::file_chunks;
+    file_chunks::table
+        .filter(file_chunks::file_id.eq(file_id))
+        .count()
+        .get_result(&mut env.db.conn())
+        .expect("chunk markers")
+}
