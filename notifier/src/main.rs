@@ -5,7 +5,9 @@ use mui_notifier::NotifierConfig;
 /// tenant ONE email with a failures CSV (or writes it to MAIL_OUTBOX when no SMTP_URL is set).
 ///
 /// Every option can be given as the environment variable shown; MUI_CONFIG_FILE may name a
-/// file of KEY=value lines read first.
+/// file of KEY=value lines read first. Also records dead-lettered messages for `muictl
+/// dead-letters`. On SIGTERM it stops consuming, finishes (or hands back) the message in
+/// hand and exits, within 30 seconds.
 #[derive(Debug, Parser)]
 #[command(name = "mui-notifier", version)]
 struct Cli {

@@ -1,6 +1,7 @@
 //! What every service does around its own work: read configuration, set up logs, turn
 //! SIGTERM/SIGINT into a shutdown token, migrate the database and connect to RabbitMQ at
-//! start (cancellable), and exit with the right status.
+//! start (cancellable), and exit with the right status, within [`SHUTDOWN_BOUND`] of the
+//! signal.
 
 use std::future::Future;
 
@@ -23,9 +24,17 @@ pub fn parse_cli<C: clap::Parser>(service: &str) -> C {
     C::parse()
 }
 
+/// How long a service may take to stop after SIGTERM (or SIGINT) before it exits anyway.
+/// Within it, each service stops taking work and finishes or hands back what it holds
+/// (docs/reliability.md); past it, the process exits with status 1 and whatever it still
+/// held is redelivered, as after a crash. Below the 60 s the systemd units and Kubernetes
+/// pods allow before SIGKILL.
+pub const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs a service: logs, a shutdown token cancelled by SIGTERM or SIGINT, then `run` under
 /// [`supervise`]. Exits the process when it stops (0 on shutdown), without waiting for
-/// blocking tasks still retrying a connection.
+/// blocking tasks still retrying a connection; at the latest [`SHUTDOWN_BOUND`] after the
+/// signal (status 1), or at once on a second signal (status 1).
 pub async fn serve<F, Fut>(service: &'static str, log_format: LogFormat, run: F) -> !
 where
     F: Fn(CancellationToken) -> Fut,
@@ -36,13 +45,29 @@ where
     let signal = shutdown.clone();
     tokio::spawn(async move {
         telemetry::shutdown_signal().await;
-        tracing::info!("ShutdownRequested");
+        tracing::info!(bound_secs = SHUTDOWN_BOUND.as_secs(), "ShutdownRequested");
         signal.cancel();
+        telemetry::shutdown_signal().await;
+        tracing::warn!("ShutdownForced");
+        std::process::exit(1);
     });
-    match supervise(service, &shutdown, run).await {
-        Ok(()) => std::process::exit(0),
-        Err(e) => {
-            telemetry::log_error_chain("ServiceFailed", &e);
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_BOUND).await;
+    };
+    tokio::select! {
+        result = supervise(service, &shutdown, run) => match result {
+            Ok(()) => {
+                tracing::info!("ShutdownComplete");
+                std::process::exit(0)
+            }
+            Err(e) => {
+                telemetry::log_error_chain("ServiceFailed", &e);
+                std::process::exit(1)
+            }
+        },
+        _ = deadline => {
+            tracing::warn!(bound_secs = SHUTDOWN_BOUND.as_secs(), "ShutdownTimedOut");
             std::process::exit(1)
         }
     }

@@ -270,3 +270,34 @@ async fn two_ingest_processes_on_the_same_folders_import_each_file_once() {
     }
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_stops_busy_workers_within_the_bound_and_their_work_is_not_lost() {
+    let (csv, bad) = users_csv(ROWS, 97, "term");
+    let mut run = Run::start(CHUNK_ROWS, 1);
+    run.env
+        .drop_file("acme", "big.csv", csv.as_bytes())
+        .unwrap();
+    let t = mui_shared::tenants::find_by_slug(&mut run.env.db.conn(), "acme")
+        .unwrap()
+        .unwrap();
+    let env = &run.env;
+    env.wait_until(120, "the import under way", || env.users(&t).len() >= 2_000)
+        .await;
+    for w in &mut run.workers {
+        let log = w.log_text();
+        match w.terminate(SHUTDOWN_BOUND).await {
+            Some((status, _)) => assert!(status.success(), "exit {status}:\n{log}"),
+            None => panic!("a busy worker did not stop within {SHUTDOWN_BOUND:?}:\n{log}"),
+        }
+    }
+    assert!(
+        !imported(&run.env),
+        "the workers were stopped in the middle of the import"
+    );
+    for w in &mut run.workers {
+        w.restart();
+    }
+    check(&run, None, &bad, "after SIGTERM").await;
+    run.stop().await;
+}

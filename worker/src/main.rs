@@ -6,7 +6,7 @@ use mui_worker::WorkerConfig;
 ///
 /// Every option can be given as the environment variable shown; MUI_CONFIG_FILE may name a
 /// file of KEY=value lines read first. On SIGTERM the worker stops taking chunks, finishes
-/// the ones it holds and exits.
+/// the ones it holds (or hands back one it is still retrying) and exits, within 30 seconds.
 #[derive(Debug, Parser)]
 #[command(name = "mui-worker", version)]
 struct Cli {
