@@ -53,6 +53,9 @@ pub enum AmqpError {
         /// The broker's reply text.
         reply: String,
     },
+    /// The broker did not confirm in time (a connection that died without closing).
+    #[error("RabbitMQ did not confirm within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// The logical queues of the system.
@@ -192,6 +195,11 @@ fn persistent_json() -> BasicProperties {
         .with_content_type("application/json".into())
 }
 
+/// Longest wait for one confirm. A healthy broker answers in milliseconds; this bounds a
+/// publish on a connection that died without closing, and stays below the outbox's 30 s
+/// claim so that a stuck relay gives its rows back before another relay may take them.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A published message whose confirm has not been awaited yet.
 #[derive(Debug)]
 pub struct Pending {
@@ -200,9 +208,12 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Waits for the broker's confirm; a nack or a returned message is an error.
+    /// Waits for the broker's confirm; a nack, a returned message or no answer within
+    /// [`CONFIRM_TIMEOUT`] is an error.
     pub async fn confirmed(self) -> Result<(), AmqpError> {
-        let confirmation = self.confirm.await?;
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm)
+            .await
+            .map_err(|_| AmqpError::Timeout(CONFIRM_TIMEOUT))??;
         if !confirmation.is_ack() {
             return Err(AmqpError::Nacked { queue: self.queue });
         }

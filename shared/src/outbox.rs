@@ -125,6 +125,8 @@ impl Relay {
             }
         }
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+        // Each confirm is awaited at most amqp::CONFIRM_TIMEOUT, inside the claim: a publish
+        // stuck on a half-dead connection gives its rows back.
         if let Err(e) = self.publisher.publish_all(&messages).await {
             // Release the claim so the rows go out on the next round, not in 30 s.
             let _ = db::run(&self.pool, move |conn| {

@@ -589,22 +589,28 @@ impl App {
     /// Waits until every file of `tenant` listed is finished and its email handled.
     pub async fn wait_files_settled(&self, tenant: &Tenant, count: usize) -> Vec<FileRow> {
         let env = &self.env;
-        env.wait_until(
-            60,
-            &format!("{count} file(s) of {} finished and notified", tenant.slug),
-            || {
-                let files = env.files(tenant);
-                files.len() >= count
-                    && files.iter().all(|f| {
-                        (f.2 == "done" || f.2 == "failed")
-                            && f.9 != "pending"
-                            && f.9 != "sending"
-                            && f.10.is_some()
-                    })
-            },
-        )
-        .await;
-        env.files(tenant)
+        // A liveness bound, generous because the whole suite shares two cores.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let files = env.files(tenant);
+            let settled = files.len() >= count
+                && files.iter().all(|f| {
+                    (f.2 == "done" || f.2 == "failed")
+                        && f.9 != "pending"
+                        && f.9 != "sending"
+                        && f.10.is_some()
+                });
+            if settled {
+                return files;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out after 120s waiting for {count} file(s) of {} finished and notified; files now: {files:?}",
+                    tenant.slug
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
