@@ -145,21 +145,14 @@ impl SftpServer {
     }
 
     /// Runs `deploy/sftp/mui-sftp-account` with this server's settings.
-    pub fn account_script(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
-        let mut cmd = Command::new(deploy_dir().join("mui-sftp-account"));
-        cmd.args(args)
+    pub fn account_script(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(deploy_dir().join("mui-sftp-account"))
+            .args(args)
             .env("DROP_ROOT", &self.drop_root)
             .env("MUI_SFTP_KEYS_DIR", self.dir.path().join("authorized_keys"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("running mui-sftp-account")?;
-        if let Some(mut input) = child.stdin.take() {
-            if let Some(s) = stdin {
-                input.write_all(s.as_bytes())?;
-            }
-        }
-        Ok(child.wait_with_output()?)
+            .stdin(Stdio::null())
+            .output()
+            .context("running mui-sftp-account")
     }
 
     /// Adds an SFTP account for `tenant` (whose folder must not exist yet or be the
@@ -167,7 +160,7 @@ impl SftpServer {
     pub fn add_account(&mut self, tenant: &str) -> anyhow::Result<Account> {
         let user = format!("mt{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let key = format!("{}.pub", self.client_key().display());
-        let out = self.account_script(&["add", tenant, "--user", &user, "--key", &key], None)?;
+        let out = self.account_script(&["add", tenant, "--user", &user, "--key", &key])?;
         if !out.status.success() {
             bail!(
                 "mui-sftp-account add failed: {}{}",
@@ -330,10 +323,7 @@ impl Drop for SftpServer {
             let _ = child.wait();
         }
         for a in std::mem::take(&mut self.accounts) {
-            let _ = self.account_script(
-                &["remove", &a.tenant, "--user", &a.user, "--keep-files"],
-                None,
-            );
+            let _ = self.account_script(&["remove", &a.tenant, "--user", &a.user, "--keep-files"]);
         }
     }
 }

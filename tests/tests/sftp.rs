@@ -45,6 +45,37 @@ fn local_file(dir: &Path, name: &str, content: &str) -> std::path::PathBuf {
     p
 }
 
+/// Uploads `local` slowly (curl at 20 kB/s) into the tenant's drop folder as `name` and kills
+/// the client (SIGKILL) once a third has arrived: the connection drops and sftp-server closes
+/// the partial file. Returns the partial file's size.
+async fn upload_cut_off_after_a_third(
+    app: &App,
+    server: &SftpServer,
+    account: &Account,
+    local: &Path,
+    name: &str,
+) -> usize {
+    let whole = std::fs::metadata(local).unwrap().len() as usize;
+    let mut child = server
+        .curl_command(
+            account,
+            local,
+            &format!("/upload/{name}"),
+            &["--limit-rate", "20k"],
+        )
+        .spawn()
+        .unwrap();
+    let remote = app.env.folder(&account.tenant).join(name);
+    app.env
+        .wait_until(60, "a third of the upload", || {
+            std::fs::metadata(&remote).is_ok_and(|m| m.len() as usize > whole / 3)
+        })
+        .await;
+    child.kill().unwrap();
+    let _ = child.wait();
+    std::fs::metadata(&remote).unwrap().len() as usize
+}
+
 fn uids(app: &App, t: &Tenant) -> BTreeSet<String> {
     app.env.users(t).into_iter().map(|u| u.0).collect()
 }
@@ -169,20 +200,7 @@ async fn an_upload_killed_halfway_is_imported_as_far_as_it_got_and_a_full_upload
     let local = tempfile::tempdir().unwrap();
     let content = users_csv("k", 4000, false);
     let f = local_file(local.path(), "big.csv", &content);
-    let mut child = server
-        .curl_command(a, &f, "/upload/big.csv", &["--limit-rate", "20k"])
-        .spawn()
-        .unwrap();
-    // Kill the client (kill -9) once about a third has arrived: the connection drops and
-    // sftp-server closes the partial file.
-    let remote = app.env.folder("acme").join("big.csv");
-    app.env
-        .wait_until(60, "a third of the upload", || {
-            std::fs::metadata(&remote).is_ok_and(|m| m.len() as usize > content.len() / 3)
-        })
-        .await;
-    child.kill().unwrap(); // SIGKILL
-    let _ = child.wait();
+    upload_cut_off_after_a_third(&app, &server, a, &f, "big.csv").await;
 
     let files = app.wait_files_settled(t, 1).await;
     let f0 = &files[0];
@@ -385,17 +403,14 @@ async fn rotating_a_tenants_key_locks_the_old_one_out() {
     assert!(made.success());
     assert!(server.sftp(a, &[], "ls\n").ok, "the first key works");
     let out = server
-        .account_script(
-            &[
-                "rotate",
-                "acme",
-                "--user",
-                &a.user,
-                "--key",
-                &format!("{}.pub", new_key.display()),
-            ],
-            None,
-        )
+        .account_script(&[
+            "rotate",
+            "acme",
+            "--user",
+            &a.user,
+            "--key",
+            &format!("{}.pub", new_key.display()),
+        ])
         .unwrap();
     assert!(
         out.status.success(),
@@ -412,7 +427,7 @@ async fn rotating_a_tenants_key_locks_the_old_one_out() {
     assert_eq!(files[0].4, 2);
     // A bad argument is refused with a message naming it.
     let bad = server
-        .account_script(&["add", "Bad Slug", "--key", "x"], None)
+        .account_script(&["add", "Bad Slug", "--key", "x"])
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tenant slug 'Bad Slug'"));
@@ -427,19 +442,7 @@ async fn an_upload_resumed_after_a_dropped_connection_is_imported_once_whole() {
     let local = tempfile::tempdir().unwrap();
     let content = users_csv("m", 4000, false);
     let f = local_file(local.path(), "big.csv", &content);
-    let mut child = server
-        .curl_command(a, &f, "/upload/big.csv", &["--limit-rate", "20k"])
-        .spawn()
-        .unwrap();
-    let remote = app.env.folder("acme").join("big.csv");
-    app.env
-        .wait_until(60, "a third of the upload", || {
-            std::fs::metadata(&remote).is_ok_and(|m| m.len() as usize > content.len() / 3)
-        })
-        .await;
-    child.kill().unwrap();
-    let _ = child.wait();
-    let partial = std::fs::metadata(&remote).unwrap().len() as usize;
+    let partial = upload_cut_off_after_a_third(&app, &server, a, &f, "big.csv").await;
     assert!(partial < content.len());
     // OpenSSH's sftp resumes: it sends only what the remote file lacks.
     let run = server.sftp(a, &[], &format!("reput {} big.csv\n", f.display()));

@@ -112,8 +112,10 @@ async fn files_whose_events_overflowed_the_kernel_queue_are_still_found() {
         .drop_file("acme", "first.csv", b"unique_id,login_source\nf0,sso\n")
         .unwrap();
     app.wait_files_settled(&t, 1).await;
-    drop(limit); // ingest's watcher exists by now
-                 // 40 files at once: 80 events or more (create, write, close, rename) for a queue of 16.
+    // ingest's watcher exists by now. (Services of tests that started meanwhile got the short
+    // queue too; they overflow and rescan, which is what this test is about.)
+    drop(limit);
+    // 40 files at once: 80 events or more (create, write, close, rename) for a queue of 16.
     for i in 1..=40 {
         app.env
             .drop_file(
