@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure everything Managed User Import needs on this machine is installed and running:
-# the Debian packages (PostgreSQL, RabbitMQ, libpq for diesel, OpenSSH server and sftp/lftp
-# clients for the SFTP tests), and the PostgreSQL and RabbitMQ servers. Idempotent; sourced by scripts/run.sh and scripts/test.sh.
+# the Debian packages (PostgreSQL, RabbitMQ, libpq for diesel, the OpenSSH server and the
+# sftp and curl clients for the SFTP tests), and the PostgreSQL and RabbitMQ servers.
+# Idempotent; sourced by scripts/run.sh and scripts/test.sh.
 set -euo pipefail
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -18,10 +19,11 @@ command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v rabbitmq-server >/dev/null 2>&1 || need_pkgs+=(rabbitmq-server)
 command -v cc >/dev/null 2>&1 || need_pkgs+=(build-essential)
 # The SFTP tests start their own OpenSSH server on a loopback port and upload with the real
-# clients (sftp, lftp); the system's sshd service is not started or needed.
+# clients (OpenSSH's sftp, and curl, whose libssh2 renames the way WinSCP does); the
+# system's sshd service is not started or needed.
 [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
 command -v sftp >/dev/null 2>&1 || need_pkgs+=(openssh-client)
-command -v lftp >/dev/null 2>&1 || need_pkgs+=(lftp)
+curl -V 2>/dev/null | grep -q sftp || need_pkgs+=(curl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing Debian packages: ${need_pkgs[*]}"
     as_root apt-get update -qq
