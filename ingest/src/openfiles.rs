@@ -2,9 +2,10 @@
 //! that pauses longer than the settle interval (a slow client, a resumed transfer) is not
 //! taken while the SFTP server still holds it open for writing.
 //!
-//! Needs permission to read other processes' `/proc` entries (root, or the same user as the
-//! SFTP server processes); without it the check sees nothing and the settle interval alone
-//! decides. See `docs/architecture.md`.
+//! Needs permission to read other processes' `/proc` entries (root, the same user as the
+//! SFTP server processes, or `CAP_DAC_READ_SEARCH` + `CAP_SYS_PTRACE`, which
+//! `deploy/systemd/mui-ingest.service` grants); without it the check sees nothing and the
+//! settle interval alone decides.
 
 use std::os::unix::fs::MetadataExt;
 
