@@ -636,10 +636,13 @@ fn check_identities(
 ) -> Result<Vec<UserRow>, ImportError> {
     let mut problems: HashMap<u64, Vec<RowError>> = HashMap::new();
     for (column, idx, code, what) in IDENTITIES {
-        let wanted: Vec<String> = good
+        // Each distinct value once: one index probe each.
+        let mut wanted: Vec<String> = good
             .iter()
             .filter_map(|u| u.text[idx].as_ref().map(|v| v.to_lowercase()))
             .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
         if wanted.is_empty() {
             continue;
         }
