@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         cur,
         &sniff,
         Limits::default(),
-        7,
+        reader::Chunking::rows(7),
         |_, _, _| {},
         |_, cells, map, rows| {
             if header.is_empty() {

@@ -15,19 +15,21 @@
 //!   [`mui_shared::messages::Chunk`]s here).
 //! - [`archive`]: `bak/` without overwriting.
 
-pub mod archive;
+pub mod folder;
 pub mod openfiles;
 pub mod pipeline;
 pub mod reader;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
+use diesel::prelude::*;
+use folder::{Signature, TenantFolder};
 use mui_shared::amqp::Publisher;
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db;
@@ -59,9 +61,14 @@ pub struct IngestConfig {
           num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub poll_only: bool,
-    /// Rows per chunk message.
+    /// Rows per chunk message (fixed for each file when it is registered).
     #[arg(long, env = "CHUNK_ROWS", default_value_t = 5000)]
     pub chunk_rows: usize,
+    /// Bytes of field data per chunk message, about: a chunk is closed early once it holds
+    /// this much, so that no message comes near RabbitMQ's size limit (fixed for each file
+    /// when it is registered).
+    #[arg(long, env = "CHUNK_MAX_BYTES", default_value_t = reader::DEFAULT_CHUNK_MAX_BYTES)]
+    pub chunk_max_bytes: usize,
     /// Files handled at once (of different tenants).
     #[arg(long, env = "INGEST_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
@@ -71,37 +78,86 @@ pub struct IngestConfig {
     /// Most rows accepted in one file.
     #[arg(long, env = "MAX_FILE_ROWS", default_value_t = 5_000_000)]
     pub max_file_rows: u64,
-}
-
-/// Identity of a directory entry as last seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Signature {
-    ino: u64,
-    dev: u64,
-    size: u64,
-    mtime_ns: i64,
-    nlink: u64,
-    regular: bool,
-}
-
-impl Signature {
-    fn of(path: &Path) -> Option<Signature> {
-        let m = std::fs::symlink_metadata(path).ok()?;
-        Some(Signature {
-            ino: m.ino(),
-            dev: m.dev(),
-            size: m.len(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            nlink: m.nlink(),
-            regular: m.file_type().is_file(),
-        })
-    }
+    /// Pause points for tests (not settable from outside).
+    #[arg(skip)]
+    pub hooks: pipeline::Hooks,
 }
 
 #[derive(Debug)]
 struct Candidate {
     sig: Signature,
     since: Instant,
+}
+
+/// A directory entry of one tenant's drop folder.
+type Entry = (String, OsString);
+
+/// What the watch loop keeps between events.
+#[derive(Debug, Default)]
+struct Watch {
+    tenants: HashMap<String, Tenant>,
+    /// Open handles of the drop folders that could be opened.
+    folders: HashMap<String, Arc<TenantFolder>>,
+    /// The last problem recorded for each tenant's folder (None: fine).
+    folder_problems: HashMap<String, Option<String>>,
+    candidates: HashMap<Entry, Candidate>,
+    /// Ready files per tenant, oldest mtime first.
+    ready: HashMap<String, BTreeMap<(i64, OsString), ()>>,
+    busy: HashSet<String>,
+    in_flight: HashSet<Entry>,
+}
+
+impl Watch {
+    fn observe(&mut self, slug: &str, name: OsString) {
+        let display = folder::display_name(&name).0;
+        if display == folder::BAK || pipeline::is_temporary(&display) {
+            return;
+        }
+        let key = (slug.to_owned(), name);
+        if self.in_flight.contains(&key) || self.candidates.contains_key(&key) {
+            return; // the tick notices a change itself
+        }
+        let Some(folder) = self.folders.get(slug) else {
+            return;
+        };
+        if let Ok(sig) = folder.stat(&key.1) {
+            self.candidates.insert(
+                key,
+                Candidate {
+                    sig,
+                    since: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Opens (or keeps) the tenant's folder handle and lists it; returns the folder's
+    /// problem, if any.
+    fn scan(&mut self, drop_root: &Path, slug: &str) -> Option<String> {
+        let opened = match TenantFolder::open(drop_root, slug) {
+            Ok(f) => f,
+            Err(e) => {
+                self.folders.remove(slug);
+                return Some(e.to_string());
+            }
+        };
+        let folder = match self.folders.get(slug) {
+            Some(old) if old.id() == opened.id() => old.clone(),
+            _ => {
+                let f = Arc::new(opened);
+                self.folders.insert(slug.to_owned(), f.clone());
+                f
+            }
+        };
+        let names = match folder.entries() {
+            Ok(n) => n,
+            Err(e) => return Some(e.to_string()),
+        };
+        for name in names {
+            self.observe(slug, name);
+        }
+        folder.check_writable().err().map(|e| e.to_string())
+    }
 }
 
 /// Runs ingest until `shutdown`: files being handled are finished first.
@@ -137,11 +193,15 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         database_url: config.common.database_url.clone(),
         publisher,
         kick,
-        chunk_rows: config.chunk_rows.max(1),
+        chunking: reader::Chunking {
+            rows: config.chunk_rows.max(1),
+            max_bytes: config.chunk_max_bytes.max(1),
+        },
         limits: reader::Limits {
             max_bytes: config.max_file_bytes,
             max_rows: config.max_file_rows,
         },
+        hooks: config.hooks.clone(),
     });
 
     let (events_tx, mut events) = mpsc::unbounded_channel::<PathBuf>();
@@ -176,16 +236,11 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
     };
 
     let settle = Duration::from_millis(config.settle_ms);
-    let mut tenants: HashMap<String, Tenant> = HashMap::new();
+    let mut st = Watch::default();
     // Watched folders and the inode each was watched at: a folder deleted and made again is
     // a new inode, and needs a new watch.
     let mut watched: HashMap<PathBuf, (u64, u64)> = HashMap::new();
-    let mut candidates: HashMap<PathBuf, Candidate> = HashMap::new();
-    // Ready files per tenant, oldest mtime first.
-    let mut ready: HashMap<String, BTreeMap<(i64, PathBuf), ()>> = HashMap::new();
-    let mut busy: HashSet<String> = HashSet::new();
-    let mut in_flight: HashSet<PathBuf> = HashSet::new();
-    let mut tasks: JoinSet<(String, PathBuf, anyhow::Result<()>)> = JoinSet::new();
+    let mut tasks: JoinSet<(String, OsString, anyhow::Result<()>)> = JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut rescan = tokio::time::interval(Duration::from_secs(config.rescan_secs.max(1)));
     tracing::info!("IngestReady");
@@ -195,19 +250,23 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
             _ = shutdown.cancelled() => break,
             _ = rescan.tick() => {
                 match refresh_tenants(&pool).await {
-                    Ok(t) => tenants = t,
+                    Ok(t) => st.tenants = t,
                     Err(e) => tracing::warn!(error = format!("{e:#}"), "TenantRefreshError"),
                 }
-                for slug in tenants.keys() {
+                let slugs: Vec<String> = st.tenants.keys().cloned().collect();
+                let mut changed = Vec::new();
+                for slug in slugs {
+                    let problem = st.scan(&config.drop_root, &slug);
                     // The tenant's folder too, so that a drop folder (re)created in it is
-                    // noticed at once rather than at the next rescan.
-                    let tenant_dir = config.drop_root.join(slug);
-                    let folder = tenants::drop_folder(&config.drop_root, slug);
-                    for dir in [&tenant_dir, &folder] {
-                        let now_id = std::fs::metadata(dir)
-                            .ok()
-                            .filter(|m| m.is_dir())
-                            .map(|m| (m.dev(), m.ino()));
+                    // noticed at once rather than at the next rescan. A folder is watched
+                    // only once its handle opened without following a link.
+                    let tenant_dir = config.drop_root.join(&slug);
+                    let folder_path = tenants::drop_folder(&config.drop_root, &slug);
+                    let folder_id = st.folders.get(&slug).map(|f| f.id());
+                    for (dir, now_id) in [
+                        (&tenant_dir, std::fs::symlink_metadata(&tenant_dir).ok().filter(|m| m.is_dir()).map(|m| { use std::os::unix::fs::MetadataExt; (m.dev(), m.ino()) })),
+                        (&folder_path, folder_id),
+                    ] {
                         let was = watched.get(dir).copied();
                         if was.is_some() && was != now_id {
                             // Deleted (and perhaps made again): drop the old watch.
@@ -223,14 +282,26 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                             }
                         }
                     }
-                    if folder.is_dir() {
-                        scan_folder(&folder, &mut candidates, &in_flight);
+                    if st.folder_problems.get(&slug) != Some(&problem) {
+                        match &problem {
+                            Some(p) => tracing::warn!(tenant = %slug, problem = %p, "DropFolderProblem"),
+                            None => tracing::info!(tenant = %slug, "DropFolderReadable"),
+                        }
+                        if let Some(t) = st.tenants.get(&slug) {
+                            changed.push((t.id, folder_path.display().to_string(), problem.clone(), slug.clone()));
+                        }
+                    }
+                }
+                for (tenant_id, path, problem, slug) in changed {
+                    match record_folder_status(&pool, tenant_id, path, problem.clone()).await {
+                        Ok(()) => { st.folder_problems.insert(slug, problem); }
+                        Err(e) => tracing::warn!(error = format!("{e:#}"), "DropFolderStatusError"),
                     }
                 }
             }
             Some(path) = events.recv() => {
-                if tenant_of(&config.drop_root, &path).is_some() {
-                    observe(&path, &mut candidates, &in_flight);
+                if let Some((slug, name)) = tenant_of(&config.drop_root, &path) {
+                    st.observe(&slug, name);
                 } else if path == config.drop_root
                     || path.parent() == Some(config.drop_root.as_path())
                     || path.parent().and_then(Path::parent) == Some(config.drop_root.as_path())
@@ -248,75 +319,82 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                 }
                 let now = Instant::now();
                 let mut became_ready = Vec::new();
-                candidates.retain(|path, cand| {
-                    let Some(sig) = Signature::of(path) else { return false };
+                let folders = &st.folders;
+                st.candidates.retain(|(slug, name), cand| {
+                    let Some(sig) = folders.get(slug).and_then(|f| f.stat(name).ok()) else {
+                        return false;
+                    };
                     if sig != cand.sig {
                         cand.sig = sig;
                         cand.since = now;
                         return true;
                     }
-                    if sig.regular && now.duration_since(cand.since) < settle {
+                    if sig.regular() && now.duration_since(cand.since) < settle {
                         return true;
                     }
-                    if sig.regular && openfiles::open_for_write(sig.dev, sig.ino) {
+                    if sig.regular() && openfiles::open_for_write(sig.dev, sig.ino) {
                         cand.since = now; // still being written; look again after settle
                         return true;
                     }
-                    became_ready.push((path.clone(), sig.mtime_ns));
+                    became_ready.push((slug.clone(), name.clone(), sig.mtime_ns));
                     false
                 });
-                for (path, mtime) in became_ready {
-                    if let Some(slug) = tenant_of(&config.drop_root, &path) {
-                        ready.entry(slug).or_default().insert((mtime, path), ());
-                    }
+                for (slug, name, mtime) in became_ready {
+                    st.ready.entry(slug).or_default().insert((mtime, name), ());
                 }
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 match done {
-                    Ok((slug, path, result)) => {
-                        busy.remove(&slug);
-                        in_flight.remove(&path);
+                    Ok((slug, name, result)) => {
+                        st.busy.remove(&slug);
+                        st.in_flight.remove(&(slug.clone(), name.clone()));
                         if let Err(e) = result {
                             // Left in place: the next rescan tries again.
-                            tracing::warn!(tenant = %slug, error = format!("{e:#}"), "FileHandleError");
+                            tracing::warn!(
+                                tenant = %slug,
+                                file = %folder::display_name(&name).0,
+                                error = format!("{e:#}"),
+                                "FileHandleError"
+                            );
                         }
+                        // A new upload under the same name may have arrived meanwhile.
+                        st.observe(&slug, name);
                     }
                     Err(e) => tracing::error!(error = %e, "FileTaskPanicked"),
                 }
             }
         }
         // Dispatch: one file per tenant at a time, oldest first, up to the concurrency limit.
-        let slugs: Vec<String> = ready.keys().cloned().collect();
+        let slugs: Vec<String> = st.ready.keys().cloned().collect();
         for slug in slugs {
             if tasks.len() >= config.concurrency.max(1) {
                 break;
             }
-            if busy.contains(&slug) {
+            if st.busy.contains(&slug) {
                 continue;
             }
-            let Some(queue) = ready.get_mut(&slug) else {
+            let Some(queue) = st.ready.get_mut(&slug) else {
                 continue;
             };
-            let Some(((_, path), ())) = queue.pop_first() else {
+            let Some(((_, name), ())) = queue.pop_first() else {
                 continue;
             };
             if queue.is_empty() {
-                ready.remove(&slug);
+                st.ready.remove(&slug);
             }
-            let Some(tenant) = tenants.get(&slug).cloned() else {
+            let Some(tenant) = st.tenants.get(&slug).cloned() else {
                 tracing::warn!(tenant = %slug, "FileForUnknownTenant");
                 continue;
             };
-            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            let Some(folder) = st.folders.get(&slug).cloned() else {
                 continue;
             };
-            busy.insert(slug.clone());
-            in_flight.insert(path.clone());
+            st.busy.insert(slug.clone());
+            st.in_flight.insert((slug.clone(), name.clone()));
             let ctx = ctx.clone();
-            let folder = tenants::drop_folder(&config.drop_root, &slug);
             tasks.spawn(async move {
-                let result = pipeline::handle(&ctx, &tenant, &folder, &name).await;
-                (slug, path, result)
+                let result = pipeline::handle(&ctx, &tenant, folder, name.clone()).await;
+                (slug, name, result)
             });
         }
     }
@@ -334,8 +412,40 @@ async fn refresh_tenants(pool: &db::PgPool) -> anyhow::Result<HashMap<String, Te
     Ok(list.into_iter().map(|t| (t.slug.clone(), t)).collect())
 }
 
-/// The tenant whose drop folder holds `path` (`DROP_ROOT/<tenant>/upload/<name>`).
-fn tenant_of(drop_root: &Path, path: &Path) -> Option<String> {
+/// Records what ingest found in a tenant's drop folder, for the operator.
+async fn record_folder_status(
+    pool: &db::PgPool,
+    tenant_id: i64,
+    path: String,
+    problem: Option<String>,
+) -> anyhow::Result<()> {
+    use mui_shared::schema::drop_folder_status as dfs;
+    db::run(pool, move |conn| {
+        diesel::insert_into(dfs::table)
+            .values((
+                dfs::tenant_id.eq(tenant_id),
+                dfs::path.eq(&path),
+                dfs::problem.eq(&problem),
+            ))
+            .on_conflict(dfs::tenant_id)
+            .do_update()
+            .set((
+                dfs::path.eq(&path),
+                dfs::problem.eq(&problem),
+                dfs::since.eq(diesel::dsl::now),
+                dfs::checked_at.eq(diesel::dsl::now),
+            ))
+            .execute(conn)?;
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// The tenant whose drop folder holds `path` (`DROP_ROOT/<tenant>/upload/<name>`), and the
+/// entry's name (bytes: a name need not be UTF-8).
+fn tenant_of(drop_root: &Path, path: &Path) -> Option<Entry> {
+    let name = path.file_name()?;
     let folder = path.parent()?;
     if folder.file_name()? != tenants::DROP_SUBDIR {
         return None;
@@ -344,43 +454,6 @@ fn tenant_of(drop_root: &Path, path: &Path) -> Option<String> {
     if tenant_dir.parent()? != drop_root {
         return None;
     }
-    tenant_dir.file_name()?.to_str().map(str::to_owned)
-}
-
-fn observe(
-    path: &Path,
-    candidates: &mut HashMap<PathBuf, Candidate>,
-    in_flight: &HashSet<PathBuf>,
-) {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return;
-    };
-    if name == "bak" || pipeline::is_temporary(name) || in_flight.contains(path) {
-        return;
-    }
-    if candidates.contains_key(path) {
-        return; // the tick notices the change itself
-    }
-    if let Some(sig) = Signature::of(path) {
-        candidates.insert(
-            path.to_path_buf(),
-            Candidate {
-                sig,
-                since: Instant::now(),
-            },
-        );
-    }
-}
-
-fn scan_folder(
-    folder: &Path,
-    candidates: &mut HashMap<PathBuf, Candidate>,
-    in_flight: &HashSet<PathBuf>,
-) {
-    let Ok(entries) = std::fs::read_dir(folder) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        observe(&entry.path(), candidates, in_flight);
-    }
+    let slug = tenant_dir.file_name()?.to_str()?.to_owned();
+    Some((slug, name.to_os_string()))
 }

@@ -10,7 +10,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 
 use encoding_rs::Encoding;
 use mui_shared::domain::HeaderMap;
-use mui_shared::messages::{FileErrorCode, RawRow};
+use mui_shared::messages::{FileErrorCode, RawRow, TooLargeRow};
 use sha2::{Digest, Sha256};
 
 /// Longest physical line accepted (bytes); a longer one makes the file fail with
@@ -459,14 +459,252 @@ pub fn delimiter_label(d: u8) -> &'static str {
     }
 }
 
+/// How a file is cut into chunk messages: at most `rows` rows and, past `max_bytes` bytes
+/// of field data, the chunk is closed early. Both are fixed when a file is registered, so a
+/// retry cuts the file exactly as the first attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    /// Rows per chunk, at most.
+    pub rows: usize,
+    /// Bytes of field data per chunk, about (a chunk is closed once it reaches this; one row
+    /// of at most [`MAX_RECORD_BYTES`] may take it past).
+    pub max_bytes: usize,
+}
+
+impl Chunking {
+    /// `rows` rows and the default byte bound.
+    pub fn rows(rows: usize) -> Self {
+        Self {
+            rows,
+            max_bytes: DEFAULT_CHUNK_MAX_BYTES,
+        }
+    }
+}
+
+/// Default byte bound of a chunk: far below RabbitMQ's largest message (128 MiB by default
+/// in 3.10), even with JSON escaping (at most six bytes a character) of a full chunk plus
+/// one largest row.
+pub const DEFAULT_CHUNK_MAX_BYTES: usize = 4 << 20;
+
+/// Largest record (one row, quoted line breaks included), in bytes of UTF-8. A larger one
+/// is not kept in memory: it is handed over as a row failure (`record_too_large`) holding
+/// only the start of its first fields.
+pub const MAX_RECORD_BYTES: usize = mui_shared::messages::MAX_ROW_BYTES;
+
+/// Most fields in one record; more makes the record too large as well.
+const MAX_FIELDS: usize = 4096;
+
+/// Characters of each field kept for the report of a record that is too large.
+const TOO_LARGE_FIELD_CHARS: usize = 200;
+
+/// One step of [`Records`].
+enum Item {
+    /// A record and where it ended.
+    Record {
+        fields: Vec<String>,
+        /// Bytes of the record if it was larger than [`MAX_RECORD_BYTES`] (then `fields`
+        /// holds only the start of it).
+        too_large: Option<u64>,
+        /// Line breaks inside its fields.
+        breaks_inside: u64,
+    },
+    /// The input ended inside a quoted field.
+    Unclosed {
+        /// Line breaks inside the record (all swallowed by the open quote).
+        breaks_inside: u64,
+        /// The line the quote was opened on.
+        quote_line: u64,
+    },
+    /// No more records.
+    End,
+}
+
+/// CSV records straight from `csv-core`, in memory bounded by [`MAX_RECORD_BYTES`], that
+/// can tell a file ending inside a quoted field from one ending cleanly (the `csv` crate
+/// hands back whatever it read, and grows without bound on an unclosed quote).
+struct Records<R> {
+    src: R,
+    core: csv_core::Reader,
+    out: Vec<u8>,
+    ends: Vec<usize>,
+    scratch: Vec<u8>,
+    scratch_ends: Vec<usize>,
+    quotes: Quotes,
+}
+
+/// Follows quoting the way `csv-core` reads it (a quote opens a quoted field only as the
+/// field's first byte; `""` inside is a quote; after the closing quote the rest of the field
+/// is literal), to know at the end of the input whether a quoted field is still open, and
+/// on which line it opened. `csv-core` itself hands back the open field as a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuoteState {
+    FieldStart,
+    InField,
+    Quoted,
+    QuoteInQuoted,
+}
+
+#[derive(Debug)]
+struct Quotes {
+    delimiter: u8,
+    state: QuoteState,
+    line: u64,
+    opened_on: u64,
+}
+
+impl Quotes {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.state = match (self.state, b) {
+                (QuoteState::FieldStart, b'"') => {
+                    self.opened_on = self.line;
+                    QuoteState::Quoted
+                }
+                (QuoteState::Quoted, b'"') => QuoteState::QuoteInQuoted,
+                (QuoteState::Quoted, _) => QuoteState::Quoted,
+                (QuoteState::QuoteInQuoted, b'"') => QuoteState::Quoted,
+                (_, b'\n' | b'\r') => QuoteState::FieldStart,
+                (_, d) if d == self.delimiter => QuoteState::FieldStart,
+                _ => QuoteState::InField,
+            };
+            if b == b'\n' {
+                self.line += 1;
+            }
+        }
+    }
+}
+
+impl<R: io::BufRead> Records<R> {
+    fn new(src: R, delimiter: u8) -> Self {
+        Self {
+            src,
+            core: csv_core::ReaderBuilder::new().delimiter(delimiter).build(),
+            out: vec![0; 4096],
+            ends: vec![0; 64],
+            scratch: vec![0; 64 * 1024],
+            scratch_ends: vec![0; 1024],
+            quotes: Quotes {
+                delimiter,
+                state: QuoteState::FieldStart,
+                line: 1,
+                opened_on: 1,
+            },
+        }
+    }
+
+    /// The line the reader stands on (1-based; line breaks are normalised to LF).
+    fn line(&self) -> u64 {
+        self.core.line()
+    }
+
+    fn next(&mut self) -> io::Result<Item> {
+        let Self {
+            src,
+            core,
+            out,
+            ends,
+            scratch,
+            scratch_ends,
+            quotes,
+        } = self;
+        let mut outlen = 0usize;
+        let mut endlen = 0usize;
+        // Bytes of the record produced so far (kept or not), and line breaks among them.
+        let mut total = 0usize;
+        let mut breaks = 0u64;
+        let mut too_large = false;
+        loop {
+            let input = src.fill_buf()?;
+            if input.is_empty() && quotes.state == QuoteState::Quoted {
+                return Ok(Item::Unclosed {
+                    breaks_inside: breaks,
+                    quote_line: quotes.opened_on,
+                });
+            }
+            let (res, nin, nout, nend) = if too_large {
+                core.read_record(input, scratch, scratch_ends)
+            } else {
+                core.read_record(input, &mut out[outlen..], &mut ends[endlen..])
+            };
+            quotes.feed(&input[..nin]);
+            src.consume(nin);
+            let produced: &[u8] = if too_large {
+                &scratch[..nout]
+            } else {
+                &out[outlen..outlen + nout]
+            };
+            breaks += produced.iter().filter(|b| **b == b'\n').count() as u64;
+            total += nout;
+            if !too_large {
+                outlen += nout;
+                endlen += nend;
+            }
+            match res {
+                csv_core::ReadRecordResult::InputEmpty => {}
+                csv_core::ReadRecordResult::OutputFull => {
+                    if !too_large && out.len() < MAX_RECORD_BYTES {
+                        let grown = (out.len() * 2).min(MAX_RECORD_BYTES);
+                        out.resize(grown, 0);
+                    } else {
+                        too_large = true;
+                    }
+                }
+                csv_core::ReadRecordResult::OutputEndsFull => {
+                    if !too_large && ends.len() < MAX_FIELDS {
+                        let grown = (ends.len() * 2).min(MAX_FIELDS);
+                        ends.resize(grown, 0);
+                    } else {
+                        too_large = true;
+                    }
+                }
+                csv_core::ReadRecordResult::Record => {
+                    let mut fields = Vec::with_capacity(endlen);
+                    let mut start = 0usize;
+                    for &end in &ends[..endlen] {
+                        let end = end.min(outlen);
+                        let text = String::from_utf8_lossy(&out[start.min(end)..end]);
+                        fields.push(if too_large {
+                            text.chars().take(TOO_LARGE_FIELD_CHARS).collect()
+                        } else {
+                            text.into_owned()
+                        });
+                        start = end;
+                    }
+                    if too_large && start < outlen {
+                        // The field that was being read when the record outgrew the bound.
+                        let text = String::from_utf8_lossy(&out[start..outlen]);
+                        fields.push(text.chars().take(TOO_LARGE_FIELD_CHARS).collect());
+                    }
+                    if too_large {
+                        // Shrink back so that one large record does not keep its memory.
+                        out.truncate(4096);
+                        out.shrink_to_fit();
+                        ends.truncate(64);
+                        ends.shrink_to_fit();
+                    }
+                    return Ok(Item::Record {
+                        fields,
+                        too_large: too_large.then_some(total as u64),
+                        breaks_inside: breaks,
+                    });
+                }
+                csv_core::ReadRecordResult::End => return Ok(Item::End),
+            }
+        }
+    }
+}
+
 /// Second pass: decodes `file` with the sniffed encoding and calls `on_header` once with the
 /// mapped header (a header problem stops the read before any row is handed over), then
-/// `on_chunk` for each run of at most `chunk_rows` rows, with the header again. The callbacks return `false` to stop.
+/// `on_chunk` for each run of rows cut as `chunking` says, with the header again. Any
+/// file-level problem (an unclosed quote running to the end of the file, too many rows…)
+/// is found by this pass too, so running it once with a no-op `on_chunk` decides whether
+/// the file is refused before anything is published.
 pub fn read_chunks<R, H, C>(
     file: R,
     sniff: &Sniff,
     limits: Limits,
-    chunk_rows: usize,
+    chunking: Chunking,
     mut on_header: H,
     mut on_chunk: C,
 ) -> Result<Result<ReadSummary, FileProblem>, io::Error>
@@ -478,6 +716,7 @@ where
     if let Some(problem) = sniff.problem(&limits) {
         return Ok(Err(problem));
     }
+    let chunk_rows = chunking.rows.max(1);
     let decoded = encoding_rs_io::DecodeReaderBytesBuilder::new()
         .encoding(Some(sniff.encoding))
         .bom_override(true)
@@ -495,18 +734,13 @@ where
         };
     }
     let delimiter = detect_delimiter(&head);
-    let source = io::Cursor::new(head).chain(limited);
+    let source = BufReader::with_capacity(256 * 1024, io::Cursor::new(head).chain(limited));
+    let mut records = Records::new(source, delimiter);
 
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .delimiter(delimiter)
-        .from_reader(source);
-
-    let mut record = csv::StringRecord::new();
     let mut header: Option<(Vec<String>, HeaderMap)> = None;
     let mut full = false;
-    let mut rows: Vec<RawRow> = Vec::with_capacity(chunk_rows);
+    let mut rows: Vec<RawRow> = Vec::with_capacity(chunk_rows.min(100_000));
+    let mut chunk_bytes: usize = 0;
     let mut chunk_no: u32 = 0;
     let mut total: u64 = 0;
     // Spreadsheet row of the last record read, and the line the reader stood on after it.
@@ -515,29 +749,62 @@ where
     let mut last_row: u64 = 0;
     let mut line_after_last: u64 = 1;
     loop {
-        match reader.read_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => return classify_csv_error(e, last_row + 1),
-        }
-        let after = reader.position().line();
-        let breaks_inside: u64 = record
-            .iter()
-            .map(|f| f.bytes().filter(|b| *b == b'\n').count() as u64)
-            .sum();
+        let item = match records.next() {
+            Ok(item) => item,
+            Err(e) => {
+                return match line_error(e) {
+                    Ok(Err(problem)) => Ok(Err(FileProblem {
+                        message: format!("{} (around row {})", problem.message, last_row + 1),
+                        ..problem
+                    })),
+                    Ok(Ok(())) => unreachable_ok(),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let (fields, too_large, breaks_inside) = match item {
+            Item::End => break,
+            Item::Unclosed {
+                breaks_inside,
+                quote_line,
+            } => {
+                // No terminator was read: the record runs to the end of the input.
+                let start_line = records.line().saturating_sub(breaks_inside);
+                let skipped = start_line.saturating_sub(line_after_last);
+                let row = last_row + 1 + skipped;
+                return Ok(Err(FileProblem::new(
+                    FileErrorCode::UnclosedQuote,
+                    format!(
+                        "a quote (\") opened in row {row}, on line {quote_line}, is never closed: everything after it, to the end of the file, would be one cell. Nothing was imported; close the quote (or double a quote that is part of a value: \"\") and upload the file again"
+                    ),
+                )));
+            }
+            Item::Record {
+                fields,
+                too_large,
+                breaks_inside,
+            } => (fields, too_large, breaks_inside),
+        };
+        let after = records.line();
         let start_line = after.saturating_sub(1 + breaks_inside);
         let skipped = start_line.saturating_sub(line_after_last);
         let row = last_row + 1 + skipped;
         last_row = row;
         line_after_last = after;
 
-        let blank = record.iter().all(|f| f.trim().is_empty());
+        let blank = too_large.is_none() && fields.iter().all(|f| f.trim().is_empty());
         match &header {
             None => {
                 if blank {
                     continue;
                 }
-                let mut cells: Vec<String> = record.iter().map(str::to_owned).collect();
+                if let Some(bytes) = too_large {
+                    return Ok(Err(FileProblem::new(
+                        FileErrorCode::MalformedCsv,
+                        format!("the header row (row {row}) is {bytes} bytes long, more than the limit of {MAX_RECORD_BYTES} bytes for one row; is this really a CSV file with a header row?"),
+                    )));
+                }
+                let mut cells = fields;
                 while cells.last().is_some_and(|c| c.trim().is_empty()) {
                     cells.pop();
                 }
@@ -560,29 +827,41 @@ where
                 if blank {
                     continue;
                 }
-                rows.push(RawRow {
-                    row,
-                    fields: record.iter().map(str::to_owned).collect(),
+                chunk_bytes += fields.iter().map(String::len).sum::<usize>() + fields.len();
+                rows.push(match too_large {
+                    None => RawRow {
+                        row,
+                        fields,
+                        too_large: None,
+                    },
+                    Some(bytes) => RawRow {
+                        row,
+                        fields: Vec::new(),
+                        too_large: Some(TooLargeRow {
+                            bytes,
+                            start: fields,
+                        }),
+                    },
                 });
                 total += 1;
                 if total > limits.max_rows {
-                    // Only reachable for UTF-16, whose rows the first pass cannot count.
                     return Ok(Err(FileProblem::new(
                         FileErrorCode::TooLarge,
                         format!("the file has more than {} rows, the most this service takes; split it into smaller files", limits.max_rows),
                     )));
                 }
-                full = rows.len() >= chunk_rows;
+                full = rows.len() >= chunk_rows || chunk_bytes >= chunking.max_bytes;
             }
         }
         if full {
             full = false;
+            chunk_bytes = 0;
             if let Some((cells, map)) = &header {
                 on_chunk(
                     chunk_no,
                     cells,
                     map,
-                    std::mem::replace(&mut rows, Vec::with_capacity(chunk_rows)),
+                    std::mem::replace(&mut rows, Vec::with_capacity(chunk_rows.min(100_000))),
                 )?;
                 chunk_no += 1;
             }
@@ -624,26 +903,6 @@ fn line_error(e: io::Error) -> Result<Result<(), FileProblem>, io::Error> {
     }
 }
 
-fn classify_csv_error(
-    e: csv::Error,
-    row: u64,
-) -> Result<Result<ReadSummary, FileProblem>, io::Error> {
-    match e.into_kind() {
-        csv::ErrorKind::Io(io) => match line_error(io) {
-            Ok(Err(problem)) => Ok(Err(FileProblem {
-                message: format!("{} (around row {row})", problem.message),
-                ..problem
-            })),
-            Ok(Ok(())) => unreachable_ok(),
-            Err(io) => Err(io),
-        },
-        other => Ok(Err(FileProblem::new(
-            FileErrorCode::MalformedCsv,
-            format!("the CSV could not be read around row {row}: {other:?}"),
-        ))),
-    }
-}
-
 fn unreachable_ok() -> Result<Result<ReadSummary, FileProblem>, io::Error> {
     Err(io::Error::other("unexpected reader state"))
 }
@@ -679,7 +938,7 @@ mod tests {
             cur,
             &s,
             Limits::default(),
-            2,
+            Chunking::rows(2),
             |_, _, _| {},
             |_, _, _, rows| {
                 all.extend(rows);
@@ -822,5 +1081,71 @@ mod tests {
         let p = r.unwrap_err();
         assert_eq!(p.code, FileErrorCode::LineTooLong);
         assert!(p.message.starts_with("line 2 is longer"), "{}", p.message);
+    }
+
+    #[test]
+    fn an_unclosed_quote_names_its_row_and_line() {
+        let mut data =
+            b"unique_id,login_source,street\n1,sso,\"a\nb\"\n2,sso,x\n3,sso,\"never closed\n"
+                .to_vec();
+        for i in 0..1000 {
+            data.extend_from_slice(format!("{i},sso,y\n").as_bytes());
+        }
+        let (_, r, _) = read(&data);
+        let p = r.unwrap_err();
+        assert_eq!(p.code, FileErrorCode::UnclosedQuote);
+        assert!(p.message.contains("row 4, on line 5"), "{}", p.message);
+        // A quote closed on the last line is fine.
+        let (_, r, rows) = read(b"unique_id,login_source,street\n1,sso,\"a\nb\"");
+        assert!(r.is_ok());
+        assert_eq!(rows[0].fields[2], "a\nb");
+    }
+
+    #[test]
+    fn a_huge_record_is_a_row_failure_not_the_file() {
+        let mut data = b"unique_id,login_source,street\n1,sso,\"".to_vec();
+        for _ in 0..30_000 {
+            data.extend_from_slice(b"0123456789012345678901234567890123456789\n");
+        }
+        data.extend_from_slice(b"\"\n2,sso,x\n");
+        let (_, r, rows) = read(&data);
+        let r = r.unwrap();
+        assert_eq!(r.rows, 2);
+        let big = rows[0].too_large.as_ref().unwrap();
+        assert!(big.bytes > MAX_RECORD_BYTES as u64);
+        assert!(rows[0].fields.is_empty());
+        assert_eq!(big.start[0], "1");
+        assert_eq!(rows[1].row, 3);
+        assert_eq!(rows[1].fields[2], "x");
+    }
+
+    #[test]
+    fn chunks_are_bounded_in_bytes() {
+        let mut data = b"unique_id,login_source,street\n".to_vec();
+        for i in 0..100 {
+            data.extend_from_slice(format!("{i},sso,{}\n", "s".repeat(1000)).as_bytes());
+        }
+        let mut cur = Cursor::new(data);
+        let s = sniff(&mut cur).unwrap();
+        let mut sizes = Vec::new();
+        let r = read_chunks(
+            cur,
+            &s,
+            Limits::default(),
+            Chunking {
+                rows: 1000,
+                max_bytes: 10_000,
+            },
+            |_, _, _| {},
+            |_, _, _, rows| {
+                sizes.push(rows.len());
+                Ok(())
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.rows, 100);
+        assert!(sizes.len() >= 10, "{sizes:?}");
+        assert!(sizes.iter().all(|n| *n <= 10), "{sizes:?}");
     }
 }

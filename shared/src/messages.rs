@@ -45,8 +45,25 @@ pub struct Chunk {
 pub struct RawRow {
     /// The row number a person sees in a spreadsheet (the header is row 1).
     pub row: u64,
-    /// The fields, in upload order.
+    /// The fields, in upload order. Empty for a row that was too large to hand over.
     pub fields: Vec<String>,
+    /// Set when the row was larger than ingest's bound for one row: it is not handed over
+    /// (`fields` is empty, so a worker that predates this field reports it as a field-count
+    /// failure rather than importing part of it) and is reported as `record_too_large`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub too_large: Option<TooLargeRow>,
+}
+
+/// Largest row ingest hands over, in bytes of UTF-8 (quoted line breaks included).
+pub const MAX_ROW_BYTES: usize = 1 << 20;
+
+/// What is kept of a row too large to hand over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TooLargeRow {
+    /// The row's size in bytes (UTF-8).
+    pub bytes: u64,
+    /// The start of its first fields, for the report.
+    pub start: Vec<String>,
 }
 
 /// Messages for the notifier.
@@ -128,6 +145,9 @@ pub enum RowErrorCode {
     EmailTaken,
     /// The user name already belongs to another user of the tenant.
     UserNameTaken,
+    /// The row is larger than the service's bound for one row (usually a quote opened in
+    /// it and closed much further down).
+    RecordTooLarge,
 }
 
 impl RowErrorCode {
@@ -147,6 +167,7 @@ impl RowErrorCode {
             Self::DuplicateUniqueId => "duplicate_unique_id",
             Self::EmailTaken => "email_taken",
             Self::UserNameTaken => "user_name_taken",
+            Self::RecordTooLarge => "record_too_large",
         }
     }
 }
@@ -189,6 +210,8 @@ pub enum FileErrorCode {
     BadEncoding,
     /// The file could not be read.
     Unreadable,
+    /// A quote opened in a row is never closed: the rest of the file would be one cell.
+    UnclosedQuote,
 }
 
 impl FileErrorCode {
@@ -207,6 +230,7 @@ impl FileErrorCode {
             Self::TooLarge => "too_large",
             Self::BadEncoding => "bad_encoding",
             Self::Unreadable => "unreadable",
+            Self::UnclosedQuote => "unclosed_quote",
         }
     }
 }

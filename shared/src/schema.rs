@@ -110,6 +110,19 @@ diesel::table! {
         users_archived -> Int8,
         users_reactivated -> Int8,
         permits_released -> Int8,
+        chunk_rows -> Nullable<Int4>,
+        chunk_max_bytes -> Nullable<Int4>,
+        notices -> Array<Text>,
+    }
+}
+
+diesel::table! {
+    drop_folder_status (tenant_id) {
+        tenant_id -> Int8,
+        path -> Text,
+        problem -> Nullable<Text>,
+        since -> Timestamptz,
+        checked_at -> Timestamptz,
     }
 }
 
@@ -178,6 +191,7 @@ diesel::joinable!(login_sources -> tenants (tenant_id));
 diesel::joinable!(user_types -> tenants (tenant_id));
 diesel::joinable!(users -> tenants (tenant_id));
 diesel::joinable!(import_files -> tenants (tenant_id));
+diesel::joinable!(drop_folder_status -> tenants (tenant_id));
 diesel::joinable!(file_chunks -> import_files (file_id));
 diesel::joinable!(row_failures -> import_files (file_id));
 
@@ -191,4 +205,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     file_chunks,
     row_failures,
     outbox,
+    drop_folder_status,
 );

@@ -239,6 +239,10 @@ pub struct AppOptions {
     pub broker_proxy: bool,
     /// ingest's full rescan interval, seconds (the safety net behind file-system events).
     pub rescan_secs: u64,
+    /// Bytes of field data per chunk (ingest's CHUNK_MAX_BYTES).
+    pub chunk_max_bytes: usize,
+    /// Pause points in ingest the test listens to.
+    pub ingest_hooks: mui_ingest::pipeline::Hooks,
     /// Make DROP_ROOT where OpenSSH accepts chroot folders (every folder above it root-owned
     /// and writable by nobody else, so not under /tmp): see [`sftp`].
     pub chroot_ready: bool,
@@ -254,6 +258,8 @@ impl Default for AppOptions {
             broker_proxy: false,
             chroot_ready: false,
             rescan_secs: 1,
+            chunk_max_bytes: mui_ingest::reader::DEFAULT_CHUNK_MAX_BYTES,
+            ingest_hooks: mui_ingest::pipeline::Hooks::default(),
         }
     }
 }
@@ -329,6 +335,8 @@ impl TestEnv {
             rescan_secs: self.options.rescan_secs,
             poll_only: false,
             chunk_rows: self.options.chunk_rows,
+            chunk_max_bytes: self.options.chunk_max_bytes,
+            hooks: self.options.ingest_hooks.clone(),
             concurrency: 4,
             max_file_bytes: 1 << 30,
             max_file_rows: self.options.max_file_rows,

@@ -72,6 +72,7 @@ async fn concurrent_chunks_sharing_users_keep_the_last_row_and_report_every_othe
                         RawRow {
                             row,
                             fields: vec![uid(row), "sso".into(), format!("r{round}-{row}")],
+                            too_large: None,
                         }
                     })
                     .collect(),

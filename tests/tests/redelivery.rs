@@ -37,14 +37,17 @@ async fn a_redelivered_chunk_and_repeated_notifications_change_nothing() {
             RawRow {
                 row: 2,
                 fields: vec!["a".into(), "sso".into()],
+                too_large: None,
             },
             RawRow {
                 row: 3,
                 fields: vec!["b".into(), "nope".into()],
+                too_large: None,
             },
             RawRow {
                 row: 4,
                 fields: vec!["c".into(), "local".into()],
+                too_large: None,
             },
         ],
     };
@@ -125,6 +128,7 @@ async fn a_chunk_naming_another_tenants_file_is_refused() {
         rows: vec![RawRow {
             row: 2,
             fields: vec!["x".into(), "sso".into()],
+            too_large: None,
         }],
     };
     let err = mui_worker::import::import_chunk(&mut conn, &forged).unwrap_err();

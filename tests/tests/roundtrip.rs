@@ -90,7 +90,7 @@ fn read_back(bytes: Vec<u8>) -> Vec<UserRow> {
         cur,
         &sniff,
         Limits::default(),
-        7,
+        reader::Chunking::rows(7),
         |_, _, _| {},
         |_, header, map, rows| {
             for raw in rows {

@@ -398,7 +398,11 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
             }
             Err(errors) => failures.push(RowFailure {
                 row: raw.row,
-                fields: raw.fields.clone(),
+                // A row too large to hand over is reported with the start of its fields.
+                fields: match &raw.too_large {
+                    Some(big) => big.start.clone(),
+                    None => raw.fields.clone(),
+                },
                 errors,
             }),
         }

@@ -79,6 +79,18 @@ pub fn validate(
     rules: &TenantRules,
 ) -> Result<UserRow, Vec<RowError>> {
     let mut errors = Vec::new();
+    if let Some(big) = &raw.too_large {
+        errors.push(RowError {
+            code: RowErrorCode::RecordTooLarge,
+            column: None,
+            message: format!(
+                "the row is {} bytes long, more than the limit of {} bytes for one row; this usually means a quote (\") opens a cell in this row and is closed only much further down: check the quotes in this row and the rows after it",
+                big.bytes,
+                mui_shared::messages::MAX_ROW_BYTES
+            ),
+        });
+        return Err(errors);
+    }
     let n_header = map.positions.len();
     let extra_nonempty = raw
         .fields
@@ -387,6 +399,7 @@ mod tests {
         let raw = RawRow {
             row: 2,
             fields: fields.iter().map(|s| s.to_string()).collect(),
+            too_large: None,
         };
         validate(&header, &map, &raw, &rules())
     }
