@@ -2,11 +2,11 @@
 //! `deploy/sftp/mui-sftp.conf`, tenant accounts made by `deploy/sftp/mui-sftp-account`, and
 //! uploads by the real clients (OpenSSH `sftp` in batch mode, curl's libssh2). The tests
 //! with the import pipeline check the users in the database, the email and where the file
-//! ended; the last looks only at what SFTP does on disk.
+//! ended; the last two look only at what SFTP and the account script do on disk.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mui_shared::tenants::Tenant;
@@ -41,7 +41,7 @@ fn users_csv(prefix: &str, n: usize, bad_row: bool) -> String {
     s
 }
 
-fn local_file(dir: &Path, name: &str, content: &str) -> std::path::PathBuf {
+fn local_file(dir: &Path, name: &str, content: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
     p
@@ -571,4 +571,122 @@ fn links_are_refused_while_uploads_and_renames_still_work() {
         assert!(m.file_type().is_file() && m.nlink() == 1, "{name}: {m:?}");
         assert_eq!(std::fs::read_to_string(upload.join(name)).unwrap(), content);
     }
+}
+
+/// Owner, group and mode of `path` (not followed) and, for a folder, of everything under it.
+fn owners_and_modes(path: &Path) -> Vec<(PathBuf, u32, u32, u32)> {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    let mut out = vec![(path.to_path_buf(), m.uid(), m.gid(), m.mode())];
+    if m.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for e in entries {
+            out.extend(owners_and_modes(&e));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_account_script_never_follows_links_a_tenant_planted() {
+    let (root, server, accounts) = server_only(&["victim", "mallory"]);
+    let (av, am) = (&accounts[0], &accounts[1]);
+    let local = tempfile::tempdir().unwrap();
+    let f = local_file(local.path(), "v.csv", &users_csv("v", 2, false));
+    assert!(
+        server
+            .sftp(av, &[], &format!("put {} victim.csv\n", f.display()))
+            .ok
+    );
+    // The victim's bak/ as ingest leaves it.
+    let victim_upload = server.upload_dir("victim");
+    std::fs::create_dir(victim_upload.join("bak")).unwrap();
+    std::fs::write(victim_upload.join("bak/old.csv"), "x").unwrap();
+
+    // Mallory (before links were refused, or by other means) replaced its bak/ and planted
+    // links to the victim's folders and files and to a host file.
+    let mallory = server.upload_dir("mallory");
+    let plant = |target: &str, name: &str| {
+        std::os::unix::fs::symlink(target, mallory.join(name)).unwrap();
+    };
+    plant("../../victim/upload", "bak");
+    plant("/etc/passwd", "x");
+    plant(
+        &victim_upload.join("victim.csv").display().to_string(),
+        "y.csv",
+    );
+    plant("../../victim", "z");
+    let watched = || {
+        let mut v = owners_and_modes(&root.path().join("victim"));
+        v.extend(owners_and_modes(Path::new("/etc/passwd")));
+        v.extend(owners_and_modes(Path::new("/etc/shadow")));
+        v
+    };
+    let before = watched();
+    assert!(before.len() >= 5, "{before:?}");
+
+    let key = format!("{}.pub", server.client_key().display());
+    let script = |args: &[&str]| {
+        let out = server.account_script(args).unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let user = am.user.as_str();
+    script(&["rotate", "mallory", "--user", user, "--key", &key]);
+    script(&["rotate", "mallory", "--user", user, "--no-password"]);
+    script(&["remove", "mallory", "--user", user, "--keep-files"]);
+    script(&["add", "mallory", "--user", user, "--key", &key]);
+    script(&["rotate", "mallory", "--user", user, "--key", &key]);
+    assert_eq!(
+        watched(),
+        before,
+        "nothing outside mallory's folder changed"
+    );
+    // Mallory's own drop folder is right again after the re-add, its links still in it.
+    let m = std::fs::symlink_metadata(&mallory).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o2770);
+    assert!(std::fs::symlink_metadata(mallory.join("bak"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(server.sftp(am, &[], "ls\n").ok, "mallory logs in again");
+
+    // A tenant folder that is itself a link (only root could make one) is refused, not
+    // followed into the victim's folder.
+    std::os::unix::fs::symlink(root.path().join("victim"), root.path().join("evil")).unwrap();
+    let evil = format!("mt{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let out = server
+        .account_script(&["add", "evil", "--user", &evil, "--key", &key])
+        .unwrap();
+    if out.status.success() {
+        // Do not leave the account behind when this fails.
+        let _ = server.account_script(&["remove", "evil", "--user", &evil, "--keep-files"]);
+    }
+    assert!(!out.status.success(), "add through a linked folder refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("symbolic link"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !std::process::Command::new("getent")
+            .args(["passwd", &evil])
+            .status()
+            .unwrap()
+            .success(),
+        "no account made"
+    );
+
+    // Removing mallory with its files removes the links, not what they point to.
+    script(&["remove", "mallory", "--user", user]);
+    assert!(std::fs::symlink_metadata(root.path().join("mallory")).is_err());
+    assert_eq!(watched(), before, "the victim's folder is intact");
+    assert!(server.sftp(av, &[], "ls bak\n").ok);
 }
