@@ -139,6 +139,11 @@ impl SftpServer {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
+    /// A tenant's drop folder, `DROP_ROOT/<tenant>/upload` (`/upload` in its chroot).
+    pub fn upload_dir(&self, tenant: &str) -> PathBuf {
+        self.drop_root.join(tenant).join("upload")
+    }
+
     /// The client's private key.
     pub fn client_key(&self) -> PathBuf {
         self.dir.path().join("client_key")
@@ -227,6 +232,93 @@ impl SftpServer {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         cmd
+    }
+
+    /// Sends one SFTP extended request `name` with string arguments `args` straight to the
+    /// server (`ssh -s … sftp`, speaking SFTP version 3 itself), whether or not the server
+    /// advertises the extension (the `sftp` client does not send what is not advertised).
+    /// Returns the reply's status code (0 OK, 3 permission denied, 8 unsupported) and message.
+    pub fn raw_extended_request(
+        &self,
+        account: &Account,
+        name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<(u32, String)> {
+        use std::io::Read;
+        fn put_string(buf: &mut Vec<u8>, s: &[u8]) -> anyhow::Result<()> {
+            buf.extend_from_slice(&u32::try_from(s.len())?.to_be_bytes());
+            buf.extend_from_slice(s);
+            Ok(())
+        }
+        fn packet(kind: u8, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+            let mut p = u32::try_from(body.len() + 1)?.to_be_bytes().to_vec();
+            p.push(kind);
+            p.extend_from_slice(body);
+            Ok(p)
+        }
+        fn read_packet(r: &mut impl Read) -> anyhow::Result<(u8, Vec<u8>)> {
+            let mut len = [0u8; 4];
+            r.read_exact(&mut len).context("reading an SFTP packet")?;
+            let len = u32::from_be_bytes(len) as usize;
+            if len == 0 || len > 1 << 20 {
+                bail!("SFTP packet of {len} bytes");
+            }
+            let mut body = vec![0u8; len];
+            r.read_exact(&mut body)?;
+            let kind = body.remove(0);
+            Ok((kind, body))
+        }
+        fn take_u32(b: &[u8], at: usize) -> anyhow::Result<u32> {
+            let bytes: [u8; 4] = b
+                .get(at..at + 4)
+                .and_then(|s| s.try_into().ok())
+                .context("short SFTP packet")?;
+            Ok(u32::from_be_bytes(bytes))
+        }
+
+        let mut child = Command::new("ssh")
+            .args(["-p", &self.port.to_string()])
+            .args(self.ssh_options(&self.client_key()))
+            .arg("-s")
+            .arg(format!("{}@127.0.0.1", account.user))
+            .arg("sftp")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting ssh -s sftp")?;
+        let result = (|| {
+            let mut stdin = child.stdin.take().context("ssh's stdin")?;
+            let mut stdout = child.stdout.take().context("ssh's stdout")?;
+            // SSH_FXP_INIT, version 3; the answer is SSH_FXP_VERSION.
+            stdin.write_all(&packet(1, &3u32.to_be_bytes())?)?;
+            let (kind, _) = read_packet(&mut stdout)?;
+            if kind != 2 {
+                bail!("expected SSH_FXP_VERSION, got packet type {kind}");
+            }
+            // SSH_FXP_EXTENDED: id, request name, its arguments.
+            let mut body = 7u32.to_be_bytes().to_vec();
+            put_string(&mut body, name.as_bytes())?;
+            for a in args {
+                put_string(&mut body, a.as_bytes())?;
+            }
+            stdin.write_all(&packet(200, &body)?)?;
+            let (kind, reply) = read_packet(&mut stdout)?;
+            // SSH_FXP_STATUS: id, code, message.
+            if kind != 101 || take_u32(&reply, 0)? != 7 {
+                bail!("expected SSH_FXP_STATUS for request 7, got packet type {kind}");
+            }
+            let code = take_u32(&reply, 4)?;
+            let msg_len = take_u32(&reply, 8)? as usize;
+            let msg = reply
+                .get(12..12 + msg_len)
+                .map(|m| String::from_utf8_lossy(m).into_owned())
+                .unwrap_or_default();
+            Ok((code, msg))
+        })();
+        let _ = child.kill();
+        let out = child.wait_with_output()?;
+        result.with_context(|| format!("ssh: {}", String::from_utf8_lossy(&out.stderr)))
     }
 
     /// Uploads `local` with curl (libssh2) to `remote` (absolute in the chroot, e.g.

@@ -1,14 +1,16 @@
 //! The SFTP front door: a real OpenSSH server on a loopback port, configured with
 //! `deploy/sftp/mui-sftp.conf`, tenant accounts made by `deploy/sftp/mui-sftp-account`, and
-//! uploads by the real clients (OpenSSH `sftp` in batch mode, curl's libssh2). Every test
-//! checks the users in the database, the email and where the file ended.
+//! uploads by the real clients (OpenSSH `sftp` in batch mode, curl's libssh2). The tests
+//! with the import pipeline check the users in the database, the email and where the file
+//! ended; the last two look only at what SFTP and the account script do on disk.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mui_shared::tenants::Tenant;
-use mui_tests::sftp::{Account, SftpServer};
+use mui_tests::sftp::{chroot_ready_tempdir, Account, SftpServer};
 use mui_tests::{spawn_app_with, App, AppOptions};
 
 async fn setup(tenants: &[&str], settle_ms: u64) -> (App, SftpServer, Vec<(Tenant, Account)>) {
@@ -39,7 +41,7 @@ fn users_csv(prefix: &str, n: usize, bad_row: bool) -> String {
     s
 }
 
-fn local_file(dir: &Path, name: &str, content: &str) -> std::path::PathBuf {
+fn local_file(dir: &Path, name: &str, content: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, content).unwrap();
     p
@@ -341,8 +343,8 @@ async fn a_tenant_cannot_escape_its_chroot_nor_import_another_tenants_file() {
         let run = server.sftp(am, &[], &format!("{cmd}\n"));
         assert!(!run.ok, "{cmd:?} should fail: {}", run.output);
     }
-    // Symbolic links can be made, pointing anywhere; they are never followed.
-    for (target, name) in [
+    // Symbolic links cannot be made over SFTP (mui-sftp.conf denies the request) ...
+    let links = [
         (victim_file.display().to_string(), "link-abs.csv"),
         (
             "../../victim/upload/bak/victim.csv".to_owned(),
@@ -352,9 +354,16 @@ async fn a_tenant_cannot_escape_its_chroot_nor_import_another_tenants_file() {
             app.env.folder("victim").display().to_string(),
             "link-dir.csv",
         ),
-    ] {
+    ];
+    for (target, name) in &links {
         let run = server.sftp(am, &[], &format!("symlink {target} {name}\n"));
-        assert!(run.ok, "symlink: {}", run.output);
+        assert!(!run.ok, "symlink should be refused: {}", run.output);
+        assert!(std::fs::symlink_metadata(app.env.folder("mallory").join(name)).is_err());
+    }
+    // ... and one that got there some other way (made before the request was denied, or by
+    // the host) is never followed: planted here by root.
+    for (target, name) in &links {
+        std::os::unix::fs::symlink(target, app.env.folder("mallory").join(name)).unwrap();
     }
     app.env
         .wait_until(60, "mallory's 3 links reported", || {
@@ -462,4 +471,222 @@ async fn an_upload_resumed_after_a_dropped_connection_is_imported_once_whole() {
     );
     assert!(app.env.smtp.messages().is_empty(), "no bad rows, no email");
     app.stop().await;
+}
+
+/// An SFTP server and accounts made by `mui-sftp-account`, without the import pipeline (these
+/// tests look only at what SFTP and the script do on disk).
+fn server_only(tenants: &[&str]) -> (tempfile::TempDir, SftpServer, Vec<Account>) {
+    let drop_root = chroot_ready_tempdir().unwrap();
+    let mut server = SftpServer::start(drop_root.path()).unwrap();
+    let accounts = tenants
+        .iter()
+        .map(|t| server.add_account(t).unwrap())
+        .collect();
+    (drop_root, server, accounts)
+}
+
+#[test]
+fn links_are_refused_while_uploads_and_renames_still_work() {
+    let (_root, server, accounts) = server_only(&["acme"]);
+    let a = &accounts[0];
+    let upload = server.upload_dir("acme");
+    let local = tempfile::tempdir().unwrap();
+    let content = users_csv("l", 3, false);
+    let f = local_file(local.path(), "l.csv", &content);
+
+    // An ordinary upload.
+    let run = server.sftp(a, &[], &format!("put {} users.csv\n", f.display()));
+    assert!(run.ok, "{}\n{}", run.output, server.log());
+    assert_eq!(
+        std::fs::read_to_string(upload.join("users.csv")).unwrap(),
+        content
+    );
+
+    // Symbolic links (`ln -s`, `symlink`: the symlink request) and hard links (`ln`:
+    // hardlink@openssh.com) are refused, whatever they point to; nothing appears.
+    for (cmd, name) in [
+        ("ln -s users.csv soft.csv", "soft.csv"),
+        ("symlink users.csv soft2.csv", "soft2.csv"),
+        ("ln -s /etc/passwd passwd.csv", "passwd.csv"),
+        ("ln -s .. up", "up"),
+        ("ln -s bak bak2", "bak2"),
+        ("ln users.csv hard.csv", "hard.csv"),
+    ] {
+        let run = server.sftp(a, &[], &format!("{cmd}\n"));
+        assert!(!run.ok, "{cmd:?} should be refused: {}", run.output);
+        // The server refuses a symlink request; it no longer advertises the hardlink
+        // extension, so the client does not even send it.
+        let said = run.output.to_lowercase();
+        assert!(
+            said.contains("permission denied")
+                || said.contains("does not support hardlink@openssh.com"),
+            "{cmd:?}: {}",
+            run.output
+        );
+        assert!(
+            std::fs::symlink_metadata(upload.join(name)).is_err(),
+            "{cmd:?} made {name}"
+        );
+    }
+    // A client that sends the hardlink request anyway is refused by the server.
+    let (code, msg) = server
+        .raw_extended_request(a, "hardlink@openssh.com", &["users.csv", "hard.csv"])
+        .unwrap();
+    assert_eq!(code, 3, "SSH_FX_PERMISSION_DENIED: {msg}");
+    assert!(std::fs::symlink_metadata(upload.join("hard.csv")).is_err());
+    assert_eq!(
+        std::fs::metadata(upload.join("users.csv")).unwrap().nlink(),
+        1,
+        "no second name for the upload"
+    );
+
+    // Renames still work: OpenSSH's sftp (posix-rename@openssh.com), after a .filepart upload
+    // and of a file already there ...
+    let run = server.sftp(
+        a,
+        &[],
+        &format!(
+            "put {} second.csv.filepart\nrename second.csv.filepart second.csv\n\
+             rename users.csv renamed.csv\n",
+            f.display()
+        ),
+    );
+    assert!(run.ok, "{}\n{}", run.output, server.log());
+    // ... and libssh2's plain SFTP rename (which sftp-server does as link + unlink).
+    let run = server.curl_upload(
+        a,
+        &f,
+        "/upload/third.csv.filepart",
+        &["rename /upload/third.csv.filepart /upload/third.csv"],
+    );
+    assert!(run.ok, "{}\n{}", run.output, server.log());
+    let mut names: Vec<String> = std::fs::read_dir(&upload)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["renamed.csv", "second.csv", "third.csv"]);
+    for name in &names {
+        let m = std::fs::symlink_metadata(upload.join(name)).unwrap();
+        assert!(m.file_type().is_file() && m.nlink() == 1, "{name}: {m:?}");
+        assert_eq!(std::fs::read_to_string(upload.join(name)).unwrap(), content);
+    }
+}
+
+/// Owner, group and mode of `path` (not followed) and, for a folder, of everything under it.
+fn owners_and_modes(path: &Path) -> Vec<(PathBuf, u32, u32, u32)> {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    let mut out = vec![(path.to_path_buf(), m.uid(), m.gid(), m.mode())];
+    if m.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for e in entries {
+            out.extend(owners_and_modes(&e));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_account_script_never_follows_links_a_tenant_planted() {
+    let (root, server, accounts) = server_only(&["victim", "mallory"]);
+    let (av, am) = (&accounts[0], &accounts[1]);
+    let local = tempfile::tempdir().unwrap();
+    let f = local_file(local.path(), "v.csv", &users_csv("v", 2, false));
+    assert!(
+        server
+            .sftp(av, &[], &format!("put {} victim.csv\n", f.display()))
+            .ok
+    );
+    // The victim's bak/ as ingest leaves it.
+    let victim_upload = server.upload_dir("victim");
+    std::fs::create_dir(victim_upload.join("bak")).unwrap();
+    std::fs::write(victim_upload.join("bak/old.csv"), "x").unwrap();
+
+    // Mallory (before links were refused, or by other means) replaced its bak/ and planted
+    // links to the victim's folders and files and to a host file.
+    let mallory = server.upload_dir("mallory");
+    let plant = |target: &str, name: &str| {
+        std::os::unix::fs::symlink(target, mallory.join(name)).unwrap();
+    };
+    plant("../../victim/upload", "bak");
+    plant("/etc/passwd", "x");
+    plant(
+        &victim_upload.join("victim.csv").display().to_string(),
+        "y.csv",
+    );
+    plant("../../victim", "z");
+    let watched = || {
+        let mut v = owners_and_modes(&root.path().join("victim"));
+        v.extend(owners_and_modes(Path::new("/etc/passwd")));
+        v.extend(owners_and_modes(Path::new("/etc/shadow")));
+        v
+    };
+    let before = watched();
+    assert!(before.len() >= 5, "{before:?}");
+
+    let key = format!("{}.pub", server.client_key().display());
+    let script = |args: &[&str]| {
+        let out = server.account_script(args).unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let user = am.user.as_str();
+    script(&["rotate", "mallory", "--user", user, "--key", &key]);
+    script(&["rotate", "mallory", "--user", user, "--no-password"]);
+    script(&["remove", "mallory", "--user", user, "--keep-files"]);
+    script(&["add", "mallory", "--user", user, "--key", &key]);
+    script(&["rotate", "mallory", "--user", user, "--key", &key]);
+    assert_eq!(
+        watched(),
+        before,
+        "nothing outside mallory's folder changed"
+    );
+    // Mallory's own drop folder is right again after the re-add, its links still in it.
+    let m = std::fs::symlink_metadata(&mallory).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o2770);
+    assert!(std::fs::symlink_metadata(mallory.join("bak"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(server.sftp(am, &[], "ls\n").ok, "mallory logs in again");
+
+    // A tenant folder that is itself a link (only root could make one) is refused, not
+    // followed into the victim's folder.
+    std::os::unix::fs::symlink(root.path().join("victim"), root.path().join("evil")).unwrap();
+    let evil = format!("mt{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let out = server
+        .account_script(&["add", "evil", "--user", &evil, "--key", &key])
+        .unwrap();
+    if out.status.success() {
+        // Do not leave the account behind when this fails.
+        let _ = server.account_script(&["remove", "evil", "--user", &evil, "--keep-files"]);
+    }
+    assert!(!out.status.success(), "add through a linked folder refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("symbolic link"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !std::process::Command::new("getent")
+            .args(["passwd", &evil])
+            .status()
+            .unwrap()
+            .success(),
+        "no account made"
+    );
+
+    // Removing mallory with its files removes the links, not what they point to.
+    script(&["remove", "mallory", "--user", user]);
+    assert!(std::fs::symlink_metadata(root.path().join("mallory")).is_err());
+    assert_eq!(watched(), before, "the victim's folder is intact");
+    assert!(server.sftp(av, &[], "ls bak\n").ok);
 }
