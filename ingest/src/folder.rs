@@ -29,6 +29,9 @@ use rustix::io::Errno;
 /// The name of the archive folder inside a drop folder.
 pub const BAK: &str = "bak";
 
+/// Start of the name a `bak` that was not a folder is renamed to.
+pub const BAK_ASIDE: &str = "bak.not-a-folder.";
+
 /// Resolution rules for every path inside a tenant folder: stay beneath the handle, follow
 /// no symbolic link (and no /proc magic link) anywhere in the path.
 fn beneath() -> ResolveFlags {
@@ -293,9 +296,9 @@ impl TenantFolder {
                     let aside = (0..1000)
                         .map(|n| {
                             if n == 0 {
-                                format!("{BAK}.not-a-folder.{file_id}")
+                                format!("{BAK_ASIDE}{file_id}")
                             } else {
-                                format!("{BAK}.not-a-folder.{file_id}-{n}")
+                                format!("{BAK_ASIDE}{file_id}-{n}")
                             }
                         })
                         .find_map(|candidate| {

@@ -121,6 +121,9 @@ impl Watch {
             return;
         };
         if let Ok(sig) = folder.stat(&key.1) {
+            if !sig.regular() && display.starts_with(folder::BAK_ASIDE) {
+                return; // a bad bak/ we set aside ourselves: the tenant was told already
+            }
             self.candidates.insert(
                 key,
                 Candidate {

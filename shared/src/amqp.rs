@@ -19,6 +19,7 @@
 //! Messages are published to the default exchange with the queue name as routing key,
 //! `mandatory` (an unroutable message is an error, not silently dropped) and persistent.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backoff::ExponentialBackoff;
@@ -265,26 +266,55 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
 }
 
 /// A channel in confirm mode: every publish waits for the broker's confirm.
+///
+/// The broker may close a channel while the connection lives on (a message over its size
+/// limit, a channel-level error, an operator's action); a closed channel is never reused:
+/// the next publish opens a new one on the same connection (`PublishChannelReopened`), so
+/// one bad publish cannot stall everything published after it. Messages whose confirm was
+/// lost with the old channel surface as errors to their caller, who publishes them again
+/// (consumers are idempotent). If the connection itself is gone, publishing fails and the
+/// service's supervisor reconnects.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    channel: Channel,
+    conn: Arc<Connection>,
+    channel: Arc<tokio::sync::Mutex<Channel>>,
     topology: Topology,
 }
 
 impl Publisher {
     /// Opens a confirm-mode channel on `conn`.
-    pub async fn new(conn: &Connection, topology: Topology) -> Result<Self, AmqpError> {
+    pub async fn new(conn: &Arc<Connection>, topology: Topology) -> Result<Self, AmqpError> {
+        let channel = Self::open(conn).await?;
+        Ok(Self {
+            conn: conn.clone(),
+            channel: Arc::new(tokio::sync::Mutex::new(channel)),
+            topology,
+        })
+    }
+
+    async fn open(conn: &Connection) -> Result<Channel, AmqpError> {
         let channel = conn.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Self { channel, topology })
+        Ok(channel)
+    }
+
+    /// The channel to publish on: the current one, or a new one if the broker closed it.
+    async fn channel(&self) -> Result<Channel, AmqpError> {
+        let mut current = self.channel.lock().await;
+        if !current.status().connected() && self.conn.status().connected() {
+            *current = Self::open(&self.conn).await?;
+            tracing::warn!("PublishChannelReopened");
+        }
+        Ok(current.clone())
     }
 
     /// Closes the channel (before closing the connection, so nothing is left to close on
     /// drop while the connection goes away).
     pub async fn close(&self) {
-        let _ = self.channel.close(200, "shutdown".into()).await;
+        let channel = self.channel.lock().await.clone();
+        let _ = channel.close(200, "shutdown".into()).await;
     }
 
     /// The topology this publisher targets.
@@ -297,10 +327,10 @@ impl Publisher {
     /// (the caller retries it whole; consumers are idempotent).
     pub async fn publish_all(&self, messages: &[(QueueKind, &[u8])]) -> Result<(), AmqpError> {
         let mut pending = Vec::with_capacity(messages.len());
+        let channel = self.channel().await?;
         for (kind, payload) in messages {
             let queue = self.topology.queue(*kind);
-            let confirm = self
-                .channel
+            let confirm = channel
                 .basic_publish(
                     ShortString::from(""),
                     queue.as_str().into(),
@@ -326,7 +356,8 @@ impl Publisher {
     pub async fn send(&self, kind: QueueKind, payload: &[u8]) -> Result<Pending, AmqpError> {
         let queue = self.topology.queue(kind);
         let confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 ShortString::from(""),
                 queue.as_str().into(),

@@ -4,6 +4,7 @@
 //! signal.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use lapin::Connection;
@@ -120,18 +121,23 @@ pub async fn start(
     name: &str,
     pool: &PgPool,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<(Connection, Topology)>> {
+) -> anyhow::Result<Option<(Arc<Connection>, Topology)>> {
     tokio::select! {
         r = db::migrate_at_start(pool) => r.context("applying database migrations")?,
         _ = shutdown.cancelled() => return Ok(None),
     }
+    // The queue prefix in the name tells a deployment's (or a test's) connections apart in
+    // the broker's list.
+    let connection_name = format!("{name} {}", common.queue_prefix);
     let conn = tokio::select! {
-        c = amqp::connect(&common.amqp_url, name) => c.context("connecting to RabbitMQ")?,
+        c = amqp::connect(&common.amqp_url, &connection_name) => {
+            c.context("connecting to RabbitMQ")?
+        }
         _ = shutdown.cancelled() => return Ok(None),
     };
     let topology = Topology::new(&common.queue_prefix);
     let channel = conn.create_channel().await?;
     topology.declare(&channel).await?;
     let _ = channel.close(200, "declared".into()).await;
-    Ok(Some((conn, topology)))
+    Ok(Some((Arc::new(conn), topology)))
 }

@@ -456,6 +456,52 @@ impl TestEnv {
     }
 }
 
+/// What the tests read of a file beyond [`FileRow`].
+#[derive(Debug, Clone)]
+pub struct FileDetail {
+    /// The name as registered (escaped if it was not UTF-8).
+    pub file_name: String,
+    /// Notices for the tenant and operator.
+    pub notices: Vec<String>,
+    /// The file-level error, if any.
+    pub error_message: Option<String>,
+    /// Chunks published.
+    pub total_chunks: Option<i32>,
+    /// The chunking fixed at registration.
+    pub chunk_rows: Option<i32>,
+}
+
+impl TestEnv {
+    /// Details of one file.
+    pub fn file_detail(&self, file_id: i64) -> FileDetail {
+        let mut conn = self.db.conn();
+        let (file_name, notices, error_message, total_chunks, chunk_rows) = import_files::table
+            .find(file_id)
+            .select((
+                import_files::file_name,
+                import_files::notices,
+                import_files::error_message,
+                import_files::total_chunks,
+                import_files::chunk_rows,
+            ))
+            .first::<(
+                String,
+                Vec<String>,
+                Option<String>,
+                Option<i32>,
+                Option<i32>,
+            )>(&mut conn)
+            .expect("file detail query");
+        FileDetail {
+            file_name,
+            notices,
+            error_message,
+            total_chunks,
+            chunk_rows,
+        }
+    }
+}
+
 /// A file as the tests look at it.
 pub type FileRow = (
     i64,
@@ -592,6 +638,34 @@ impl App {
                 }
             }
         }
+    }
+
+    /// Stops the services at once, as a crash would: their tasks are dropped wherever they
+    /// are (open connections close, advisory locks and unacknowledged messages go back).
+    pub async fn kill(&mut self) {
+        if let Some(s) = self.services.take() {
+            for (_, h) in s.handles {
+                h.abort();
+                let _ = h.await;
+            }
+            s.shutdown.cancel();
+        }
+    }
+
+    /// Waits until `count` files of `tenant` are finished and their email handled, whether
+    /// or not they were archived (an entry that is not a regular file is left in place).
+    pub async fn wait_files_finished(&self, tenant: &Tenant, count: usize) -> Vec<FileRow> {
+        let what = format!("{count} file(s) of {} finished and notified", tenant.slug);
+        self.env
+            .wait_until(120, &what, || {
+                let files = self.env.files(tenant);
+                files.len() >= count
+                    && files.iter().all(|f| {
+                        (f.2 == "done" || f.2 == "failed") && f.9 != "pending" && f.9 != "sending"
+                    })
+            })
+            .await;
+        self.env.files(tenant)
     }
 
     /// Waits until every file of `tenant` listed is finished and its email handled.

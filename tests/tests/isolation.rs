@@ -1,0 +1,358 @@
+//! One tenant can never hurt another, and no upload is lost: links in a tenant's folder,
+//! re-uploads while importing, malformed and huge files, a channel closed by the broker, and
+//! names that are not UTF-8.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use mui_ingest::pipeline::{Hooks, Pause};
+use mui_tests::{spawn_app_with, AppOptions};
+use tokio::sync::mpsc;
+
+fn users_csv(ids: &[&str]) -> Vec<u8> {
+    let mut s = String::from("unique_id,login_source,first_name\n");
+    for id in ids {
+        s.push_str(&format!("{id},sso,Name {id}\n"));
+    }
+    s.into_bytes()
+}
+
+fn with_pauses() -> (AppOptions, mpsc::UnboundedReceiver<Pause>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        AppOptions {
+            ingest_hooks: Hooks { pauses: Some(tx) },
+            ..AppOptions::default()
+        },
+        rx,
+    )
+}
+
+/// Waits for ingest to reach `point` for a file, answering (resuming) any other pause.
+async fn reach(rx: &mut mpsc::UnboundedReceiver<Pause>, point: &str) -> Pause {
+    loop {
+        let p = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("ingest never reached {point}"))
+            .expect("ingest's hooks dropped");
+        if p.0 == point {
+            return p;
+        }
+        let _ = p.2.send(());
+    }
+}
+
+/// Resumes every pause from now on.
+fn resume_all(mut rx: mpsc::UnboundedReceiver<Pause>) {
+    tokio::spawn(async move {
+        while let Some((_, _, resume)) = rx.recv().await {
+            let _ = resume.send(());
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bak_link_into_another_tenants_folder_is_never_followed() {
+    let mut app = spawn_app_with(AppOptions::default()).await;
+    let acme = app.env.tenant("acme").unwrap();
+    let globex = app.env.tenant("globex").unwrap();
+    let globex_dir = app.env.folder("globex");
+    std::os::unix::fs::symlink("../../acme/upload", globex_dir.join("bak")).unwrap();
+
+    app.env
+        .drop_file("globex", "users.csv", &users_csv(&["g1", "g2"]))
+        .unwrap();
+    let files = app.wait_files_settled(&globex, 1).await;
+    assert_eq!(files[0].2, "done");
+
+    // globex's rows are globex's; nothing reached acme's folder or users.
+    assert_eq!(app.env.users(&globex).len(), 2);
+    assert!(app.env.users(&acme).is_empty());
+    assert!(app.env.files(&acme).is_empty());
+    assert_eq!(
+        std::fs::read_dir(app.env.folder("acme")).unwrap().count(),
+        0,
+        "nothing was written into acme's folder"
+    );
+    // The link was set aside, not followed; a real bak/ holds globex's file.
+    let bak = globex_dir.join("bak");
+    assert!(bak.is_dir() && !bak.is_symlink());
+    let archived = files[0].10.clone().unwrap();
+    assert_eq!(
+        std::fs::read(bak.join(&archived)).unwrap(),
+        users_csv(&["g1", "g2"])
+    );
+    let aside = globex_dir.join(format!("bak.not-a-folder.{}", files[0].0));
+    assert!(std::fs::symlink_metadata(&aside).unwrap().is_symlink());
+    let detail = app.env.file_detail(files[0].0);
+    assert!(
+        detail.notices.iter().any(|n| n.contains("symbolic link")),
+        "{:?}",
+        detail.notices
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn links_and_fifos_in_a_drop_folder_are_reported_and_never_opened() {
+    let mut app = spawn_app_with(AppOptions::default()).await;
+    let acme = app.env.tenant("acme").unwrap();
+    let globex = app.env.tenant("globex").unwrap();
+    // Another tenant's data, where globex's SFTP session cannot reach it.
+    let secret = app.env.drop_root.path().join("acme").join("secret.csv");
+    std::fs::write(&secret, users_csv(&["a1"])).unwrap();
+    let globex_dir = app.env.folder("globex");
+    // Made behind OpenSSH's back (SFTP refuses to make links): a link to acme's file, and a
+    // FIFO that would block a reader forever.
+    std::os::unix::fs::symlink("../../acme/secret.csv", globex_dir.join("a.csv")).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(globex_dir.join("pipe.csv"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    app.env
+        .drop_file("globex", "real.csv", &users_csv(&["g1"]))
+        .unwrap();
+    let files = app.wait_files_finished(&globex, 3).await;
+    let by_name = |n: &str| files.iter().find(|f| f.1 == n).unwrap().clone();
+    assert_eq!(by_name("a.csv").8.as_deref(), Some("not_regular_file"));
+    assert_eq!(by_name("pipe.csv").8.as_deref(), Some("not_regular_file"));
+    assert_eq!(by_name("real.csv").2, "done");
+    // Only globex's own file became users; the link and the FIFO are left where they were.
+    let users = app.env.users(&globex);
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].0, "g1");
+    assert!(std::fs::symlink_metadata(globex_dir.join("a.csv"))
+        .unwrap()
+        .is_symlink());
+    assert_eq!(std::fs::read(&secret).unwrap(), users_csv(&["a1"]));
+    assert!(app.env.users(&acme).is_empty());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reupload_under_the_same_name_while_importing_is_imported_too() {
+    let (options, mut pauses) = with_pauses();
+    let mut app = spawn_app_with(options).await;
+    let acme = app.env.tenant("acme").unwrap();
+    app.env
+        .drop_file("acme", "users.csv", &users_csv(&["a1", "a2"]))
+        .unwrap();
+    // The first upload is imported and about to be archived when the tenant uploads the
+    // same name again (a new file renamed over it, as WinSCP, FileZilla and sftp put do).
+    let (_, name, resume) = reach(&mut pauses, "ingest.before_archive").await;
+    assert_eq!(name, "users.csv");
+    app.env
+        .drop_file("acme", "users.csv", &users_csv(&["b1"]))
+        .unwrap();
+    resume.send(()).unwrap();
+    resume_all(pauses);
+
+    let files = app.wait_files_settled(&acme, 2).await;
+    assert_eq!(files.len(), 2, "each upload is its own file: {files:?}");
+    assert!(files.iter().all(|f| f.2 == "done"), "{files:?}");
+    let ids: Vec<String> = app.env.users(&acme).into_iter().map(|u| u.0).collect();
+    assert_eq!(ids, ["a1", "a2", "b1"]);
+    // Both uploads are in bak/, each under its own name, with its own bytes.
+    let bak = app.env.folder("acme").join("bak");
+    let first = std::fs::read(bak.join(files[0].10.as_ref().unwrap())).unwrap();
+    let second = std::fs::read(bak.join(files[1].10.as_ref().unwrap())).unwrap();
+    assert_eq!(first, users_csv(&["a1", "a2"]));
+    assert_eq!(second, users_csv(&["b1"]));
+    assert!(!app.env.folder("acme").join("users.csv").exists());
+    // One mail per file.
+    assert_eq!(app.env.smtp.messages().len(), 0, "no failures, no mail");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unclosed_quote_fails_its_file_and_every_other_tenant_goes_on() {
+    let mut app = spawn_app_with(AppOptions {
+        chunk_rows: 500,
+        ..AppOptions::default()
+    })
+    .await;
+    let acme = app.env.tenant("acme").unwrap();
+    let globex = app.env.tenant("globex").unwrap();
+    // 4 MB whose quote in row 3 never closes: one giant cell to the end of the file.
+    let mut bad = b"unique_id,login_source,street\ng1,sso,x\ng2,sso,\"Main St\n".to_vec();
+    for i in 0..100_000 {
+        bad.extend_from_slice(format!("g{i},sso,somewhere street {i}\n").as_bytes());
+    }
+    app.env.drop_file("globex", "bad.csv", &bad).unwrap();
+    app.env
+        .drop_file("acme", "users.csv", &users_csv(&["a1"]))
+        .unwrap();
+    let g = app.wait_files_settled(&globex, 1).await;
+    assert_eq!(g[0].2, "failed");
+    assert_eq!(g[0].8.as_deref(), Some("unclosed_quote"));
+    let detail = app.env.file_detail(g[0].0);
+    let message = detail.error_message.unwrap();
+    assert!(message.contains("row 3, on line 3"), "{message}");
+    assert_eq!(detail.total_chunks, None, "nothing was published");
+    assert!(
+        app.env.users(&globex).is_empty(),
+        "a failed file imports nothing"
+    );
+    let a = app.wait_files_settled(&acme, 1).await;
+    assert_eq!(a[0].2, "done");
+    assert_eq!(app.env.users(&acme).len(), 1);
+    // globex is told why, in one mail.
+    let mails = app.env.smtp.messages();
+    let to_globex: Vec<_> = mails
+        .iter()
+        .filter(|m| m.to.iter().any(|t| t.contains("globex")))
+        .collect();
+    assert_eq!(to_globex.len(), 1);
+    assert!(to_globex[0].body().contains("never closed"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_huge_record_is_one_failed_row_and_chunks_stay_small() {
+    let mut app = spawn_app_with(AppOptions {
+        chunk_rows: 100_000,
+        chunk_max_bytes: 64 * 1024,
+        ..AppOptions::default()
+    })
+    .await;
+    let acme = app.env.tenant("acme").unwrap();
+    // Row 3 opens a quote that closes 2 MB later; the rows around it are fine.
+    let mut data = b"unique_id,login_source,street\na1,sso,x\na2,sso,\"".to_vec();
+    for _ in 0..50_000 {
+        data.extend_from_slice(b"a line of an address that goes on\n");
+    }
+    data.extend_from_slice(b"\"\n");
+    for i in 3..10_003 {
+        data.extend_from_slice(format!("a{i},sso,street {i}\n").as_bytes());
+    }
+    app.env.drop_file("acme", "users.csv", &data).unwrap();
+    let files = app.wait_files_settled(&acme, 1).await;
+    let f = &files[0];
+    assert_eq!(f.2, "done");
+    assert_eq!(f.3, Some(10_002), "every row counted");
+    assert_eq!(f.7, 1, "the huge row failed");
+    assert_eq!(app.env.users(&acme).len(), 10_001);
+    // Chunks were cut by bytes, not only by rows.
+    let chunks = app.env.file_detail(f.0).total_chunks.unwrap();
+    assert!(chunks > 1, "{chunks} chunk(s)");
+    let mails = app.env.smtp.messages();
+    assert_eq!(mails.len(), 1);
+    let csv = mui_tests::parse_csv(&mails[0].attachments()[0].1);
+    let failed: Vec<_> = csv.iter().filter(|r| r.iter().any(|c| c == "3")).collect();
+    assert_eq!(failed.len(), 1, "{csv:?}");
+    assert!(failed[0].iter().any(|c| c.contains("record_too_large")));
+    app.stop().await;
+}
+
+/// Closes, from the broker's side, every channel of the connections whose name contains
+/// `marker`; returns how many it closed.
+fn broker_closes_channels(marker: &str) -> usize {
+    let erl = format!(
+        "length([rabbit_channel:send_command(P, {{'channel.close', 406, <<\"PRECONDITION_FAILED - closed by a test\">>, 60, 40}}) || \
+         P <- rabbit_channel:list(), \
+         N <- [proplists:get_value(<<\"connection_name\">>, [{{K, V}} || {{K, _, V}} <- element(2, hd(rabbit_networking:connection_info(element(2, hd(rabbit_channel:info(P, [connection]))), [client_properties])))])], \
+         is_binary(N), binary:match(N, <<\"{marker}\">>) =/= nomatch]).",
+    );
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["eval", &erl])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("rabbitmqctl said {out:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_channel_the_broker_closes_mid_publish_is_reopened_and_nothing_stalls() {
+    let (options, mut pauses) = with_pauses();
+    let mut app = spawn_app_with(AppOptions {
+        chunk_rows: 2,
+        ..options
+    })
+    .await;
+    let acme = app.env.tenant("acme").unwrap();
+    let globex = app.env.tenant("globex").unwrap();
+    let ids: Vec<String> = (0..400).map(|i| format!("a{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    app.env
+        .drop_file("acme", "users.csv", &users_csv(&refs))
+        .unwrap();
+    let (_, _, resume) = reach(&mut pauses, "ingest.before_publish").await;
+    // The broker closes ingest's channels (as it does for a message over its size limit)
+    // just as the file's 200 chunks start going out.
+    let marker = format!("mui-ingest {}", app.env.prefix);
+    resume.send(()).unwrap();
+    let closed = broker_closes_channels(&marker);
+    assert!(closed >= 1, "the broker closed {closed} channels");
+    resume_all(pauses);
+    let files = app.wait_files_settled(&acme, 1).await;
+    assert_eq!(files[0].2, "done");
+    assert_eq!(files[0].3, Some(400));
+    assert_eq!(app.env.users(&acme).len(), 400);
+    // Later files of every tenant still go through.
+    app.env
+        .drop_file("globex", "later.csv", &users_csv(&["g1"]))
+        .unwrap();
+    let g = app.wait_files_settled(&globex, 1).await;
+    assert_eq!(g[0].2, "done");
+    assert_eq!(app.env.users(&globex).len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_name_that_is_not_utf8_is_imported_under_an_escaped_name() {
+    let mut app = spawn_app_with(AppOptions::default()).await;
+    let acme = app.env.tenant("acme").unwrap();
+    let folder = app.env.folder("acme");
+    let raw = OsStr::from_bytes(b"caf\xE9 list.csv");
+    std::fs::write(folder.join("tmp.filepart"), users_csv(&["c1"])).unwrap();
+    std::fs::rename(folder.join("tmp.filepart"), folder.join(raw)).unwrap();
+    let files = app.wait_files_settled(&acme, 1).await;
+    assert_eq!(files[0].1, "caf%E9 list.csv");
+    assert_eq!(files[0].2, "done");
+    assert_eq!(app.env.users(&acme).len(), 1);
+    assert_eq!(files[0].10.as_deref(), Some("caf%E9 list.csv"));
+    assert!(folder.join("bak").join("caf%E9 list.csv").exists());
+    assert!(!folder.join(raw).exists());
+    let notices = app.env.file_detail(files[0].0).notices;
+    assert!(
+        notices.iter().any(|n| n.contains("not valid UTF-8")),
+        "{notices:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_chunking_of_a_file_is_fixed_when_it_is_registered() {
+    let (options, mut pauses) = with_pauses();
+    let mut app = spawn_app_with(AppOptions {
+        chunk_rows: 3,
+        ..options
+    })
+    .await;
+    let acme = app.env.tenant("acme").unwrap();
+    let ids: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    app.env
+        .drop_file("acme", "users.csv", &users_csv(&refs))
+        .unwrap();
+    // Registered, not published yet: ingest dies here and comes back with another setting.
+    let (_, _, resume) = reach(&mut pauses, "ingest.before_publish").await;
+    app.kill().await;
+    drop(resume);
+    app.env.options.chunk_rows = 7;
+    app.env.options.ingest_hooks = Hooks::default();
+    app.start();
+    let files = app.wait_files_settled(&acme, 1).await;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].3, Some(30));
+    let detail = app.env.file_detail(files[0].0);
+    assert_eq!(detail.chunk_rows, Some(3));
+    assert_eq!(detail.total_chunks, Some(10), "cut in 3s as registered");
+    assert_eq!(app.env.users(&acme).len(), 30);
+    app.stop().await;
+}
