@@ -165,6 +165,8 @@ pub struct ServiceProcess {
     child: Option<tokio::process::Child>,
     /// How many times it was started.
     pub starts: u32,
+    /// The user and group it runs as (None: the test's own).
+    user: Option<(u32, u32)>,
 }
 
 impl ServiceProcess {
@@ -178,6 +180,31 @@ impl ServiceProcess {
             log: log.to_path_buf(),
             child: None,
             starts: 0,
+            user: None,
+        };
+        p.restart();
+        p
+    }
+
+    /// [`ServiceProcess::start`] as user `uid` and group `gid` (an unprivileged service, as
+    /// in production: root may read and write anything, so a permission problem shows only
+    /// under another user).
+    pub fn start_as(
+        bin: &str,
+        kind: Kind,
+        vars: Vec<(String, String)>,
+        log: &Path,
+        uid: u32,
+        gid: u32,
+    ) -> Self {
+        let mut p = Self {
+            bin: PathBuf::from(bin),
+            kind,
+            vars,
+            log: log.to_path_buf(),
+            child: None,
+            starts: 0,
+            user: Some((uid, gid)),
         };
         p.restart();
         p
@@ -201,6 +228,9 @@ impl ServiceProcess {
             .stdout(log)
             .stderr(err)
             .kill_on_drop(true);
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
         self.child = Some(cmd.spawn().expect("spawning mui-service"));
         self.starts += 1;
     }

@@ -356,3 +356,77 @@ async fn the_chunking_of_a_file_is_fixed_when_it_is_registered() {
     assert_eq!(app.env.users(&acme).len(), 30);
     app.stop().await;
 }
+
+/// The problem ingest recorded for a tenant's drop folder: None while it has not looked,
+/// Some(None) when the folder is fine.
+fn folder_problem(env: &mui_tests::TestEnv, tenant_id: i64) -> Option<Option<String>> {
+    use diesel::prelude::*;
+    use mui_shared::schema::drop_folder_status as dfs;
+    dfs::table
+        .find(tenant_id)
+        .select(dfs::problem)
+        .first::<Option<String>>(&mut env.db.conn())
+        .optional()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drop_folder_ingest_may_not_read_is_shown_to_the_operator() {
+    use std::os::unix::fs::PermissionsExt;
+    // ingest runs as an unprivileged user (nobody, group nogroup), as in production, where
+    // the tenant owns upload/ and ingest reaches it through the folder's group.
+    let env = mui_tests::TestEnv::new(AppOptions::default()).unwrap();
+    let acme = env.tenant("acme").unwrap();
+    let (nobody, nogroup) = (65534, 65534);
+    let set_mode = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    set_mode(env.drop_root.path(), 0o755);
+    let upload = env.folder("acme");
+    std::os::unix::fs::chown(&upload, Some(0), Some(nogroup)).unwrap();
+    set_mode(&upload, 0o2770);
+    let logs = tempfile::tempdir().unwrap();
+    let vars = mui_tests::chaos::service_env(&env, mui_tests::chaos::Kind::Ingest);
+    let mut ingest = mui_tests::chaos::ServiceProcess::start_as(
+        env!("CARGO_BIN_EXE_mui-service"),
+        mui_tests::chaos::Kind::Ingest,
+        vars,
+        &logs.path().join("ingest.log"),
+        nobody,
+        nogroup,
+    );
+    env.wait_until(120, "ingest looked at acme's folder", || {
+        folder_problem(&env, acme.id) == Some(None)
+    })
+    .await;
+    // The tenant takes the group's rights away (SFTP chmod 700).
+    set_mode(&upload, 0o700);
+    env.wait_until(60, "the operator sees the folder problem", || {
+        matches!(folder_problem(&env, acme.id), Some(Some(_)))
+    })
+    .await;
+    let problem = folder_problem(&env, acme.id).unwrap().unwrap();
+    assert!(problem.contains("acme/upload"), "{problem}");
+    assert!(problem.contains("cannot be read"), "{problem}");
+    // Read but not write (chmod 750): files could not be moved to bak/; shown too.
+    set_mode(&upload, 0o2750);
+    env.wait_until(60, "the write problem is shown", || {
+        folder_problem(&env, acme.id)
+            .flatten()
+            .is_some_and(|p| p.contains("Permission denied") || p.contains("permission"))
+    })
+    .await;
+    // Put right, the problem clears.
+    set_mode(&upload, 0o2770);
+    env.wait_until(60, "the problem clears", || {
+        folder_problem(&env, acme.id) == Some(None)
+    })
+    .await;
+    ingest.kill9().await;
+    drop(ingest);
+    let log = std::fs::read_to_string(logs.path().join("ingest.log")).unwrap_or_default();
+    assert!(
+        log.contains("DropFolderProblem"),
+        "logged for the operator too"
+    );
+}
