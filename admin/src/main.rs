@@ -337,6 +337,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant(TenantCmd::Show { slug, json }) => {
             let t = find(conn, &slug)?;
             print_tenant(out, conn, &t, json)?;
+            if !json {
+                print_folder_status(out, conn, &t)?;
+            }
         }
         Command::LoginSource(LoginSourceCmd::Add { slug, names }) => {
             let t = find(conn, &slug)?;
@@ -739,6 +742,35 @@ struct FileLine {
     notify_detail: Option<String>,
     received_at: chrono::DateTime<chrono::Utc>,
     finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    notices: Vec<String>,
+}
+
+/// What ingest last found in the tenant's drop folder.
+fn print_folder_status(
+    out: &mut impl Write,
+    conn: &mut PgConnection,
+    t: &Tenant,
+) -> anyhow::Result<()> {
+    use mui_shared::schema::drop_folder_status as dfs;
+    let status: Option<(String, Option<String>, chrono::DateTime<chrono::Utc>)> = dfs::table
+        .find(t.id)
+        .select((dfs::path, dfs::problem, dfs::since))
+        .first(conn)
+        .optional()?;
+    match status {
+        None => writeln!(out, "drop folder: not looked at by ingest yet")?,
+        Some((path, None, since)) => writeln!(
+            out,
+            "drop folder: {path} (readable since {})",
+            since.format("%Y-%m-%d %H:%M:%S")
+        )?,
+        Some((_, Some(problem), since)) => writeln!(
+            out,
+            "drop folder: PROBLEM since {}: {problem}",
+            since.format("%Y-%m-%d %H:%M:%S")
+        )?,
+    }
+    Ok(())
 }
 
 fn list_files(
@@ -773,6 +805,7 @@ fn list_files(
             import_files::notify_detail,
             import_files::received_at,
             import_files::finished_at,
+            import_files::notices,
         ))
         .load(conn)?;
     let dead = deadletters::pending_by_file(conn, t.id)?;
@@ -833,6 +866,9 @@ fn list_files(
         }
         if let Some(detail) = f.notify_detail {
             writeln!(out, "{:>6} email: {}", "", detail)?;
+        }
+        for notice in &f.notices {
+            writeln!(out, "{:>6} notice: {}", "", notice)?;
         }
         if dead_letters > 0 {
             writeln!(
