@@ -350,6 +350,10 @@ impl TestEnv {
             smtp_url: Some(self.smtp.url()),
             mail_outbox: self.drop_root.path().join("unused-outbox"),
             max_attached_failures: 50_000,
+            mail_concurrency: 4,
+            smtp_timeout_secs: 30,
+            attach_compress_bytes: 2 * 1024 * 1024,
+            max_mail_bytes: 10 * 1024 * 1024,
         }
     }
 
