@@ -188,6 +188,7 @@ struct SinkState {
     /// Signalled when the rules change (a stall lifted).
     changed: std::sync::Condvar,
     stalled: std::sync::atomic::AtomicU64,
+    rcpt_refusals: std::sync::atomic::AtomicU64,
     on_accept: Mutex<Option<AcceptHook>>,
 }
 
@@ -206,7 +207,12 @@ impl mailin_embedded::Handler for SinkHandler {
                 .map(|(_, code)| *code)
         });
         match code {
-            Some(code) => mailin_embedded::Response::custom(code, format!("rule for {to}")),
+            Some(code) => {
+                self.state
+                    .rcpt_refusals
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                mailin_embedded::Response::custom(code, format!("rule for {to}"))
+            }
             None => mailin_embedded::response::OK,
         }
     }
@@ -379,6 +385,13 @@ impl SmtpSink {
     /// Conversations that stalled so far.
     pub fn stalled(&self) -> u64 {
         self.state.stalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `RCPT TO` commands answered by a [`SinkRules::rcpt_replies`] rule so far.
+    pub fn rcpt_refusals(&self) -> u64 {
+        self.state
+            .rcpt_refusals
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Changes the rules; a stall lifted this way ends the conversations waiting on it.

@@ -230,6 +230,36 @@ async fn a_recipient_refused_permanently_holds_the_report_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recipient_refused_transiently_gets_the_report_once_the_server_takes_it() {
+    let env = env_with(Some(SinkRules {
+        rcpt_replies: vec![("it@acme.example.org".into(), 451)],
+        ..Default::default()
+    }));
+    let t = env.tenant("acme").unwrap();
+    let services = start(&env, env.notifier_config());
+    let (csv, bad) = users_csv(40, 7, "451");
+    env.drop_file("acme", "users.csv", csv.as_bytes()).unwrap();
+
+    env.wait_until(120, "the report refused (451) twice", || {
+        env.smtp.rcpt_refusals() >= 2
+    })
+    .await;
+    assert!(env.smtp.messages().is_empty());
+    assert_eq!(
+        env.files(&t)[0].9,
+        "pending",
+        "waiting to try again, not held"
+    );
+    env.smtp.update(|r| r.rcpt_replies.clear());
+    let files = wait_settled(&env, &t, 1, 120).await;
+    assert_eq!(files[0].9, "sent");
+    let mails = env.smtp.messages();
+    assert_eq!(mails.len(), 1, "exactly one email");
+    assert_eq!(reported_rows(&attachment(&mails[0]).1), bad);
+    services.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_mail_server_for_one_tenant_does_not_delay_another_tenants_report() {
     const ACME: &str = "it@acme.example.org";
     const BRAVO: &str = "it@bravo.example.org";
