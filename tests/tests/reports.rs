@@ -314,7 +314,7 @@ async fn a_stalled_mail_server_for_one_tenant_does_not_delay_another_tenants_rep
 }
 
 /// The database becomes unreachable for the notifier at the moment the SMTP server accepts
-/// the report (the sink cuts it before answering 250). The notifier keeps retrying the
+/// the report (the sink cuts it before answering 250), for 15 seconds. The notifier keeps retrying the
 /// "sent" write; once the database is back the file is `sent` with one email. Without the
 /// retry the claim would stay `sending` until it expired (5 minutes, beyond this test's
 /// bound) and the report would then go out again.
@@ -337,10 +337,14 @@ async fn the_sent_mark_is_retried_when_the_database_drops_right_after_the_server
     let (csv, bad) = users_csv(40, 7, "mark");
     env.drop_file("acme", "users.csv", csv.as_bytes()).unwrap();
 
-    env.wait_until(120, "the report accepted and the notifier retrying", || {
-        fired.load(Ordering::SeqCst) && pg.refused() >= 3
+    env.wait_until(120, "the report accepted and the database cut", || {
+        fired.load(Ordering::SeqCst)
     })
     .await;
+    // The outage itself: longer than the pool's 10-second connection timeout, so the first
+    // write attempt fails outright and only a retry can mark the file.
+    tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+    assert!(pg.refused() >= 3, "the notifier kept trying the database");
     assert_eq!(env.smtp.messages().len(), 1);
     assert_eq!(
         env.files(&t)[0].9,
