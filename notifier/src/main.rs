@@ -6,8 +6,9 @@ use mui_notifier::NotifierConfig;
 ///
 /// Every option can be given as the environment variable shown; MUI_CONFIG_FILE may name a
 /// file of KEY=value lines read first. Also records dead-lettered messages for `muictl
-/// dead-letters`. On SIGTERM it stops consuming, finishes (or hands back) the message in
-/// hand and exits, within 30 seconds.
+/// dead-letters`. Reports go out concurrently (MAIL_CONCURRENCY), each SMTP conversation
+/// bounded by SMTP_TIMEOUT_SECS. On SIGTERM it stops consuming, finishes (or hands back) the
+/// messages in hand and exits, within 30 seconds.
 #[derive(Debug, Parser)]
 #[command(name = "mui-notifier", version)]
 struct Cli {

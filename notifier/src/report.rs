@@ -6,6 +6,8 @@ use mui_shared::messages::{RowError, RowFailure};
 /// What the report says about one file.
 #[derive(Debug, Clone, Default)]
 pub struct FileSummary {
+    /// The file's id (`import_files.id`), which the operator's `muictl files failures` takes.
+    pub file_id: i64,
     /// Name as uploaded.
     pub file_name: String,
     /// `done` or `failed`.
@@ -61,8 +63,8 @@ impl FileSummary {
         }
     }
 
-    /// The plain-text body.
-    pub fn body(&self, attachment: &str) -> String {
+    /// The plain-text body; `list` says what the email carries of the failures list.
+    pub fn body(&self, list: &ListNote) -> String {
         let mut b = String::new();
         if self.file_failed() {
             b.push_str(&format!(
@@ -116,14 +118,85 @@ impl FileSummary {
             ));
         }
         if self.failed > 0 {
-            b.push_str(&format!(
-                "\nThe attached {attachment} lists every row that was not imported: its row \
-                 number in your file, the values as you uploaded them, and the reason. Correct \
-                 those rows and upload them again; rows that were imported need not be sent \
-                 again.\n"
-            ));
+            b.push('\n');
+            b.push_str(&self.list_paragraph(list));
         }
         b
+    }
+
+    fn list_paragraph(&self, list: &ListNote) -> String {
+        const WHAT: &str = "its row number in your file, the values as you uploaded them, and \
+                            the reason. Correct those rows and upload them again; rows that \
+                            were imported need not be sent again.";
+        let attached = list.attached.as_ref().map(|a| match &a.zipped_csv {
+            Some(csv) => format!("{} (a ZIP archive: open it to get {csv})", a.name),
+            None => a.name.clone(),
+        });
+        let left = self.failed - list.rows;
+        match (attached, &list.cut) {
+            (Some(name), _) if left <= 0 => {
+                format!("The attached {name} lists every row that was not imported: {WHAT}\n")
+            }
+            (Some(name), cut) => format!(
+                "The attached {name} lists the first {} of the {} rows that were not \
+                 imported: {WHAT}\n\n{left} rows were left out{}. Ask your administrator \
+                 for the full list: they can print it with `muictl files failures {}`.\n",
+                list.rows,
+                self.failed,
+                cut.as_ref().map(Cut::because).unwrap_or_default(),
+                self.file_id
+            ),
+            (None, cut) => format!(
+                "The list of the rows that were not imported is not attached{}: {left} rows \
+                 were left out. Ask your administrator for the full list: they can print it \
+                 with `muictl files failures {}`.\n",
+                cut.as_ref().map(Cut::because).unwrap_or_default(),
+                self.file_id
+            ),
+        }
+    }
+}
+
+/// What a report carries of the file's failures list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListNote {
+    /// The attachment, if any.
+    pub attached: Option<AttachedList>,
+    /// Failed rows in the attachment (the first ones, by row number).
+    pub rows: i64,
+    /// Why rows were left out, when some were.
+    pub cut: Option<Cut>,
+}
+
+/// The attached failures list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedList {
+    /// Name of the attached file.
+    pub name: String,
+    /// Name of the CSV inside, when the attachment is a ZIP archive.
+    pub zipped_csv: Option<String>,
+}
+
+/// Why a report leaves failed rows out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cut {
+    /// At most this many rows are attached (`MAX_ATTACHED_FAILURES`).
+    AttachLimit(i64),
+    /// The whole list would make the email larger than `MAX_MAIL_BYTES`.
+    MailSize,
+    /// The mail server refused the email with the whole list as too large (reply 552).
+    Refused,
+}
+
+impl Cut {
+    fn because(&self) -> String {
+        match self {
+            Cut::AttachLimit(n) => format!(" (at most {n} rows are attached to one email)"),
+            Cut::MailSize => " to keep this email within the size mail servers accept".into(),
+            Cut::Refused => {
+                " because the mail server refused the email with the whole list as too large".into()
+            }
+        }
     }
 }
 
@@ -144,6 +217,16 @@ pub fn neutralise(cell: &str) -> String {
 /// The failures CSV: UTF-8 with BOM (so Excel shows accents right), columns `row`, the
 /// uploaded columns in uploaded order, `error_code`, `reason`. Rows sorted by row number.
 pub fn failures_csv(header: &[String], failures: &[RowFailure]) -> Result<Vec<u8>, csv::Error> {
+    Ok(failures_csv_with_ends(header, failures)?.0)
+}
+
+/// [`failures_csv`], with where each row ends: `ends[k]` is the length of the CSV holding
+/// the header and the first `k` rows (`ends[0]`: the header alone), so a report can attach
+/// a prefix of the list without writing it again.
+pub fn failures_csv_with_ends(
+    header: &[String],
+    failures: &[RowFailure],
+) -> Result<(Vec<u8>, Vec<usize>), csv::Error> {
     let width = failures
         .iter()
         .map(|f| f.fields.len())
@@ -151,6 +234,7 @@ pub fn failures_csv(header: &[String], failures: &[RowFailure]) -> Result<Vec<u8
         .unwrap_or(0)
         .max(header.len());
     let mut out = Vec::with_capacity(64 + failures.len() * 128);
+    let mut ends = Vec::with_capacity(failures.len() + 1);
     out.extend_from_slice("\u{feff}".as_bytes());
     {
         let mut w = csv::WriterBuilder::new()
@@ -166,6 +250,8 @@ pub fn failures_csv(header: &[String], failures: &[RowFailure]) -> Result<Vec<u8
         head.push("error_code".to_owned());
         head.push("reason".to_owned());
         w.write_record(&head)?;
+        w.flush()?;
+        ends.push(w.get_ref().len());
         let mut sorted: Vec<&RowFailure> = failures.iter().collect();
         sorted.sort_by_key(|f| f.row);
         for f in sorted {
@@ -178,10 +264,12 @@ pub fn failures_csv(header: &[String], failures: &[RowFailure]) -> Result<Vec<u8
             rec.push(codes(&f.errors));
             rec.push(neutralise(&reasons(&f.errors)));
             w.write_record(&rec)?;
+            // The writer buffers; flushing per row (into memory) makes the length exact.
+            w.flush()?;
+            ends.push(w.get_ref().len());
         }
-        w.flush()?;
     }
-    Ok(out)
+    Ok((out, ends))
 }
 
 fn codes(errors: &[RowError]) -> String {
@@ -214,6 +302,15 @@ pub fn attachment_name(file_name: &str) -> String {
         })
         .collect();
     format!("{clean}.failures.csv")
+}
+
+/// The name of the ZIP archive holding the failures CSV `csv_name` (`x.failures.csv` →
+/// `x.failures.zip`).
+pub fn zip_name(csv_name: &str) -> String {
+    match csv_name.strip_suffix(".csv") {
+        Some(stem) => format!("{stem}.zip"),
+        None => format!("{csv_name}.zip"),
+    }
 }
 
 #[cfg(test)]
@@ -294,9 +391,17 @@ mod tests {
             s.subject(),
             "User import \"staff.csv\": 3 of 10 rows failed"
         );
-        assert!(s
-            .body("staff.csv.failures.csv")
-            .contains("Imported:         7 (7 new, 0 updated, 0 unchanged)"));
+        let all = ListNote {
+            attached: Some(AttachedList {
+                name: "staff.csv.failures.csv".into(),
+                zipped_csv: None,
+            }),
+            rows: 3,
+            cut: None,
+        };
+        let body = s.body(&all);
+        assert!(body.contains("Imported:         7 (7 new, 0 updated, 0 unchanged)"));
+        assert!(body.contains("The attached staff.csv.failures.csv lists every row"));
         let f = FileSummary {
             file_name: "staff.csv".into(),
             state: "failed".into(),
@@ -307,7 +412,74 @@ mod tests {
             f.subject(),
             "User import \"staff.csv\" failed: the header has no `login_source` column"
         );
-        assert!(f.body("x").contains("was NOT imported"));
+        assert!(f.body(&ListNote::default()).contains("was NOT imported"));
         assert_eq!(attachment_name("a/b.csv"), "a_b.csv.failures.csv");
+    }
+
+    #[test]
+    fn a_reduced_report_says_how_many_rows_were_left_out_and_how_to_get_them() {
+        let s = FileSummary {
+            file_id: 42,
+            file_name: "staff.csv".into(),
+            state: "done".into(),
+            rows_total: 5000,
+            failed: 1200,
+            ..FileSummary::default()
+        };
+        let some = ListNote {
+            attached: Some(AttachedList {
+                name: "staff.csv.failures.zip".into(),
+                zipped_csv: Some("staff.csv.failures.csv".into()),
+            }),
+            rows: 200,
+            cut: Some(Cut::MailSize),
+        };
+        let body = s.body(&some);
+        assert!(
+            body.contains("lists the first 200 of the 1200 rows"),
+            "{body}"
+        );
+        assert!(
+            body.contains("1000 rows were left out to keep this email"),
+            "{body}"
+        );
+        assert!(body.contains("`muictl files failures 42`"), "{body}");
+        assert!(
+            body.contains("open it to get staff.csv.failures.csv"),
+            "{body}"
+        );
+        let none = ListNote {
+            attached: None,
+            rows: 0,
+            cut: Some(Cut::Refused),
+        };
+        let body = s.body(&none);
+        assert!(
+            body.contains("is not attached because the mail server refused"),
+            "{body}"
+        );
+        assert!(body.contains("1200 rows were left out"), "{body}");
+        assert_eq!(zip_name("a.csv.failures.csv"), "a.csv.failures.zip");
+    }
+
+    #[test]
+    fn row_ends_cut_the_csv_at_row_boundaries() {
+        let header = vec!["unique_id".to_owned()];
+        let failures: Vec<RowFailure> = (0..5)
+            .map(|i| RowFailure {
+                row: 10 - i,
+                fields: vec![format!("u{i}")],
+                errors: vec![],
+            })
+            .collect();
+        let (all, ends) = failures_csv_with_ends(&header, &failures).unwrap();
+        assert_eq!(ends.len(), 6);
+        assert_eq!(*ends.last().unwrap(), all.len());
+        let first_two = String::from_utf8(all[..ends[2]].to_vec()).unwrap();
+        assert_eq!(
+            first_two,
+            "\u{feff}row,unique_id,error_code,reason\r\n6,u4,,\r\n7,u3,,\r\n"
+        );
+        assert_eq!(all, failures_csv(&header, &failures).unwrap());
     }
 }

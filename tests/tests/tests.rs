@@ -14,6 +14,7 @@ mod kills;
 mod outages;
 mod pipeline;
 mod redelivery;
+mod reports;
 mod roundtrip;
 mod sftp;
 mod upload;
