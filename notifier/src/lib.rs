@@ -8,7 +8,7 @@
 //! tenant's Reply-to Admin Email Address to its Failed Import Email(s).
 //!
 //! Exactly one email per file in normal operation: `import_files.notify_status` goes
-//! `pending → sending → sent` (or `not_needed` when nothing failed, or `held` when the tenant
+//! `pending → sending → sent` (or `not_needed` when nothing failed and there is no notice, or `held` when the tenant
 //! lacks mail settings, with the reason in `notify_detail`). `sending` is a claim with a
 //! timestamp, so two notifiers never mail the same file at once, and a notifier that died
 //! while sending lets its claim expire. SMTP errors (and sends that time out) are retried
@@ -617,6 +617,7 @@ struct FileRow {
     notify_status: String,
     notified_at: Option<chrono::DateTime<chrono::Utc>>,
     received_at: chrono::DateTime<chrono::Utc>,
+    notices: Vec<String>,
 }
 
 fn decide(
@@ -646,6 +647,7 @@ fn decide(
             import_files::notify_status,
             import_files::notified_at,
             import_files::received_at,
+            import_files::notices,
         ))
         .for_update()
         .first(conn)
@@ -676,7 +678,9 @@ fn decide(
         if stored < f.failed {
             return Ok(Decision::Nothing); // more failure records are on their way
         }
-        if f.failed == 0 {
+        // A file with a notice (its bak/ was a link and was set aside, its name was not
+        // UTF-8…) is mailed even when nothing failed: the tenant must hear of it.
+        if f.failed == 0 && f.notices.is_empty() {
             diesel::update(import_files::table.find(file_id.0))
                 .set(import_files::notify_status.eq("not_needed"))
                 .execute(conn)?;
@@ -723,6 +727,7 @@ fn decide(
         ignored,
         error: f.error_message.clone(),
         received_at: f.received_at.format("%Y-%m-%d %H:%M UTC").to_string(),
+        notices: f.notices.clone(),
     };
     let failures = if f.state == "done" {
         load_failures(conn, file_id, max_attached)?

@@ -38,6 +38,8 @@ pub struct FileSummary {
     pub error: Option<String>,
     /// When the file arrived.
     pub received_at: String,
+    /// Things the tenant must know that did not stop the import (see `docs/errors.md`).
+    pub notices: Vec<String>,
 }
 
 impl FileSummary {
@@ -66,6 +68,13 @@ impl FileSummary {
     /// The plain-text body; `list` says what the email carries of the failures list.
     pub fn body(&self, list: &ListNote) -> String {
         let mut b = String::new();
+        if !self.notices.is_empty() {
+            b.push_str("Please note:\n");
+            for n in &self.notices {
+                b.push_str(&format!("- {n}\n"));
+            }
+            b.push('\n');
+        }
         if self.file_failed() {
             b.push_str(&format!(
                 "Your file \"{}\" (received {}) was NOT imported: no user was changed.\n\n",

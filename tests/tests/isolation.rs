@@ -91,6 +91,15 @@ async fn a_bak_link_into_another_tenants_folder_is_never_followed() {
         "{:?}",
         detail.notices
     );
+    // globex is told, although no row failed; acme hears nothing.
+    let mails = app.env.smtp.messages();
+    assert_eq!(mails.len(), 1, "one mail");
+    assert!(mails[0].to.iter().all(|t| t.contains("globex")));
+    assert!(
+        mails[0].body().contains("was not followed"),
+        "{}",
+        mails[0].body()
+    );
     app.stop().await;
 }
 
