@@ -281,9 +281,9 @@ impl TenantFolder {
             match rustix::fs::openat2(&self.fd, BAK, dir_flags(), Mode::empty(), beneath()) {
                 Ok(fd) => return Ok((fd, notice)),
                 Err(Errno::NOENT) => {
-                    // rwx for the owner and the group (the tenant account and the ingest
-                    // service); the drop folder's setgid bit is inherited.
-                    match rustix::fs::mkdirat(&self.fd, BAK, Mode::from_raw_mode(0o770)) {
+                    // Made by the ingest service: the tenant can list and read it (others
+                    // r-x) but not change it; the drop folder's setgid group is inherited.
+                    match rustix::fs::mkdirat(&self.fd, BAK, Mode::from_raw_mode(0o755)) {
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(e) => return Err(e.into()),
                     }
@@ -451,7 +451,9 @@ fn copy_into(dir: &OwnedFd, name: &str, file: &File) -> io::Result<()> {
         dir,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o660),
+        // Owned by the ingest service (a moved file keeps the tenant's ownership); readable
+        // by the tenant, like the rest of bak/.
+        Mode::from_raw_mode(0o644),
         beneath(),
     )?;
     let mut out = File::from(fd);

@@ -5,10 +5,14 @@
 //! 1. register (insert-or-find by arrival key) and take a PostgreSQL advisory lock on the
 //!    file's id for the duration (a second ingest process skips a locked file; a dead one's
 //!    lock dies with its connection);
-//! 2. while the file is `received`, publish all its chunks with confirms, then record the
-//!    totals (state `importing`, or `done` if the workers already finished every chunk);
-//!    a crash before that re-publishes every chunk, which workers recognise and skip;
-//! 3. move it into `bak/` (retry-safe, never overwriting).
+//! 2. while the file is `received`: make sure `bak/` is a real folder (a link is set aside,
+//!    with a notice), read the whole file once without publishing so that any file-level
+//!    problem fails it before a row is sent, then publish all its chunks with confirms, cut
+//!    as fixed at registration, and record the totals (state `importing`, or `done` if the
+//!    workers already finished every chunk); a crash before that re-publishes every chunk,
+//!    which workers recognise and skip;
+//! 3. move it into `bak/` by inode ([`TenantFolder::archive`]: retry-safe, never
+//!    overwriting, and a re-upload under the same name is left to be imported next).
 //!
 //! A file still in the folder whose arrival key is already past step 2 only gets step 3, so a
 //! restart never imports a file twice; a re-upload has a new mtime, so it is a new import.

@@ -173,17 +173,7 @@ impl ServiceProcess {
     /// Starts `kind` with `vars`, logging to `log`. `bin` is the `mui-service` binary: an
     /// integration test passes `env!("CARGO_BIN_EXE_mui-service")`.
     pub fn start(bin: &str, kind: Kind, vars: Vec<(String, String)>, log: &Path) -> Self {
-        let mut p = Self {
-            bin: PathBuf::from(bin),
-            kind,
-            vars,
-            log: log.to_path_buf(),
-            child: None,
-            starts: 0,
-            user: None,
-        };
-        p.restart();
-        p
+        Self::spawn(bin, kind, vars, log, None)
     }
 
     /// [`ServiceProcess::start`] as user `uid` and group `gid` (an unprivileged service, as
@@ -197,6 +187,16 @@ impl ServiceProcess {
         uid: u32,
         gid: u32,
     ) -> Self {
+        Self::spawn(bin, kind, vars, log, Some((uid, gid)))
+    }
+
+    fn spawn(
+        bin: &str,
+        kind: Kind,
+        vars: Vec<(String, String)>,
+        log: &Path,
+        user: Option<(u32, u32)>,
+    ) -> Self {
         let mut p = Self {
             bin: PathBuf::from(bin),
             kind,
@@ -204,7 +204,7 @@ impl ServiceProcess {
             log: log.to_path_buf(),
             child: None,
             starts: 0,
-            user: Some((uid, gid)),
+            user,
         };
         p.restart();
         p
