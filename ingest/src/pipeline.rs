@@ -234,7 +234,8 @@ pub async fn handle(
                     }
                     Validated::Good => {
                         ctx.hooks.pause("ingest.before_publish", &display).await;
-                        publish_rows(ctx, tenant, file_id, &file, &sniff, chunking).await?;
+                        publish_rows(ctx, tenant, file_id, &file, &sniff, chunking, &display)
+                            .await?;
                     }
                 }
             }
@@ -411,6 +412,7 @@ async fn publish_rows(
     file: &File,
     sniff: &Sniff,
     chunking: Chunking,
+    name: &str,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let tenant_id = tenant.tenant_id();
@@ -464,6 +466,7 @@ async fn publish_rows(
 
     let mut window: VecDeque<mui_shared::amqp::Pending> = VecDeque::new();
     let mut publish_error = None;
+    let mut sent = 0u64;
     while let Some(bytes) = rx.recv().await {
         if publish_error.is_some() {
             continue; // keep draining so the reader finishes
@@ -471,6 +474,10 @@ async fn publish_rows(
         match ctx.publisher.send(QueueKind::Chunks, &bytes).await {
             Ok(p) => window.push_back(p),
             Err(e) => publish_error = Some(e),
+        }
+        sent += 1;
+        if sent == 1 {
+            ctx.hooks.pause("ingest.publishing", name).await;
         }
         while window.len() > CONFIRM_WINDOW {
             if let Some(p) = window.pop_front() {

@@ -255,11 +255,13 @@ async fn a_huge_record_is_one_failed_row_and_chunks_stay_small() {
     app.stop().await;
 }
 
-/// Closes, from the broker's side, every channel of the connections whose name contains
-/// `marker`; returns how many it closed.
+/// Makes the broker close, with a channel error, every channel of the connections whose
+/// name contains `marker`: each channel is made to declare a queue that does not exist
+/// (passively), which RabbitMQ answers by closing that channel with 404 NOT_FOUND while the
+/// connection stays open, as it does for a message over its size limit. Returns how many.
 fn broker_closes_channels(marker: &str) -> usize {
     let erl = format!(
-        "length([rabbit_channel:send_command(P, {{'channel.close', 406, <<\"PRECONDITION_FAILED - closed by a test\">>, 60, 40}}) || \
+        "length([rabbit_channel:do(P, {{'queue.declare', 0, <<\"mui-test-no-such-queue\">>, true, false, false, false, false, []}}) || \
          P <- rabbit_channel:list(), \
          N <- [proplists:get_value(<<\"connection_name\">>, [{{K, V}} || {{K, _, V}} <- element(2, hd(rabbit_networking:connection_info(element(2, hd(rabbit_channel:info(P, [connection]))), [client_properties])))])], \
          is_binary(N), binary:match(N, <<\"{marker}\">>) =/= nomatch]).",
@@ -276,7 +278,7 @@ fn broker_closes_channels(marker: &str) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_channel_the_broker_closes_mid_publish_is_reopened_and_nothing_stalls() {
+async fn a_channel_the_broker_closes_is_reopened_and_nothing_stalls() {
     let (options, mut pauses) = with_pauses();
     let mut app = spawn_app_with(AppOptions {
         chunk_rows: 2,
@@ -285,30 +287,54 @@ async fn a_channel_the_broker_closes_mid_publish_is_reopened_and_nothing_stalls(
     .await;
     let acme = app.env.tenant("acme").unwrap();
     let globex = app.env.tenant("globex").unwrap();
-    let ids: Vec<String> = (0..400).map(|i| format!("a{i}")).collect();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let marker = format!("mui-ingest {}", app.env.prefix);
+
+    // 1. The broker closes ingest's channels (publisher and outbox relay) while nothing is
+    //    in flight on them, as after a refused message; the connection stays up. The next
+    //    file must go out on a new channel, not fail forever on the closed one.
     app.env
-        .drop_file("acme", "users.csv", &users_csv(&refs))
+        .drop_file("acme", "users.csv", &users_csv(&["a1", "a2", "a3"]))
         .unwrap();
     let (_, _, resume) = reach(&mut pauses, "ingest.before_publish").await;
-    // The broker closes ingest's channels (as it does for a message over its size limit)
-    // just as the file's 200 chunks start going out.
-    let marker = format!("mui-ingest {}", app.env.prefix);
-    resume.send(()).unwrap();
     let closed = broker_closes_channels(&marker);
     assert!(closed >= 1, "the broker closed {closed} channels");
-    resume_all(pauses);
+    resume.send(()).unwrap();
+    let (_, _, resume) = reach(&mut pauses, "ingest.before_archive").await;
+    resume.send(()).unwrap();
     let files = app.wait_files_settled(&acme, 1).await;
     assert_eq!(files[0].2, "done");
-    assert_eq!(files[0].3, Some(400));
-    assert_eq!(app.env.users(&acme).len(), 400);
-    // Later files of every tenant still go through.
+    assert_eq!(app.env.users(&acme).len(), 3);
+
+    // 2. Closed again in the middle of publishing a file (its first chunk sent, its confirm
+    //    perhaps not yet back): the chunks whose confirm was lost and the rest go out again
+    //    on a new channel; workers skip what they have.
+    let ids: Vec<String> = (0..600).map(|i| format!("g{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     app.env
-        .drop_file("globex", "later.csv", &users_csv(&["g1"]))
+        .drop_file("globex", "big.csv", &users_csv(&refs))
         .unwrap();
+    let (_, _, resume) = reach(&mut pauses, "ingest.publishing").await;
+    let closed = broker_closes_channels(&marker);
+    assert!(closed >= 1, "the broker closed {closed} channels");
+    let total = app
+        .env
+        .file_detail(app.env.files(&globex)[0].0)
+        .total_chunks;
+    assert_eq!(total, None, "closed while the file was being published");
+    resume.send(()).unwrap();
+    resume_all(pauses);
     let g = app.wait_files_settled(&globex, 1).await;
     assert_eq!(g[0].2, "done");
-    assert_eq!(app.env.users(&globex).len(), 1);
+    assert_eq!(g[0].3, Some(600));
+    assert_eq!(app.env.users(&globex).len(), 600);
+
+    // 3. Later files of every tenant still go through.
+    app.env
+        .drop_file("acme", "later.csv", &users_csv(&["a4"]))
+        .unwrap();
+    let a = app.wait_files_settled(&acme, 2).await;
+    assert!(a.iter().all(|f| f.2 == "done"), "{a:?}");
+    assert_eq!(app.env.users(&acme).len(), 4);
     app.stop().await;
 }
 
