@@ -488,14 +488,27 @@ fn check_name(name: &OsStr) -> io::Result<()> {
 
 /// The names tried in `bak/`, in order: the name, then `<stem>.<file id>.<ext>`, then
 /// `<stem>.<file id>-<n>.<ext>`. Deterministic, so a retry after a crash finds its own.
+/// Each is cut (in its stem, on a character boundary) to the 255 bytes a file name may
+/// have, so that a long name (or one that grew by escaping) can still be archived.
 pub fn bak_names(name: &str, file_id: i64) -> impl Iterator<Item = String> + '_ {
     let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        Some(i) if i > 0 && name.len() - i <= 16 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    std::iter::once(name.to_owned())
-        .chain(std::iter::once(format!("{stem}.{file_id}{ext}")))
-        .chain((2..1000).map(move |n| format!("{stem}.{file_id}-{n}{ext}")))
+    std::iter::once(fit(stem, "", ext))
+        .chain(std::iter::once(fit(stem, &format!(".{file_id}"), ext)))
+        .chain((2..1000).map(move |n| fit(stem, &format!(".{file_id}-{n}"), ext)))
+}
+
+/// `stem + tag + ext`, the stem shortened so the whole fits in 255 bytes.
+fn fit(stem: &str, tag: &str, ext: &str) -> String {
+    const NAME_MAX: usize = 255;
+    let room = NAME_MAX.saturating_sub(tag.len() + ext.len());
+    let mut cut = stem.len().min(room);
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tag}{ext}", &stem[..cut])
 }
 
 /// A name as text for reports and for `bak/`: UTF-8 as it is; any byte that is not part of
@@ -683,5 +696,20 @@ mod tests {
             display_name(OsStr::new("100%.csv")),
             ("100%.csv".to_owned(), false)
         );
+    }
+
+    #[test]
+    fn long_names_are_archived_under_a_name_that_fits() {
+        let (root, f) = setup();
+        let d = root.path().join("globex/upload");
+        let long = format!("{}.csv", "é".repeat(125)); // 254 bytes
+        std::fs::write(d.join(&long), "x").unwrap();
+        let file = f.open_file(OsStr::new(&long)).unwrap();
+        assert_eq!(f.archive(OsStr::new(&long), &file, &long, 1).unwrap().0, long);
+        std::fs::write(d.join(&long), "y").unwrap();
+        let file = f.open_file(OsStr::new(&long)).unwrap();
+        let (n, _) = f.archive(OsStr::new(&long), &file, &long, 123_456).unwrap();
+        assert!(n.len() <= 255 && n.ends_with(".123456.csv"), "{n}");
+        assert_eq!(std::fs::read_to_string(d.join("bak").join(n)).unwrap(), "y");
     }
 }
