@@ -705,7 +705,10 @@ mod tests {
         let long = format!("{}.csv", "é".repeat(125)); // 254 bytes
         std::fs::write(d.join(&long), "x").unwrap();
         let file = f.open_file(OsStr::new(&long)).unwrap();
-        assert_eq!(f.archive(OsStr::new(&long), &file, &long, 1).unwrap().0, long);
+        assert_eq!(
+            f.archive(OsStr::new(&long), &file, &long, 1).unwrap().0,
+            long
+        );
         std::fs::write(d.join(&long), "y").unwrap();
         let file = f.open_file(OsStr::new(&long)).unwrap();
         let (n, _) = f.archive(OsStr::new(&long), &file, &long, 123_456).unwrap();

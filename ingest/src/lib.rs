@@ -4,23 +4,26 @@
 //! ([`mui_shared::tenants::drop_folder`]), and hands each finished upload to the workers.
 //! `DROP_ROOT/<tenant>/` is the tenant's SFTP chroot (see `deploy/sftp/`). A newcomer's map:
 //!
-//! - [`run`] (this file): the watch loop. File-system events (inotify through `notify`) and a
-//!   periodic rescan feed *candidates*; a candidate becomes *ready* once its size, mtime and
-//!   inode stayed the same for the settle interval and no process holds it open for writing
-//!   ([`openfiles`]). Temporary upload names (`*.filepart`, `*.part`, `*.tmp`, dot-files)
-//!   are left alone. Files of one tenant are handled one at a time, oldest first, so they
-//!   take effect in arrival order.
-//! - [`pipeline`]: one ready file: register → publish its rows as chunks → move to `bak/`.
+//! - [`run`] (this file): the loop. File-system events (inotify through `notify`), a
+//!   periodic rescan and a 200 ms tick drive [`watch::Watch`], which decides what is ready:
+//!   a candidate becomes ready once its size, mtime and inode stayed the same for the settle
+//!   interval and no process holds it open for writing ([`openfiles`]); temporary upload
+//!   names (`*.filepart`, `*.part`, `*.tmp`, dot-files) are left alone; files of one tenant
+//!   are handed over one at a time, oldest first, so they take effect in arrival order.
+//! - [`folder`]: a tenant's drop folder through directory handles that follow no link; `bak/`
+//!   by inode, never overwriting.
+//! - [`pipeline`]: one ready file: register → check whole → publish its rows as chunks →
+//!   move to `bak/`.
 //! - [`reader`]: encoding detection, CSV decoding, chunking (a file event becomes
 //!   [`mui_shared::messages::Chunk`]s here).
-//! - [`archive`]: `bak/` without overwriting.
 
 pub mod folder;
 pub mod openfiles;
 pub mod pipeline;
 pub mod reader;
+pub mod watch;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +32,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use diesel::prelude::*;
-use folder::{Signature, TenantFolder};
 use mui_shared::amqp::Publisher;
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db;
@@ -81,86 +83,6 @@ pub struct IngestConfig {
     /// Pause points for tests (not settable from outside).
     #[arg(skip)]
     pub hooks: pipeline::Hooks,
-}
-
-#[derive(Debug)]
-struct Candidate {
-    sig: Signature,
-    since: Instant,
-}
-
-/// A directory entry of one tenant's drop folder.
-type Entry = (String, OsString);
-
-/// What the watch loop keeps between events.
-#[derive(Debug, Default)]
-struct Watch {
-    tenants: HashMap<String, Tenant>,
-    /// Open handles of the drop folders that could be opened.
-    folders: HashMap<String, Arc<TenantFolder>>,
-    /// The last problem recorded for each tenant's folder (None: fine).
-    folder_problems: HashMap<String, Option<String>>,
-    candidates: HashMap<Entry, Candidate>,
-    /// Ready files per tenant, oldest mtime first.
-    ready: HashMap<String, BTreeMap<(i64, OsString), ()>>,
-    busy: HashSet<String>,
-    in_flight: HashSet<Entry>,
-}
-
-impl Watch {
-    fn observe(&mut self, slug: &str, name: OsString) {
-        let display = folder::display_name(&name).0;
-        if display == folder::BAK || pipeline::is_temporary(&display) {
-            return;
-        }
-        let key = (slug.to_owned(), name);
-        if self.in_flight.contains(&key) || self.candidates.contains_key(&key) {
-            return; // the tick notices a change itself
-        }
-        let Some(folder) = self.folders.get(slug) else {
-            return;
-        };
-        if let Ok(sig) = folder.stat(&key.1) {
-            if !sig.regular() && display.starts_with(folder::BAK_ASIDE) {
-                return; // a bad bak/ we set aside ourselves: the tenant was told already
-            }
-            self.candidates.insert(
-                key,
-                Candidate {
-                    sig,
-                    since: Instant::now(),
-                },
-            );
-        }
-    }
-
-    /// Opens (or keeps) the tenant's folder handle and lists it; returns the folder's
-    /// problem, if any.
-    fn scan(&mut self, drop_root: &Path, slug: &str) -> Option<String> {
-        let opened = match TenantFolder::open(drop_root, slug) {
-            Ok(f) => f,
-            Err(e) => {
-                self.folders.remove(slug);
-                return Some(e.to_string());
-            }
-        };
-        let folder = match self.folders.get(slug) {
-            Some(old) if old.id() == opened.id() => old.clone(),
-            _ => {
-                let f = Arc::new(opened);
-                self.folders.insert(slug.to_owned(), f.clone());
-                f
-            }
-        };
-        let names = match folder.entries() {
-            Ok(n) => n,
-            Err(e) => return Some(e.to_string()),
-        };
-        for name in names {
-            self.observe(slug, name);
-        }
-        folder.check_writable().err().map(|e| e.to_string())
-    }
 }
 
 /// Runs ingest until `shutdown`: files being handled are finished first.
@@ -239,7 +161,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
     };
 
     let settle = Duration::from_millis(config.settle_ms);
-    let mut st = Watch::default();
+    let mut st = watch::Watch::default();
     // Watched folders and the inode each was watched at: a folder deleted and made again is
     // a new inode, and needs a new watch.
     let mut watched: HashMap<PathBuf, (u64, u64)> = HashMap::new();
@@ -320,37 +242,11 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                     while tasks.join_next().await.is_some() {}
                     anyhow::bail!("lost the connection to RabbitMQ");
                 }
-                let now = Instant::now();
-                let mut became_ready = Vec::new();
-                let folders = &st.folders;
-                st.candidates.retain(|(slug, name), cand| {
-                    let Some(sig) = folders.get(slug).and_then(|f| f.stat(name).ok()) else {
-                        return false;
-                    };
-                    if sig != cand.sig {
-                        cand.sig = sig;
-                        cand.since = now;
-                        return true;
-                    }
-                    if sig.regular() && now.duration_since(cand.since) < settle {
-                        return true;
-                    }
-                    if sig.regular() && openfiles::open_for_write(sig.dev, sig.ino) {
-                        cand.since = now; // still being written; look again after settle
-                        return true;
-                    }
-                    became_ready.push((slug.clone(), name.clone(), sig.mtime_ns));
-                    false
-                });
-                for (slug, name, mtime) in became_ready {
-                    st.ready.entry(slug).or_default().insert((mtime, name), ());
-                }
+                st.settle(Instant::now(), settle, openfiles::open_for_write);
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 match done {
                     Ok((slug, name, result)) => {
-                        st.busy.remove(&slug);
-                        st.in_flight.remove(&(slug.clone(), name.clone()));
                         if let Err(e) = result {
                             // Left in place: the next rescan tries again.
                             tracing::warn!(
@@ -360,44 +256,19 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                                 "FileHandleError"
                             );
                         }
-                        // A new upload under the same name may have arrived meanwhile.
-                        st.observe(&slug, name);
+                        st.finished(&slug, name);
                     }
                     Err(e) => tracing::error!(error = %e, "FileTaskPanicked"),
                 }
             }
         }
         // Dispatch: one file per tenant at a time, oldest first, up to the concurrency limit.
-        let slugs: Vec<String> = st.ready.keys().cloned().collect();
-        for slug in slugs {
-            if tasks.len() >= config.concurrency.max(1) {
-                break;
-            }
-            if st.busy.contains(&slug) {
-                continue;
-            }
-            let Some(queue) = st.ready.get_mut(&slug) else {
-                continue;
-            };
-            let Some(((_, name), ())) = queue.pop_first() else {
-                continue;
-            };
-            if queue.is_empty() {
-                st.ready.remove(&slug);
-            }
-            let Some(tenant) = st.tenants.get(&slug).cloned() else {
-                tracing::warn!(tenant = %slug, "FileForUnknownTenant");
-                continue;
-            };
-            let Some(folder) = st.folders.get(&slug).cloned() else {
-                continue;
-            };
-            st.busy.insert(slug.clone());
-            st.in_flight.insert((slug.clone(), name.clone()));
+        let free = config.concurrency.max(1).saturating_sub(tasks.len());
+        for (tenant, folder, name) in st.next_ready(free) {
             let ctx = ctx.clone();
             tasks.spawn(async move {
                 let result = pipeline::handle(&ctx, &tenant, folder, name.clone()).await;
-                (slug, name, result)
+                (tenant.slug.clone(), name, result)
             });
         }
     }
@@ -447,7 +318,7 @@ async fn record_folder_status(
 
 /// The tenant whose drop folder holds `path` (`DROP_ROOT/<tenant>/upload/<name>`), and the
 /// entry's name (bytes: a name need not be UTF-8).
-fn tenant_of(drop_root: &Path, path: &Path) -> Option<Entry> {
+fn tenant_of(drop_root: &Path, path: &Path) -> Option<watch::Entry> {
     let name = path.file_name()?;
     let folder = path.parent()?;
     if folder.file_name()? != tenants::DROP_SUBDIR {

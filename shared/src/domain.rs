@@ -275,7 +275,7 @@ impl HeaderMap {
                 .join(", ");
             return Err(HeaderError::MissingRequired {
                 missing,
-                found: crate::messages::truncate_for_message(&found, 200),
+                found: truncate_for_message(&found, 200),
             });
         }
         Ok(HeaderMap { positions, ignored })
@@ -284,6 +284,16 @@ impl HeaderMap {
     /// Position of a column in the uploaded row, if present.
     pub fn position(&self, column: Column) -> Option<usize> {
         self.positions.iter().position(|c| *c == Some(column))
+    }
+}
+
+/// Cuts `s` to at most `max` characters for quoting in a message, marking the cut.
+pub fn truncate_for_message(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}…")
     }
 }
 

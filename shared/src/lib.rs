@@ -1,7 +1,8 @@
 //! What the Managed User Import services share, and nothing else.
 //!
 //! - [`domain`]: tenants, files, the known CSV columns and header mapping.
-//! - [`messages`]: the wire contracts. A file's rows travel as [`messages::Chunk`]s on the
+//! - [`codes`]: why a row or a file was not imported (stable codes, human messages).
+//! - [`messages`]: the wire contracts (envelopes only; they import `domain` and `codes`). A file's rows travel as [`messages::Chunk`]s on the
 //!   `chunks` queue; failed rows travel as [`messages::RowFailure`]s on the `notify` queue.
 //! - [`schema`] and [`db`]: the PostgreSQL schema (migrations embedded) and pool.
 //! - [`amqp`]: the RabbitMQ topology, connecting with backoff, publishing with confirms.
@@ -12,6 +13,7 @@
 //! - [`service`]: start-up, shutdown and exit, the same for every service.
 
 pub mod amqp;
+pub mod codes;
 pub mod config;
 pub mod db;
 pub mod deadletters;
