@@ -1,0 +1,351 @@
+//! Handling one file that is ready: register it, hand its rows to the workers, archive it.
+//!
+//! Crash safety comes from the order of steps and from the file's *arrival key* (tenant,
+//! device, inode, mtime, size, content hash), unique in `import_files`:
+//! 1. register (insert-or-find by arrival key) and take a PostgreSQL advisory lock on the
+//!    file's id for the duration (a second ingest process skips a locked file; a dead one's
+//!    lock dies with its connection);
+//! 2. while the file is `received`: make sure `bak/` is a real folder (a link is set aside,
+//!    with a notice), read the whole file once without publishing so that any file-level
+//!    problem fails it before a row is sent, then publish all its chunks with confirms, cut
+//!    as fixed at registration, and record the totals (state `importing`, or `done` if the
+//!    workers already finished every chunk); a crash before that re-publishes every chunk,
+//!    which workers recognise and skip;
+//! 3. move it into `bak/` by inode ([`TenantFolder::archive`]: retry-safe, never
+//!    overwriting, and a re-upload under the same name is left to be imported next).
+//!
+//! A file still in the folder whose arrival key is already past step 2 only gets step 3, so a
+//! restart never imports a file twice; a re-upload has a new mtime, so it is a new import.
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool};
+use mui_shared::amqp::{Publisher, QueueKind};
+use mui_shared::db::{self, PgPool};
+use mui_shared::domain::{ImportFileId, TenantId};
+use mui_shared::messages::{self, Chunk, FileErrorCode, FileFinished, NotifyMessage, WorkMessage};
+use mui_shared::outbox::{self, Kick};
+use mui_shared::schema::import_files;
+use mui_shared::tenants::Tenant;
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use crate::folder::{self, Signature, TenantFolder};
+use crate::reader::{self, Chunking, FileProblem, Sniff};
+
+mod publish;
+mod state;
+
+use publish::{publish_rows, validate_whole, Validated};
+pub use state::finished;
+use state::{add_notice, current_state, fail, register, FileLock};
+
+/// What the pipeline needs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Pool for short queries.
+    pub pool: PgPool,
+    /// URL for the per-file lock connection.
+    pub database_url: String,
+    /// Confirm-mode publisher.
+    pub publisher: Publisher,
+    /// Wakes the outbox relay.
+    pub kick: Kick,
+    /// How new files are cut into chunks (fixed per file when it is registered).
+    pub chunking: Chunking,
+    /// Size and row limits of an uploaded file.
+    pub limits: reader::Limits,
+    /// Pause points for tests.
+    pub hooks: Hooks,
+}
+
+/// Whether `name` is a temporary upload name left alone until renamed.
+pub fn is_temporary(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    name.starts_with('.')
+        || lower.ends_with(".filepart")
+        || lower.ends_with(".part")
+        || lower.ends_with(".tmp")
+}
+
+/// Points where a test can hold ingest to act in a precise window (a re-upload while a
+/// file is being imported, a kill between two steps). Empty in production: a pause that no
+/// one listens to is skipped.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Receives `(point, file name, resume)` at each pause point; ingest waits until
+    /// `resume` is sent (or dropped).
+    pub pauses: Option<tokio::sync::mpsc::UnboundedSender<Pause>>,
+}
+
+/// One pause: the point's name, the file's name, and the sender that lets ingest go on.
+pub type Pause = (&'static str, String, tokio::sync::oneshot::Sender<()>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("pauses", &self.pauses.is_some())
+            .finish()
+    }
+}
+
+impl Hooks {
+    async fn pause(&self, point: &'static str, name: &str) {
+        if let Some(tx) = &self.pauses {
+            let (resume, wait) = tokio::sync::oneshot::channel();
+            if tx.send((point, name.to_owned(), resume)).is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+/// Handles the entry `name` of `tenant`'s drop folder: every file-system operation goes
+/// through `folder`'s handle, never through a path a tenant could redirect.
+pub async fn handle(
+    ctx: &Context,
+    tenant: &Tenant,
+    folder: Arc<TenantFolder>,
+    name: OsString,
+) -> anyhow::Result<()> {
+    let (display, escaped) = folder::display_name(&name);
+    let meta = match folder.stat(&name) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("stat {display:?} in {}", folder.path().display()))
+        }
+    };
+    if !meta.regular() {
+        return handle_not_regular(ctx, tenant, &display, meta.kind.describe(), &meta).await;
+    }
+    let file = match folder.open_file(&name) {
+        Ok(f) => f,
+        // The tenant changed the file's permissions so that ingest may not read it.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let problem = FileProblem {
+                code: FileErrorCode::Unreadable,
+                message: format!(
+                    "{display:?} cannot be read by the import service: its permissions were changed (mode {:o}); upload it again without changing them",
+                    meta.mode
+                ),
+            };
+            return report_unopened(ctx, tenant, &display, &meta, &problem).await;
+        }
+        // Replaced by a link or removed since the stat: the next scan sees what is there.
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(())
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("open {display:?} in {}", folder.path().display()))
+        }
+    };
+    let fmeta = Signature::of_file(&file)?;
+    if !fmeta.regular() || fmeta.ino != meta.ino {
+        return Ok(()); // Replaced under us; the next scan sees the new entry.
+    }
+    if fmeta.nlink > 1 {
+        match other_names(&folder, &name, fmeta.ino) {
+            // OpenSSH renames by link + unlink: the temporary name is about to go.
+            OtherNames::RenameInProgress => return Ok(()),
+            // All names are the tenant's: the file is registered once by its content and
+            // inode, whichever name is handled first.
+            OtherNames::InOwnFolder => {}
+            OtherNames::Elsewhere => {
+                return handle_not_regular(
+                    ctx,
+                    tenant,
+                    &display,
+                    "a hard link to a file outside this folder",
+                    &meta,
+                )
+                .await;
+            }
+        }
+    }
+    let mut for_sniff = file.try_clone()?;
+    let sniff = tokio::task::spawn_blocking(move || reader::sniff(&mut for_sniff))
+        .await?
+        .with_context(|| format!("read {display:?}"))?;
+    let arrival_key = format!(
+        "{}:{}:{}:{}:{}:{}",
+        tenant.id, fmeta.dev, fmeta.ino, fmeta.mtime_ns, sniff.size, sniff.sha256
+    );
+    let registered = register(ctx, tenant.tenant_id(), &display, &arrival_key, &sniff).await?;
+    let file_id = registered.id;
+    let span = tracing::info_span!(
+        "import_file",
+        tenant_id = tenant.id,
+        tenant = %tenant.slug,
+        file_id = file_id.0
+    );
+    async move {
+        let Some(lock) = FileLock::try_acquire(&ctx.database_url, file_id).await? else {
+            tracing::debug!("FileLockedElsewhere");
+            return Ok(());
+        };
+        let state = current_state(&ctx.pool, file_id).await?;
+        if state == "received" {
+            if escaped {
+                add_notice(
+                    &ctx.pool,
+                    file_id,
+                    format!(
+                        "The file's name is not valid UTF-8 (your SFTP client sent it in another character set); it is shown here and kept in bak/ as {display:?}, each byte that is not UTF-8 written as %XX"
+                    ),
+                )
+                .await?;
+            }
+            // Settle bak/ before any row is published, so that what the tenant must know
+            // about it is in the report.
+            let f = folder.clone();
+            if let Some(notice) = tokio::task::spawn_blocking(move || f.prepare_bak(file_id.0))
+                .await?
+                .context("preparing bak/")?
+            {
+                add_notice(&ctx.pool, file_id, notice).await?;
+            }
+            if !display.to_ascii_lowercase().ends_with(".csv") {
+                let problem = FileProblem {
+                    code: FileErrorCode::NotCsvName,
+                    message: format!(
+                        "only .csv files are imported, and {display:?} does not end in .csv; save the users as CSV and upload that file"
+                    ),
+                };
+                fail(ctx, file_id, tenant.tenant_id(), &problem, Some(&sniff)).await?;
+            } else {
+                let chunking = registered.chunking;
+                match validate_whole(&file, &sniff, ctx.limits, chunking).await? {
+                    Validated::Problem(problem) => {
+                        fail(ctx, file_id, tenant.tenant_id(), &problem, Some(&sniff)).await?;
+                    }
+                    Validated::Changed => {
+                        let problem = FileProblem {
+                            code: FileErrorCode::Unreadable,
+                            message: "the file changed while it was being read; nothing of this version was imported, and its new content is imported as a new upload".into(),
+                        };
+                        fail(ctx, file_id, tenant.tenant_id(), &problem, Some(&sniff)).await?;
+                        lock.release().await;
+                        return Ok(());
+                    }
+                    Validated::Good => {
+                        ctx.hooks.pause("ingest.before_publish", &display).await;
+                        publish_rows(ctx, tenant, file_id, &file, &sniff, chunking, &display)
+                            .await?;
+                    }
+                }
+            }
+        }
+        ctx.hooks.pause("ingest.before_archive", &display).await;
+        let f = folder.clone();
+        let owned_name = name.clone();
+        let archive_name = display.clone();
+        let (archived, notice) = tokio::task::spawn_blocking(move || {
+            f.archive(&owned_name, &file, &archive_name, file_id.0)
+        })
+        .await?
+        .with_context(|| format!("move {display:?} to bak/"))?;
+        if let Some(notice) = notice {
+            add_notice(&ctx.pool, file_id, notice).await?;
+        }
+        db::run(&ctx.pool, move |conn| {
+            diesel::update(import_files::table.find(file_id.0))
+                .set(import_files::archived_name.eq(archived))
+                .execute(conn)?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!("FileArchived");
+        lock.release().await;
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+enum OtherNames {
+    RenameInProgress,
+    InOwnFolder,
+    Elsewhere,
+}
+
+/// Where the other names of a file with several hard links are: a temporary name beside it
+/// (an OpenSSH rename, done as link + unlink, is under way), another name in the tenant's
+/// own folder or its `bak/` (the tenant's own link, or an older version's interrupted move
+/// to `bak/`), or somewhere we cannot see: outside the tenant's folder.
+fn other_names(folder: &TenantFolder, name: &OsStr, ino: u64) -> OtherNames {
+    let beside: Vec<OsString> = folder
+        .entries()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.as_os_str() != name)
+        .filter(|n| folder.stat(n).is_ok_and(|s| s.ino == ino && s.regular()))
+        .collect();
+    if beside
+        .iter()
+        .any(|n| is_temporary(&folder::display_name(n).0))
+    {
+        OtherNames::RenameInProgress
+    } else if !beside.is_empty() || folder.bak_holds(ino) {
+        OtherNames::InOwnFolder
+    } else {
+        OtherNames::Elsewhere
+    }
+}
+
+/// Symlinks, FIFOs, devices, directories, and regular files that are also linked from outside
+/// the drop folder: never opened or followed (nor read); reported once (their arrival key is
+/// their inode and mtime) and left where they are.
+async fn handle_not_regular(
+    ctx: &Context,
+    tenant: &Tenant,
+    name: &str,
+    kind: &str,
+    meta: &Signature,
+) -> anyhow::Result<()> {
+    let problem = FileProblem {
+        code: FileErrorCode::NotRegularFile,
+        message: format!(
+            "{name:?} is {kind}; only regular .csv files uploaded into this folder are imported, and it was left untouched (links are never followed)"
+        ),
+    };
+    report_unopened(ctx, tenant, name, meta, &problem).await
+}
+
+/// Reports an entry that is not opened (or cannot be) once, keyed on its inode and mtime, and
+/// leaves it where it is.
+async fn report_unopened(
+    ctx: &Context,
+    tenant: &Tenant,
+    name: &str,
+    meta: &Signature,
+    problem: &FileProblem,
+) -> anyhow::Result<()> {
+    let arrival_key = format!(
+        "{}:{}:{}:{}:special",
+        tenant.id, meta.dev, meta.ino, meta.mtime_ns
+    );
+    let sniff = Sniff {
+        sha256: String::new(),
+        size: 0,
+        encoding: encoding_rs::UTF_8,
+        bom: false,
+        binary: None,
+        rows_at_most: None,
+        long_line: None,
+        broken_utf8: None,
+    };
+    let registered = register(ctx, tenant.tenant_id(), name, &arrival_key, &sniff).await?;
+    if current_state(&ctx.pool, registered.id).await? == "received" {
+        fail(ctx, registered.id, tenant.tenant_id(), problem, None).await?;
+    }
+    Ok(())
+}

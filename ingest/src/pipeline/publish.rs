@@ -1,0 +1,230 @@
+//! Reading a registered file whole without publishing (every file-level problem decided
+//! first), then publishing its chunks with confirms and recording the totals.
+
+use super::state::finished;
+use super::*;
+
+/// Chunks in flight (published, confirm not yet awaited) per file.
+const CONFIRM_WINDOW: usize = 8;
+
+/// What the validating pass found.
+pub(super) enum Validated {
+    /// Nothing stops the import.
+    Good,
+    /// A file-level problem: nothing is published.
+    Problem(FileProblem),
+    /// The content is not what was registered (someone is writing to it).
+    Changed,
+}
+
+/// Reads the whole file once without publishing anything, so that every file-level problem
+/// (header, unclosed quote, row limit…) is decided before the first row is handed over.
+pub(super) async fn validate_whole(
+    file: &File,
+    sniff: &Sniff,
+    limits: reader::Limits,
+    chunking: Chunking,
+) -> anyhow::Result<Validated> {
+    let mut f = file.try_clone()?;
+    let sniff = sniff.clone();
+    tokio::task::spawn_blocking(move || {
+        f.seek(SeekFrom::Start(0))?;
+        let mut hashing = HashingReader {
+            inner: f,
+            hasher: Sha256::new(),
+        };
+        let outcome = reader::read_chunks(
+            &mut hashing,
+            &sniff,
+            limits,
+            chunking,
+            |_, _, _| {},
+            |_, _, _, _| Ok(()),
+        );
+        io::copy(&mut hashing, &mut io::sink())?;
+        let outcome = outcome?;
+        if hex::encode(hashing.hasher.finalize()) != sniff.sha256 {
+            return Ok(Validated::Changed);
+        }
+        Ok(match outcome {
+            Ok(_) => Validated::Good,
+            Err(problem) => Validated::Problem(problem),
+        })
+    })
+    .await?
+}
+
+/// Reads and publishes the file's rows, then records the totals. The file was validated
+/// whole before, so a problem found now means its content changed since: the rows already
+/// published are imported, and the report says exactly which.
+pub(super) async fn publish_rows(
+    ctx: &Context,
+    tenant: &Tenant,
+    file_id: ImportFileId,
+    file: &File,
+    sniff: &Sniff,
+    chunking: Chunking,
+    name: &str,
+) -> anyhow::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let tenant_id = tenant.tenant_id();
+    let sniff_for_read = sniff.clone();
+    let limits = ctx.limits;
+    let mut f = file.try_clone()?;
+    let reading = tokio::task::spawn_blocking(move || {
+        f.seek(SeekFrom::Start(0))?;
+        let mut hashing = HashingReader {
+            inner: f,
+            hasher: Sha256::new(),
+        };
+        let mut header_seen: Option<(Vec<String>, Vec<String>, u8)> = None;
+        let mut published_rows: u64 = 0;
+        let mut published_chunks: u32 = 0;
+        let outcome = reader::read_chunks(
+            &mut hashing,
+            &sniff_for_read,
+            limits,
+            chunking,
+            |cells, map, delimiter| {
+                header_seen = Some((cells.to_vec(), map.ignored.clone(), delimiter));
+            },
+            |chunk_no, header, _, rows| {
+                let n = rows.len() as u64;
+                let msg = WorkMessage::ChunkV1(Chunk {
+                    file_id,
+                    tenant_id,
+                    chunk_no,
+                    header: header.to_vec(),
+                    rows,
+                });
+                let bytes = messages::encode(&msg).map_err(io::Error::other)?;
+                tx.blocking_send(bytes)
+                    .map_err(|_| io::Error::other("publisher stopped"))?;
+                published_rows += n;
+                published_chunks = chunk_no + 1;
+                Ok(())
+            },
+        );
+        // Drain what the reader did not consume so the hash covers the whole file.
+        let _ = io::copy(&mut hashing, &mut io::sink());
+        Ok::<_, io::Error>((
+            outcome,
+            hex::encode(hashing.hasher.finalize()),
+            header_seen,
+            published_rows,
+            published_chunks,
+        ))
+    });
+
+    let mut window: VecDeque<mui_shared::amqp::Pending> = VecDeque::new();
+    let mut publish_error = None;
+    let mut sent = 0u64;
+    while let Some(bytes) = rx.recv().await {
+        if publish_error.is_some() {
+            continue; // keep draining so the reader finishes
+        }
+        match ctx.publisher.send(QueueKind::Chunks, &bytes).await {
+            Ok(p) => window.push_back(p),
+            Err(e) => publish_error = Some(e),
+        }
+        sent += 1;
+        if sent == 1 {
+            ctx.hooks.pause("ingest.publishing", name).await;
+        }
+        while window.len() > CONFIRM_WINDOW {
+            if let Some(p) = window.pop_front() {
+                if let Err(e) = p.confirmed().await {
+                    publish_error.get_or_insert(e);
+                }
+            }
+        }
+    }
+    for p in window {
+        if let Err(e) = p.confirmed().await {
+            publish_error.get_or_insert(e);
+        }
+    }
+    let (outcome, hash_again, header_seen, published_rows, published_chunks) = reading.await??;
+    if let Some(e) = publish_error {
+        // Nothing is recorded: the whole file is published again (workers skip the chunks
+        // they already imported).
+        return Err(e).context("publishing chunks");
+    }
+    let outcome = outcome.context("reading the file")?;
+    let changed = hash_again != sniff.sha256;
+    let (chunks, rows, notice) = match outcome {
+        Ok(summary) => {
+            let notice = changed.then(|| {
+                "The file changed while it was being imported: the rows were imported as they were read, and the new content is imported as a new upload".to_owned()
+            });
+            (summary.chunks, summary.rows, notice)
+        }
+        Err(problem) if published_chunks == 0 => {
+            fail(ctx, file_id, tenant_id, &problem, Some(sniff)).await?;
+            return Ok(());
+        }
+        Err(problem) => (
+            published_chunks,
+            published_rows,
+            Some(format!(
+                "The file changed while it was being imported, and its new content has a problem ({problem}): only the first {published_rows} data rows were imported (each is counted and reported here); the rest was not. Upload the whole file again"
+            )),
+        ),
+    };
+    if let Some(notice) = notice {
+        tracing::warn!("FileChangedWhileRead");
+        add_notice(&ctx.pool, file_id, notice).await?;
+    }
+    let (header, ignored, delimiter) = header_seen.unwrap_or_default();
+    tracing::info!(rows, chunks, "FileQueued");
+    let header = serde_json::to_value(&header)?;
+    let ignored = serde_json::to_value(&ignored)?;
+    let delimiter = reader::delimiter_label(delimiter);
+    let chunks = chunks as i32;
+    let rows = rows as i64;
+    let kick = ctx.kick.clone();
+    db::run(&ctx.pool, move |conn| {
+        conn.transaction(|conn| {
+            #[derive(QueryableByName)]
+            struct Done {
+                #[diesel(sql_type = Bool)]
+                done: bool,
+            }
+            let done: Done = diesel::sql_query(
+                "UPDATE import_files SET total_chunks = $2, rows_total = $3, \
+                 delimiter = $4, header = $5, ignored_columns = $6, queued_at = now(), \
+                 state = CASE WHEN chunks_done >= $2 THEN 'done' ELSE 'importing' END, \
+                 finished_at = CASE WHEN chunks_done >= $2 THEN now() END \
+                 WHERE id = $1 RETURNING (state = 'done') AS done",
+            )
+            .bind::<BigInt, _>(file_id.0)
+            .bind::<diesel::sql_types::Integer, _>(chunks)
+            .bind::<BigInt, _>(rows)
+            .bind::<diesel::sql_types::Text, _>(delimiter)
+            .bind::<diesel::sql_types::Jsonb, _>(header)
+            .bind::<diesel::sql_types::Jsonb, _>(ignored)
+            .get_result(conn)?;
+            if done.done {
+                finished(conn, file_id, tenant_id)?;
+            }
+            Ok::<_, diesel::result::Error>(())
+        })?;
+        Ok(())
+    })
+    .await?;
+    kick.kick();
+    Ok(())
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}

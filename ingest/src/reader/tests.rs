@@ -1,0 +1,222 @@
+//! The reader's unit tests: encodings, row numbers, limits, quotes and bounds.
+
+use super::*;
+use std::io::Cursor;
+
+fn read(bytes: &[u8]) -> (Sniff, Result<ReadSummary, FileProblem>, Vec<RawRow>) {
+    let mut cur = Cursor::new(bytes.to_vec());
+    let s = sniff(&mut cur).unwrap();
+    let mut all = Vec::new();
+    let r = read_chunks(
+        cur,
+        &s,
+        Limits::default(),
+        Chunking::rows(2),
+        |_, _, _| {},
+        |_, _, _, rows| {
+            all.extend(rows);
+            Ok(())
+        },
+    )
+    .unwrap();
+    (s, r, all)
+}
+
+#[test]
+fn utf8_with_bom_and_crlf() {
+    let (s, r, rows) = read(
+        b"\xEF\xBB\xBFunique_id,login_source,first_name\r\n1,sso,Ren\xC3\xA9e\r\n2,sso,Bob\r\n",
+    );
+    assert_eq!(s.encoding_label(), "UTF-8 with BOM");
+    let r = r.unwrap();
+    assert_eq!(r.header[0], "unique_id");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].fields[2], "Renée");
+    assert_eq!(rows[0].row, 2);
+}
+
+#[test]
+fn windows_1252_is_detected() {
+    let (s, r, rows) = read(b"unique_id,login_source,first_name\r\n1,sso,Ren\xE9e Mu\xF1oz\r\n");
+    assert_eq!(s.encoding.name(), "windows-1252");
+    assert!(r.is_ok());
+    assert_eq!(rows[0].fields[2], "Renée Muñoz");
+}
+
+#[test]
+fn quoted_newlines_and_blank_lines_keep_spreadsheet_row_numbers() {
+    for data in [
+        &b"unique_id,login_source,street\n1,sso,\"a\nb, c\"\n\n3,sso,x\n\n7,sso,y"[..],
+        &b"unique_id,login_source,street\r\n1,sso,\"a\r\nb, c\"\r\n\r\n3,sso,x\r\n\r\n7,sso,y\r\n"
+            [..],
+        &b"unique_id,login_source,street\r1,sso,\"a\rb, c\"\r\r3,sso,x\r\r7,sso,y\r"[..],
+    ] {
+        let (_, r, rows) = read(data);
+        let r = r.unwrap();
+        assert_eq!(r.rows, 3);
+        assert_eq!(rows[0].row, 2);
+        assert_eq!(rows[0].fields[2], "a\nb, c");
+        assert_eq!(rows[1].row, 4, "{rows:?}");
+        assert_eq!(rows[2].row, 6, "{rows:?}");
+    }
+}
+
+#[test]
+fn chunks_are_bounded() {
+    let (_, r, rows) = read(b"unique_id,login_source\n1,a\n2,a\n3,a\n4,a\n5,a\n");
+    let r = r.unwrap();
+    assert_eq!(r.chunks, 3);
+    assert_eq!(rows.len(), 5);
+}
+
+#[test]
+fn broken_utf8_is_reported_where_it_is() {
+    let (s, r, _) =
+        read(b"unique_id,login_source,first_name\n1,sso,Ren\xC3\xA9e\n2,sso,Bj\xF8rn\n");
+    assert_eq!(s.encoding.name(), "UTF-8");
+    let p = r.unwrap_err();
+    assert_eq!(p.code, FileErrorCode::BadEncoding);
+    assert!(
+        p.message.contains("line 3 (at byte offset 55)"),
+        "{}",
+        p.message
+    );
+}
+
+#[test]
+fn utf16_with_bom() {
+    let text = "unique_id,login_source,first_name\r\n1,sso,Zoë\r\n";
+    let mut bytes = vec![0xFF, 0xFE];
+    for unit in text.encode_utf16() {
+        bytes.extend_from_slice(&unit.to_le_bytes());
+    }
+    let (s, r, rows) = read(&bytes);
+    assert_eq!(s.encoding_label(), "UTF-16LE with BOM");
+    assert_eq!(r.unwrap().rows, 1);
+    assert_eq!(rows[0].fields[2], "Zoë");
+}
+
+#[test]
+fn limits_refuse_before_reading_rows() {
+    let mut cur = Cursor::new(b"unique_id,login_source\n1,a\n\"2\nstill 2\",a\n3,a\n".to_vec());
+    let s = sniff(&mut cur).unwrap();
+    assert_eq!(s.rows_at_most, Some(3));
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        max_rows: 2,
+    };
+    assert_eq!(s.problem(&limits).unwrap().code, FileErrorCode::TooLarge);
+    let limits = Limits {
+        max_bytes: 10,
+        max_rows: 100,
+    };
+    assert!(s
+        .problem(&limits)
+        .unwrap()
+        .message
+        .contains("at most 10 bytes"));
+    assert!(s.problem(&Limits::default()).is_none());
+}
+
+#[test]
+fn semicolons_and_tabs() {
+    assert_eq!(detect_delimiter(b"unique_id;login_source;email\n"), b';');
+    assert_eq!(detect_delimiter(b"unique_id\tlogin_source\n"), b'\t');
+    assert_eq!(detect_delimiter(b"unique_id,login_source;x\n"), b',');
+    let (_, r, rows) = read(b"unique_id;login_source\n1;sso\n");
+    assert_eq!(r.unwrap().delimiter, b';');
+    assert_eq!(rows[0].fields, vec!["1", "sso"]);
+}
+
+#[test]
+fn file_level_problems() {
+    let (_, r, _) = read(b"");
+    assert_eq!(r.unwrap_err().code, FileErrorCode::EmptyFile);
+    let (_, r, _) = read(b"\n\n");
+    assert_eq!(r.unwrap_err().code, FileErrorCode::EmptyFile);
+    let (_, r, _) = read(b"unique_id,login_source\n");
+    assert_eq!(r.unwrap_err().code, FileErrorCode::HeaderOnly);
+    let (_, r, _) = read(b"unique_id,email\n1,a@b.c\n");
+    let p = r.unwrap_err();
+    assert_eq!(p.code, FileErrorCode::MissingRequiredColumn);
+    assert!(p.message.contains("login_source"), "{}", p.message);
+    let (_, r, _) = read(b"PK\x03\x04\x14\x00\x06\x00rest-of-zip");
+    let p = r.unwrap_err();
+    assert_eq!(p.code, FileErrorCode::NotCsv);
+    assert!(p.message.contains("xlsx"), "{}", p.message);
+}
+
+#[test]
+fn a_huge_line_is_a_file_problem_not_a_crash() {
+    let mut data = b"unique_id,login_source\n1,".to_vec();
+    data.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
+    let (_, r, _) = read(&data);
+    let p = r.unwrap_err();
+    assert_eq!(p.code, FileErrorCode::LineTooLong);
+    assert!(p.message.starts_with("line 2 is longer"), "{}", p.message);
+}
+
+#[test]
+fn an_unclosed_quote_names_its_row_and_line() {
+    let mut data =
+        b"unique_id,login_source,street\n1,sso,\"a\nb\"\n2,sso,x\n3,sso,\"never closed\n".to_vec();
+    for i in 0..1000 {
+        data.extend_from_slice(format!("{i},sso,y\n").as_bytes());
+    }
+    let (_, r, _) = read(&data);
+    let p = r.unwrap_err();
+    assert_eq!(p.code, FileErrorCode::UnclosedQuote);
+    assert!(p.message.contains("row 4, on line 5"), "{}", p.message);
+    // A quote closed on the last line is fine.
+    let (_, r, rows) = read(b"unique_id,login_source,street\n1,sso,\"a\nb\"");
+    assert!(r.is_ok());
+    assert_eq!(rows[0].fields[2], "a\nb");
+}
+
+#[test]
+fn a_huge_record_is_a_row_failure_not_the_file() {
+    let mut data = b"unique_id,login_source,street\n1,sso,\"".to_vec();
+    for _ in 0..30_000 {
+        data.extend_from_slice(b"0123456789012345678901234567890123456789\n");
+    }
+    data.extend_from_slice(b"\"\n2,sso,x\n");
+    let (_, r, rows) = read(&data);
+    let r = r.unwrap();
+    assert_eq!(r.rows, 2);
+    let big = rows[0].too_large.as_ref().unwrap();
+    assert!(big.bytes > MAX_RECORD_BYTES as u64);
+    assert!(rows[0].fields.is_empty());
+    assert_eq!(big.start[0], "1");
+    assert_eq!(rows[1].row, 3);
+    assert_eq!(rows[1].fields[2], "x");
+}
+
+#[test]
+fn chunks_are_bounded_in_bytes() {
+    let mut data = b"unique_id,login_source,street\n".to_vec();
+    for i in 0..100 {
+        data.extend_from_slice(format!("{i},sso,{}\n", "s".repeat(1000)).as_bytes());
+    }
+    let mut cur = Cursor::new(data);
+    let s = sniff(&mut cur).unwrap();
+    let mut sizes = Vec::new();
+    let r = read_chunks(
+        cur,
+        &s,
+        Limits::default(),
+        Chunking {
+            rows: 1000,
+            max_bytes: 10_000,
+        },
+        |_, _, _| {},
+        |_, _, _, rows| {
+            sizes.push(rows.len());
+            Ok(())
+        },
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.rows, 100);
+    assert!(sizes.len() >= 10, "{sizes:?}");
+    assert!(sizes.iter().all(|n| *n <= 10), "{sizes:?}");
+}
