@@ -1,0 +1,73 @@
+//! A PostgreSQL database of its own per test, and where the services under test are.
+
+use anyhow::Context;
+use diesel::prelude::*;
+
+/// Base URL of the PostgreSQL server tests create databases on.
+pub fn base_database_url() -> String {
+    std::env::var("MUI_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// RabbitMQ URL for tests.
+pub fn amqp_url() -> String {
+    std::env::var("MUI_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+pub(crate) fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A database of its own, migrated, dropped on drop.
+#[derive(Debug)]
+pub struct TestDb {
+    name: String,
+    /// URL of the test's database.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates and migrates a fresh database.
+    pub fn new() -> anyhow::Result<Self> {
+        let base = base_database_url();
+        let name = unique("mui_t");
+        let mut admin = PgConnection::establish(&base).context("connecting to PostgreSQL")?;
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin)?;
+        let url = replace_db(&base, &name);
+        let mut conn = PgConnection::establish(&url)?;
+        mui_shared::db::migrate(&mut conn)?;
+        Ok(Self { name, url })
+    }
+
+    /// A new connection to the test database.
+    pub fn conn(&self) -> PgConnection {
+        PgConnection::establish(&self.url).expect("test database reachable")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&base_database_url()) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin);
+        }
+    }
+}
+
+fn replace_db(url: &str, db: &str) -> String {
+    match url.rfind('/') {
+        Some(i) if url[..i].contains("://") && !url[..i].ends_with('/') => {
+            let rest = &url[i + 1..];
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{}/{db}{query}", &url[..i])
+        }
+        _ => format!("{url}/{db}"),
+    }
+}
