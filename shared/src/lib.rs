@@ -7,6 +7,7 @@
 //! - [`amqp`]: the RabbitMQ topology, connecting with backoff, publishing with confirms.
 //! - [`outbox`]: database-to-broker hand-off that a crash cannot lose.
 //! - [`deadletters`]: recording, listing and replaying dead-lettered messages.
+//! - [`failures`]: a file's stored failure records and the failures CSV, as mailed.
 //! - [`tenants`]: tenant settings as the services read them.
 //! - [`config`] and [`telemetry`]: settings, logs and spans.
 //! - [`service`]: start-up, shutdown and exit, the same for every service.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod deadletters;
 pub mod domain;
+pub mod failures;
 pub mod messages;
 pub mod outbox;
 pub mod schema;
