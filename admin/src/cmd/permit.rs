@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Subcommand;
 use diesel::PgConnection;
 use mui_shared::permits::{self, AddPermitError, NewPermit};
@@ -55,17 +55,17 @@ impl PermitCmd {
                     lot_name: &lot,
                     active_window: window.as_deref(),
                 };
+                let unique = "permit numbers are unique within a tenant";
                 match permits::add_permit(conn, &permit) {
                     Ok(()) => {}
                     Err(AddPermitError::NoSuchUser) => {
                         bail!("tenant {} has no user {unique_id:?}", t.slug)
                     }
                     Err(AddPermitError::Lookup(e)) => return Err(e.into()),
-                    Err(AddPermitError::Insert(e)) => return Err(e).with_context(|| {
-                        format!(
-                            "permit {permit_number:?} (permit numbers are unique within a tenant)"
-                        )
-                    }),
+                    Err(AddPermitError::Insert(e)) => {
+                        let context = format!("permit {permit_number:?} ({unique})");
+                        return Err(anyhow::Error::new(e).context(context));
+                    }
                 }
                 writeln!(out, "permit {permit_number} ({lot}) given to {unique_id}")?;
             }
