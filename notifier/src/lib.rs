@@ -44,7 +44,7 @@ use mui_shared::amqp::{self, QueueKind};
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db::{self, DbError, PgPool};
 use mui_shared::domain::ImportFileId;
-use mui_shared::messages::{self, NotifyMessage, RowFailure, RowFailures};
+use mui_shared::messages::{self, NotifyMessage, RowFailures};
 use mui_shared::schema::{import_files, row_failures};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -758,34 +758,8 @@ fn decide(
     })))
 }
 
-/// A file's stored failure records, in row order.
-pub fn load_failures(
-    conn: &mut PgConnection,
-    file_id: ImportFileId,
-    limit: i64,
-) -> Result<Vec<RowFailure>, diesel::result::Error> {
-    let rows: Vec<(i64, serde_json::Value, serde_json::Value)> = row_failures::table
-        .filter(row_failures::file_id.eq(file_id.0))
-        .order(row_failures::row_number)
-        .limit(limit)
-        .select((
-            row_failures::row_number,
-            row_failures::fields,
-            row_failures::errors,
-        ))
-        .load(conn)?;
-    rows.into_iter()
-        .map(|(row, fields, errors)| {
-            Ok(RowFailure {
-                row: row as u64,
-                fields: serde_json::from_value(fields)
-                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
-                errors: serde_json::from_value(errors)
-                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
-            })
-        })
-        .collect()
-}
+/// A file's stored failure records, in row order (in `mui_shared::failures`).
+pub use mui_shared::failures::load_failures;
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,9 @@
 //! The report a tenant receives: subject, body and the failures CSV. Pure functions, so the
 //! wording is tested without a mail server.
 
-use mui_shared::messages::{RowError, RowFailure};
+// The failures CSV is built in `mui_shared::failures`, so `muictl files failures` prints the
+// very bytes a report attaches.
+pub use mui_shared::failures::{failures_csv, failures_csv_with_ends, neutralise};
 
 /// What the report says about one file.
 #[derive(Debug, Clone, Default)]
@@ -213,90 +215,6 @@ fn short(s: &str, max: usize) -> String {
     mui_shared::messages::truncate_for_message(s, max)
 }
 
-/// A cell made safe to open in a spreadsheet: a value that a spreadsheet would run as a
-/// formula (starting with `=`, `+`, `-`, `@`, tab or carriage return) gets a leading `'`, as
-/// OWASP's CSV-injection guidance recommends. Values are otherwise unchanged.
-pub fn neutralise(cell: &str) -> String {
-    match cell.chars().next() {
-        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}"),
-        _ => cell.to_owned(),
-    }
-}
-
-/// The failures CSV: UTF-8 with BOM (so Excel shows accents right), columns `row`, the
-/// uploaded columns in uploaded order, `error_code`, `reason`. Rows sorted by row number.
-pub fn failures_csv(header: &[String], failures: &[RowFailure]) -> Result<Vec<u8>, csv::Error> {
-    Ok(failures_csv_with_ends(header, failures)?.0)
-}
-
-/// [`failures_csv`], with where each row ends: `ends[k]` is the length of the CSV holding
-/// the header and the first `k` rows (`ends[0]`: the header alone), so a report can attach
-/// a prefix of the list without writing it again.
-pub fn failures_csv_with_ends(
-    header: &[String],
-    failures: &[RowFailure],
-) -> Result<(Vec<u8>, Vec<usize>), csv::Error> {
-    let width = failures
-        .iter()
-        .map(|f| f.fields.len())
-        .max()
-        .unwrap_or(0)
-        .max(header.len());
-    let mut out = Vec::with_capacity(64 + failures.len() * 128);
-    let mut ends = Vec::with_capacity(failures.len() + 1);
-    out.extend_from_slice("\u{feff}".as_bytes());
-    {
-        let mut w = csv::WriterBuilder::new()
-            .terminator(csv::Terminator::CRLF)
-            .from_writer(&mut out);
-        let mut head = vec!["row".to_owned()];
-        for i in 0..width {
-            head.push(match header.get(i) {
-                Some(h) => neutralise(h.trim()),
-                None => format!("(extra {})", i + 1 - header.len()),
-            });
-        }
-        head.push("error_code".to_owned());
-        head.push("reason".to_owned());
-        w.write_record(&head)?;
-        w.flush()?;
-        ends.push(w.get_ref().len());
-        let mut sorted: Vec<&RowFailure> = failures.iter().collect();
-        sorted.sort_by_key(|f| f.row);
-        for f in sorted {
-            let mut rec = vec![f.row.to_string()];
-            for i in 0..width {
-                rec.push(neutralise(
-                    f.fields.get(i).map(String::as_str).unwrap_or(""),
-                ));
-            }
-            rec.push(codes(&f.errors));
-            rec.push(neutralise(&reasons(&f.errors)));
-            w.write_record(&rec)?;
-            // The writer buffers; flushing per row (into memory) makes the length exact.
-            w.flush()?;
-            ends.push(w.get_ref().len());
-        }
-    }
-    Ok((out, ends))
-}
-
-fn codes(errors: &[RowError]) -> String {
-    errors
-        .iter()
-        .map(|e| e.code.as_str())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn reasons(errors: &[RowError]) -> String {
-    errors
-        .iter()
-        .map(|e| e.message.as_str())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// The attachment's file name: `<file>.failures.csv`, with path separators and control
 /// characters replaced.
 pub fn attachment_name(file_name: &str) -> String {
@@ -325,66 +243,6 @@ pub fn zip_name(csv_name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mui_shared::messages::RowErrorCode;
-
-    #[test]
-    fn csv_has_bom_row_numbers_uploaded_values_and_reasons() {
-        let header = vec![
-            "unique_id".to_owned(),
-            "login_source".to_owned(),
-            "Email".to_owned(),
-        ];
-        let failures = vec![
-            RowFailure {
-                row: 7,
-                fields: vec!["b".into(), "sso".into(), "=cmd|' /C calc'!A0".into()],
-                errors: vec![RowError {
-                    code: RowErrorCode::InvalidEmail,
-                    column: Some("Email".into()),
-                    message: "`Email` \"=cmd\" is not an email address".into(),
-                }],
-            },
-            RowFailure {
-                row: 3,
-                fields: vec!["".into(), "ldap".into(), "Zoë@x.org".into()],
-                errors: vec![
-                    RowError {
-                        code: RowErrorCode::RequiredMissing,
-                        column: None,
-                        message: "one".into(),
-                    },
-                    RowError {
-                        code: RowErrorCode::UnknownLoginSource,
-                        column: None,
-                        message: "two".into(),
-                    },
-                ],
-            },
-        ];
-        let bytes = failures_csv(&header, &failures).unwrap();
-        let text = String::from_utf8(bytes).unwrap();
-        let mut lines = text.split("\r\n");
-        assert_eq!(
-            lines.next().unwrap(),
-            "\u{feff}row,unique_id,login_source,Email,error_code,reason"
-        );
-        assert_eq!(
-            lines.next().unwrap(),
-            "3,,ldap,Zoë@x.org,required_missing; unknown_login_source,one; two"
-        );
-        let third = lines.next().unwrap();
-        assert!(third.starts_with("7,b,sso,'=cmd|"), "{third}");
-    }
-
-    #[test]
-    fn neutralises_formula_starts_only() {
-        assert_eq!(neutralise("=1+1"), "'=1+1");
-        assert_eq!(neutralise("+15551234"), "'+15551234");
-        assert_eq!(neutralise("@SUM(A1)"), "'@SUM(A1)");
-        assert_eq!(neutralise("-2"), "'-2");
-        assert_eq!(neutralise("a=b"), "a=b");
-        assert_eq!(neutralise(""), "");
-    }
 
     #[test]
     fn subjects_name_the_file_and_counts() {
@@ -469,26 +327,5 @@ mod tests {
         );
         assert!(body.contains("1200 rows were left out"), "{body}");
         assert_eq!(zip_name("a.csv.failures.csv"), "a.csv.failures.zip");
-    }
-
-    #[test]
-    fn row_ends_cut_the_csv_at_row_boundaries() {
-        let header = vec!["unique_id".to_owned()];
-        let failures: Vec<RowFailure> = (0..5)
-            .map(|i| RowFailure {
-                row: 10 - i,
-                fields: vec![format!("u{i}")],
-                errors: vec![],
-            })
-            .collect();
-        let (all, ends) = failures_csv_with_ends(&header, &failures).unwrap();
-        assert_eq!(ends.len(), 6);
-        assert_eq!(*ends.last().unwrap(), all.len());
-        let first_two = String::from_utf8(all[..ends[2]].to_vec()).unwrap();
-        assert_eq!(
-            first_two,
-            "\u{feff}row,unique_id,error_code,reason\r\n6,u4,,\r\n7,u3,,\r\n"
-        );
-        assert_eq!(all, failures_csv(&header, &failures).unwrap());
     }
 }

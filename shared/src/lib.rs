@@ -8,6 +8,10 @@
 //! - [`amqp`]: the RabbitMQ topology, connecting with backoff, publishing with confirms.
 //! - [`outbox`]: database-to-broker hand-off that a crash cannot lose.
 //! - [`deadletters`]: recording, listing and replaying dead-lettered messages.
+//! - [`failures`]: a file's stored failure records and the failures CSV, as mailed.
+//! - [`files`]: the files a tenant sent, as an operator lists them.
+//! - [`users`]: a tenant's users, as an operator lists and looks them up.
+//! - [`permits`]: users' parking permits, as an operator lists and adds them.
 //! - [`tenants`]: tenant settings as the services read them.
 //! - [`config`] and [`telemetry`]: settings, logs and spans.
 //! - [`service`]: start-up, shutdown and exit, the same for every service.
@@ -18,9 +22,13 @@ pub mod config;
 pub mod db;
 pub mod deadletters;
 pub mod domain;
+pub mod failures;
+pub mod files;
 pub mod messages;
 pub mod outbox;
+pub mod permits;
 pub mod schema;
 pub mod service;
 pub mod telemetry;
 pub mod tenants;
+pub mod users;

@@ -1,0 +1,135 @@
+//! `muictl files`: the files a tenant sent, and a file's failures CSV.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Subcommand;
+use diesel::PgConnection;
+use mui_shared::deadletters;
+use mui_shared::domain::ImportFileId;
+use mui_shared::failures;
+use mui_shared::files::{self, FileLine};
+use mui_shared::tenants::Tenant;
+
+#[derive(Debug, Subcommand)]
+pub enum FilesCmd {
+    /// A tenant's files, newest first: state, progress and counts.
+    List {
+        /// The tenant.
+        slug: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// How many files.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Print a file's failures CSV (the email's attachment) again.
+    Failures {
+        /// The file id (from `files list`).
+        file_id: i64,
+    },
+}
+
+impl FilesCmd {
+    pub fn run(self, conn: &mut PgConnection, out: &mut impl Write) -> anyhow::Result<()> {
+        match self {
+            FilesCmd::List { slug, json, limit } => {
+                let t = super::find(conn, &slug)?;
+                list_files(out, conn, &t, json, limit)
+            }
+            FilesCmd::Failures { file_id } => {
+                let file = failures::load_file(conn, ImportFileId(file_id))?
+                    .with_context(|| format!("no file with id {file_id}"))?;
+                out.write_all(&file.csv()?)?;
+                eprintln!(
+                    "{} failed row(s) of {:?}",
+                    file.failures.len(),
+                    file.file_name
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+fn list_files(
+    out: &mut impl Write,
+    conn: &mut PgConnection,
+    t: &Tenant,
+    json: bool,
+    limit: i64,
+) -> anyhow::Result<()> {
+    let files: Vec<FileLine> = files::list_file_lines(conn, t.tenant_id(), limit)?;
+    let dead = deadletters::pending_by_file(conn, t.id)?;
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &files)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:>6} {:<28} {:<10} {:>9} {:>9} {:>7} {:<11} RECEIVED",
+        "ID", "FILE", "STATE", "ROWS", "IMPORTED", "FAILED", "EMAIL"
+    )?;
+    for f in files {
+        let imported = f.rows_imported();
+        let rows = match (f.state.as_str(), f.rows_total) {
+            (_, Some(n)) => n.to_string(),
+            ("failed", None) => "-".to_owned(),
+            _ => "?".to_owned(),
+        };
+        let state = if f.state == "importing" || (f.state == "received" && f.chunks_done > 0) {
+            format!(
+                "{} {}/{}",
+                f.state,
+                f.chunks_done,
+                f.total_chunks.map_or("?".to_owned(), |n| n.to_string())
+            )
+        } else {
+            f.state.clone()
+        };
+        let dead_letters = dead.get(&f.id).copied().unwrap_or(0);
+        let state = if dead_letters > 0 && f.state != "done" {
+            "dead-lettered".to_owned()
+        } else {
+            state
+        };
+        writeln!(
+            out,
+            "{:>6} {:<28} {:<10} {:>9} {:>9} {:>7} {:<11} {}",
+            f.id,
+            mui_shared::messages::truncate_for_message(&f.file_name, 27),
+            state,
+            rows,
+            imported,
+            f.rows_failed,
+            f.notify_status,
+            f.received_at.format("%Y-%m-%d %H:%M:%S")
+        )?;
+        if f.users_archived + f.users_reactivated + f.permits_released > 0 {
+            writeln!(
+                out,
+                "{:>6} archived {} user(s), reactivated {}, released {} permit(s)",
+                "", f.users_archived, f.users_reactivated, f.permits_released
+            )?;
+        }
+        if let Some(msg) = f.error_message {
+            writeln!(out, "{:>6} error: {}", "", msg)?;
+        }
+        if let Some(detail) = f.notify_detail {
+            writeln!(out, "{:>6} email: {}", "", detail)?;
+        }
+        for notice in &f.notices {
+            writeln!(out, "{:>6} notice: {}", "", notice)?;
+        }
+        if dead_letters > 0 {
+            writeln!(
+                out,
+                "{:>6} {} dead-lettered message(s): see `muictl dead-letters list --tenant {}`",
+                "", dead_letters, t.slug
+            )?;
+        }
+    }
+    Ok(())
+}

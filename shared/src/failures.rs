@@ -1,0 +1,265 @@
+//! A file's failure records as stored (`row_failures`), and the failures CSV built from them
+//! exactly as the report mails it. The notifier attaches it; `muictl files failures` prints
+//! it again.
+
+use diesel::prelude::*;
+
+use crate::domain::ImportFileId;
+use crate::messages::{RowError, RowFailure};
+use crate::schema::{import_files, row_failures};
+
+/// A file's failure records, with what the CSV needs of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileFailures {
+    /// The file's name as uploaded.
+    pub file_name: String,
+    /// The file's header as uploaded (empty if the file has none stored).
+    pub header: Vec<String>,
+    /// The failure records, by row number.
+    pub failures: Vec<RowFailure>,
+}
+
+impl FileFailures {
+    /// The failures CSV of the whole list (see [`failures_csv`]).
+    pub fn csv(&self) -> Result<Vec<u8>, csv::Error> {
+        failures_csv(&self.header, &self.failures)
+    }
+}
+
+/// Every failure record of a file, with its name and header; `None` if there is no such file.
+pub fn load_file(
+    conn: &mut PgConnection,
+    file_id: ImportFileId,
+) -> QueryResult<Option<FileFailures>> {
+    let file: Option<(String, Option<serde_json::Value>)> = import_files::table
+        .find(file_id.0)
+        .select((import_files::file_name, import_files::header))
+        .first(conn)
+        .optional()?;
+    let Some((file_name, header)) = file else {
+        return Ok(None);
+    };
+    let failures = load_failures(conn, file_id, i64::MAX)?;
+    Ok(Some(FileFailures {
+        file_name,
+        header: header_of(header),
+        failures,
+    }))
+}
+
+/// A file's stored header (`import_files.header`, a JSON array of strings) as a list; empty
+/// when there is none or it is not a list of strings.
+pub fn header_of(header: Option<serde_json::Value>) -> Vec<String> {
+    header
+        .and_then(|h| serde_json::from_value(h).ok())
+        .unwrap_or_default()
+}
+
+/// The first `limit` failure records of a file, by row number.
+pub fn load_failures(
+    conn: &mut PgConnection,
+    file_id: ImportFileId,
+    limit: i64,
+) -> Result<Vec<RowFailure>, diesel::result::Error> {
+    let rows: Vec<(i64, serde_json::Value, serde_json::Value)> = row_failures::table
+        .filter(row_failures::file_id.eq(file_id.0))
+        .order(row_failures::row_number)
+        .limit(limit)
+        .select((
+            row_failures::row_number,
+            row_failures::fields,
+            row_failures::errors,
+        ))
+        .load(conn)?;
+    rows.into_iter()
+        .map(|(row, fields, errors)| {
+            Ok(RowFailure {
+                row: row as u64,
+                fields: serde_json::from_value(fields)
+                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
+                errors: serde_json::from_value(errors)
+                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
+            })
+        })
+        .collect()
+}
+
+/// A cell made safe to open in a spreadsheet: a value that a spreadsheet would run as a
+/// formula (starting with `=`, `+`, `-`, `@`, tab or carriage return) gets a leading `'`, as
+/// OWASP's CSV-injection guidance recommends. Values are otherwise unchanged.
+pub fn neutralise(cell: &str) -> String {
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}"),
+        _ => cell.to_owned(),
+    }
+}
+
+/// The failures CSV: UTF-8 with BOM (so Excel shows accents right), columns `row`, the
+/// uploaded columns in uploaded order, `error_code`, `reason`. Rows sorted by row number.
+pub fn failures_csv(header: &[String], failures: &[RowFailure]) -> Result<Vec<u8>, csv::Error> {
+    Ok(failures_csv_with_ends(header, failures)?.0)
+}
+
+/// [`failures_csv`], with where each row ends: `ends[k]` is the length of the CSV holding
+/// the header and the first `k` rows (`ends[0]`: the header alone), so a report can attach
+/// a prefix of the list without writing it again.
+pub fn failures_csv_with_ends(
+    header: &[String],
+    failures: &[RowFailure],
+) -> Result<(Vec<u8>, Vec<usize>), csv::Error> {
+    let width = failures
+        .iter()
+        .map(|f| f.fields.len())
+        .max()
+        .unwrap_or(0)
+        .max(header.len());
+    let mut out = Vec::with_capacity(64 + failures.len() * 128);
+    let mut ends = Vec::with_capacity(failures.len() + 1);
+    out.extend_from_slice("\u{feff}".as_bytes());
+    {
+        let mut w = csv::WriterBuilder::new()
+            .terminator(csv::Terminator::CRLF)
+            .from_writer(&mut out);
+        let mut head = vec!["row".to_owned()];
+        for i in 0..width {
+            head.push(match header.get(i) {
+                Some(h) => neutralise(h.trim()),
+                None => format!("(extra {})", i + 1 - header.len()),
+            });
+        }
+        head.push("error_code".to_owned());
+        head.push("reason".to_owned());
+        w.write_record(&head)?;
+        w.flush()?;
+        ends.push(w.get_ref().len());
+        let mut sorted: Vec<&RowFailure> = failures.iter().collect();
+        sorted.sort_by_key(|f| f.row);
+        for f in sorted {
+            let mut rec = vec![f.row.to_string()];
+            for i in 0..width {
+                rec.push(neutralise(
+                    f.fields.get(i).map(String::as_str).unwrap_or(""),
+                ));
+            }
+            rec.push(codes(&f.errors));
+            rec.push(neutralise(&reasons(&f.errors)));
+            w.write_record(&rec)?;
+            // The writer buffers; flushing per row (into memory) makes the length exact.
+            w.flush()?;
+            ends.push(w.get_ref().len());
+        }
+    }
+    Ok((out, ends))
+}
+
+fn codes(errors: &[RowError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.code.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn reasons(errors: &[RowError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::RowErrorCode;
+
+    #[test]
+    fn csv_has_bom_row_numbers_uploaded_values_and_reasons() {
+        let header = vec![
+            "unique_id".to_owned(),
+            "login_source".to_owned(),
+            "Email".to_owned(),
+        ];
+        let failures = vec![
+            RowFailure {
+                row: 7,
+                fields: vec!["b".into(), "sso".into(), "=cmd|' /C calc'!A0".into()],
+                errors: vec![RowError {
+                    code: RowErrorCode::InvalidEmail,
+                    column: Some("Email".into()),
+                    message: "`Email` \"=cmd\" is not an email address".into(),
+                }],
+            },
+            RowFailure {
+                row: 3,
+                fields: vec!["".into(), "ldap".into(), "Zoë@x.org".into()],
+                errors: vec![
+                    RowError {
+                        code: RowErrorCode::RequiredMissing,
+                        column: None,
+                        message: "one".into(),
+                    },
+                    RowError {
+                        code: RowErrorCode::UnknownLoginSource,
+                        column: None,
+                        message: "two".into(),
+                    },
+                ],
+            },
+        ];
+        let bytes = failures_csv(&header, &failures).unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        let mut lines = text.split("\r\n");
+        assert_eq!(
+            lines.next().unwrap(),
+            "\u{feff}row,unique_id,login_source,Email,error_code,reason"
+        );
+        assert_eq!(
+            lines.next().unwrap(),
+            "3,,ldap,Zoë@x.org,required_missing; unknown_login_source,one; two"
+        );
+        let third = lines.next().unwrap();
+        assert!(third.starts_with("7,b,sso,'=cmd|"), "{third}");
+    }
+
+    #[test]
+    fn neutralises_formula_starts_only() {
+        assert_eq!(neutralise("=1+1"), "'=1+1");
+        assert_eq!(neutralise("+15551234"), "'+15551234");
+        assert_eq!(neutralise("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(neutralise("-2"), "'-2");
+        assert_eq!(neutralise("a=b"), "a=b");
+        assert_eq!(neutralise(""), "");
+    }
+
+    #[test]
+    fn row_ends_cut_the_csv_at_row_boundaries() {
+        let header = vec!["unique_id".to_owned()];
+        let failures: Vec<RowFailure> = (0..5)
+            .map(|i| RowFailure {
+                row: 10 - i,
+                fields: vec![format!("u{i}")],
+                errors: vec![],
+            })
+            .collect();
+        let (all, ends) = failures_csv_with_ends(&header, &failures).unwrap();
+        assert_eq!(ends.len(), 6);
+        assert_eq!(*ends.last().unwrap(), all.len());
+        let first_two = String::from_utf8(all[..ends[2]].to_vec()).unwrap();
+        assert_eq!(
+            first_two,
+            "\u{feff}row,unique_id,error_code,reason\r\n6,u4,,\r\n7,u3,,\r\n"
+        );
+        assert_eq!(all, failures_csv(&header, &failures).unwrap());
+    }
+
+    #[test]
+    fn a_stored_header_that_is_not_a_list_of_strings_reads_as_none() {
+        assert_eq!(
+            header_of(Some(serde_json::json!(["a", " b"]))),
+            vec!["a".to_owned(), " b".to_owned()]
+        );
+        assert!(header_of(Some(serde_json::json!({"a": 1}))).is_empty());
+        assert!(header_of(None).is_empty());
+    }
+}
