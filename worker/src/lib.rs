@@ -13,10 +13,20 @@
 //!   rejected and dead-lettered at once. Either way the error is logged and noted for the
 //!   message's dead-letter record (`muictl dead-letters list`).
 //! - [`validate`]: the row checks; a row becomes a [`validate::UserRow`] or a failure record.
-//! - [`import`]: one chunk in one transaction: users upserted in bulk, failure records and
-//!   "file finished" written to the outbox, relayed to the notifier.
+//! - [`import`]: one chunk in one transaction, its steps in order: users upserted in bulk,
+//!   failure records and "file finished" written to the outbox, relayed to the notifier.
+//!   The steps' parts:
+//!   - `identity`: a row's email and user name must not belong to another user of the tenant;
+//!   - `duplicate`: reporting a row that lost to a later row of the same `unique_id`;
+//!   - `staging`: the staging table, declared once, and copying the good rows into it;
+//!   - `upsert`: the set-based lock / update / insert statements (the fixed ones in
+//!     `src/sql/`, the generated ones pinned in `src/sql/generated/`).
 
+mod duplicate;
+mod identity;
 pub mod import;
+mod staging;
+mod upsert;
 pub mod validate;
 
 use std::sync::Arc;

@@ -1,6 +1,9 @@
 //! Checking one uploaded row against the format and the tenant's rules. A failure reason is
 //! data for the tenant: a code plus a message naming the column, quoting the value and saying
 //! what was expected.
+//!
+//! Over 400 lines because of its unit tests (about 150): the checks themselves are one
+//! job, and splitting them would scatter the column rules.
 
 use std::collections::{HashMap, HashSet};
 
@@ -8,29 +11,20 @@ use chrono::{Datelike, NaiveDate};
 use mui_shared::domain::{Column, HeaderMap};
 use mui_shared::messages::{truncate_for_message, RawRow, RowError, RowErrorCode};
 
-/// The text columns after `unique_id` and `login_source`, in staging-table order.
-pub const TEXT_COLUMNS: [Column; 20] = [
-    Column::FirstName,
-    Column::LastName,
-    Column::UserName,
-    Column::Email,
-    Column::Street,
-    Column::City,
-    Column::Province,
-    Column::PostalCode,
-    Column::Street2,
-    Column::City2,
-    Column::State2,
-    Column::Zip2,
-    Column::PhoneCell,
-    Column::UserTypeId,
-    Column::EmployNo,
-    Column::EmployeePhone,
-    Column::StudentNo,
-    Column::StudentPhone,
-    Column::DriversLicenseNum,
-    Column::DriversLicenseProv,
-];
+/// The text columns after `unique_id` and `login_source`, in staging-table order (declared
+/// with the staging table).
+pub use crate::staging::TEXT_COLUMNS;
+
+/// Where each column's value sits in [`UserRow::text`] (`usize::MAX`: not a text column).
+const TEXT_SLOT: [usize; Column::ALL.len()] = {
+    let mut slot = [usize::MAX; Column::ALL.len()];
+    let mut i = 0;
+    while i < TEXT_COLUMNS.len() {
+        slot[TEXT_COLUMNS[i] as usize] = i;
+        i += 1;
+    }
+    slot
+};
 
 /// What a tenant allows.
 #[derive(Debug, Clone, Default)]
@@ -63,12 +57,21 @@ pub struct UserRow {
     pub unique_id: String,
     /// Login source, in the tenant's spelling.
     pub login_source: String,
-    /// Values of [`TEXT_COLUMNS`], in that order.
-    pub text: [Option<String>; 20],
+    /// Values of [`TEXT_COLUMNS`], in that order; read them with [`UserRow::value`].
+    pub text: [Option<String>; TEXT_COLUMNS.len()],
     /// Date of birth.
     pub date_of_birth: Option<NaiveDate>,
     /// `active`.
     pub active: Option<bool>,
+}
+
+impl UserRow {
+    /// The value of a text column ([`TEXT_COLUMNS`]); `None` if the cell was empty (or
+    /// `column` is not a text column). Columns are read by name so that no caller depends on
+    /// the order of [`UserRow::text`].
+    pub fn value(&self, column: Column) -> Option<&str> {
+        self.text.get(TEXT_SLOT[column.index()])?.as_deref()
+    }
 }
 
 /// Checks a row; on failure returns every problem found.
@@ -421,7 +424,7 @@ mod tests {
         assert_eq!(u.unique_id, "A1");
         assert_eq!(u.login_source, "SSO");
         assert_eq!(u.active, Some(true));
-        assert_eq!(u.text[3].as_deref(), Some("a@example.org"));
+        assert_eq!(u.value(Column::Email), Some("a@example.org"));
         assert_eq!(u.date_of_birth, NaiveDate::from_ymd_opt(2001, 4, 3));
     }
 
@@ -493,7 +496,7 @@ mod tests {
             &["1", "sso", "Line 1\nLine 2"],
         );
         assert_eq!(
-            street.unwrap().text[4].as_deref(),
+            street.unwrap().value(Column::Street),
             Some("Line 1\nLine 2"),
             "a line break in a cell is data"
         );

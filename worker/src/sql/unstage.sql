@@ -1,0 +1,1 @@
+DELETE FROM users_stage WHERE row_no = ANY($1)

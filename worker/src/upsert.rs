@@ -1,0 +1,353 @@
+//! Writing the staged rows into `users` with set-based statements, in rounds: lock the users
+//! that exist ([`LOCK_EXISTING`]), update them ([`Statements::update`]), take them out of the
+//! staging table and insert the rest ([`Statements::insert`]). A concurrent transaction may
+//! insert one of our new users first; such rows stay staged and go round again, now as
+//! existing users.
+//!
+//! Each user carries the version `(file id, row)` that last wrote it, and a write only
+//! applies when its version is newer, so chunks may be imported by any number of workers in
+//! any order and the later row (of a later file) still wins. The same statements apply
+//! archive-on-inactive (archive, suffix, reactivate); the permits of users archived by an
+//! `active=0` row are released ([`RELEASE_PERMITS`]).
+//!
+//! The fixed statements are the files in `sql/`. The update and the insert have one
+//! expression per text column, so they are generated from [`TEXT_COLUMNS`] (the staging
+//! table's own list): the values are bound parameters, only column names and their lengths
+//! (constants of the schema) are written into the text, and a test pins the result against
+//! `sql/generated/*.sql`.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text};
+use mui_shared::domain::{HeaderMap, ImportFileId};
+use mui_shared::messages::{Chunk, RowFailure};
+
+use crate::duplicate::{duplicate_failure, stored_fields};
+use crate::import::{ChunkOutcome, ImportError};
+use crate::staging::{self, TEXT_COLUMNS};
+use crate::validate::UserRow;
+
+/// Locks the existing users among the staged rows ($1 tenant, $2 file).
+const LOCK_EXISTING: &str = include_str!("sql/lock_existing.sql");
+/// Releases the active permits of users ($1 tenant, $2 unique ids).
+const RELEASE_PERMITS: &str = include_str!("sql/release_permits.sql");
+
+/// A tenant's archive-on-inactive settings.
+#[derive(Debug, Clone)]
+pub(crate) struct ArchiveSettings {
+    /// Whether an `active=0` row archives its user.
+    pub(crate) on: bool,
+    /// The columns that get the archive suffix.
+    pub(crate) fields: Vec<String>,
+}
+
+#[derive(QueryableByName)]
+struct Existing {
+    #[diesel(sql_type = Text)]
+    unique_id: String,
+    #[diesel(sql_type = BigInt)]
+    last_file_id: i64,
+    #[diesel(sql_type = BigInt)]
+    last_row: i64,
+    #[diesel(sql_type = Bool)]
+    was_archived: bool,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    old: Option<serde_json::Value>,
+}
+
+#[derive(QueryableByName)]
+struct Updated {
+    #[diesel(sql_type = BigInt)]
+    row_no: i64,
+    #[diesel(sql_type = Bool)]
+    changed: bool,
+    #[diesel(sql_type = Bool)]
+    archived: bool,
+    #[diesel(sql_type = Nullable<Bool>)]
+    newly_archived: Option<bool>,
+}
+
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = BigInt)]
+    last_row: i64,
+    #[diesel(sql_type = Bool)]
+    archived: bool,
+}
+
+/// Archive-on-inactive, for an existing user `u` and its staged row `s` ($3: the tenant's
+/// setting). A user ends archived when the row says active=0 and the setting is on (or it was
+/// archived already), or when the row leaves `active` empty and it was archived.
+const ARCHIVED: &str = "((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) \
+                        OR (s.active IS NULL AND u.archived_at IS NOT NULL))";
+/// The suffix a user archived now gets.
+const NEW_SUFFIX: &str = "('_' || to_char(now(), 'YYYY'))";
+/// Whether a new user is inserted archived.
+const ARCHIVE_NEW: &str = "(s.active IS FALSE AND $3)";
+
+/// The generated statements. Parameters: $1 tenant, $2 file, $3 the tenant's
+/// archive-on-inactive setting, $4 the fields that get the suffix, and for the update $5 the
+/// unique ids just locked.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) update: String,
+    pub(crate) insert: String,
+}
+
+/// The generated statements, built once per process.
+pub(crate) fn statements() -> &'static Statements {
+    static SQL: OnceLock<Statements> = OnceLock::new();
+    SQL.get_or_init(|| Statements {
+        update: update_statement(),
+        insert: insert_statement(),
+    })
+}
+
+/// Updates the locked users whose version is older than their staged row's. Suffixed fields
+/// hold their value plus the archive suffix exactly once: the stored value is un-suffixed
+/// first, so a repeat adds nothing and reactivation (active=1) takes the suffix off.
+fn update_statement() -> String {
+    let final_suffix =
+        format!("(CASE WHEN {ARCHIVED} THEN COALESCE(u.archive_suffix, {NEW_SUFFIX}) END)");
+    let mut sets = vec!["login_source = s.login_source".to_owned()];
+    let mut differs = vec!["u.login_source IS DISTINCT FROM s.login_source".to_owned()];
+    for col in TEXT_COLUMNS {
+        let (c, max) = (col.name(), col.max_len());
+        let value = format!(
+            "(CASE WHEN '{c}' = ANY($4) \
+               THEN mui_suffix(mui_unsuffix(COALESCE(s.{c}, u.{c}), u.archive_suffix), {final_suffix}, {max}) \
+               ELSE COALESCE(s.{c}, u.{c}) END)"
+        );
+        differs.push(format!("u.{c} IS DISTINCT FROM {value}"));
+        sets.push(format!("{c} = {value}"));
+    }
+    for c in ["date_of_birth", "active"] {
+        sets.push(format!("{c} = COALESCE(s.{c}, u.{c})"));
+        differs.push(format!("u.{c} IS DISTINCT FROM COALESCE(s.{c}, u.{c})"));
+    }
+    sets.push(format!(
+        "archived_at = CASE WHEN {ARCHIVED} THEN COALESCE(u.archived_at, now()) END"
+    ));
+    sets.push(format!("archive_suffix = {final_suffix}"));
+    differs.push(format!(
+        "(u.archived_at IS NOT NULL) IS DISTINCT FROM {ARCHIVED}"
+    ));
+    // One item a line, so the pinned text reads (and diffs) column by column.
+    format!(
+        "UPDATE users u SET {},\n  last_file_id = $2, last_row = s.row_no,\n  \
+         updated_at = CASE WHEN {}\n  THEN now() ELSE u.updated_at END\n\
+         FROM users_stage s\n\
+         WHERE u.tenant_id = $1 AND u.unique_id = ANY($5) AND u.unique_id = s.unique_id\n  \
+           AND (u.last_file_id, u.last_row) < ($2, s.row_no)\n\
+         RETURNING s.row_no, (u.updated_at = now()) AS changed,\n  \
+           (u.archived_at IS NOT NULL) AS archived, (u.archived_at = now()) AS newly_archived\n",
+        sets.join(",\n  "),
+        differs.join("\n  OR ")
+    )
+}
+
+/// Inserts the staged rows whose user does not exist; one inserted meanwhile by another
+/// transaction is left staged (`DO NOTHING`) for the next round.
+fn insert_statement() -> String {
+    let text: Vec<&str> = TEXT_COLUMNS.iter().map(|c| c.name()).collect();
+    let values: Vec<String> = TEXT_COLUMNS
+        .iter()
+        .map(|col| {
+            let (c, max) = (col.name(), col.max_len());
+            format!(
+                "CASE WHEN '{c}' = ANY($4) AND {ARCHIVE_NEW} \
+                 THEN mui_suffix(s.{c}, {NEW_SUFFIX}, {max}) ELSE s.{c} END"
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO users (tenant_id, unique_id, login_source, {cols}, date_of_birth, active,\n  \
+           archived_at, archive_suffix, last_file_id, last_row)\n\
+         SELECT $1, s.unique_id, s.login_source,\n  {vals},\n  \
+           s.date_of_birth, COALESCE(s.active, TRUE),\n  \
+           CASE WHEN {ARCHIVE_NEW} THEN now() END, CASE WHEN {ARCHIVE_NEW} THEN {NEW_SUFFIX} END,\n  \
+           $2, s.row_no\n\
+         FROM users_stage s\n\
+         ORDER BY s.unique_id\n\
+         ON CONFLICT (tenant_id, unique_id) DO NOTHING\n\
+         RETURNING last_row, (archived_at IS NOT NULL) AS archived\n",
+        cols = text.join(", "),
+        vals = values.join(",\n  ")
+    )
+}
+
+/// Writes `good` (checked rows, one per unique_id) into `users`; see the module docs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn upsert(
+    conn: &mut PgConnection,
+    chunk: &Chunk,
+    file: ImportFileId,
+    good: &[UserRow],
+    map: &HeaderMap,
+    fields_of: &HashMap<u64, &[String]>,
+    failures: &mut Vec<RowFailure>,
+    outcome: &mut ChunkOutcome,
+    archive: &ArchiveSettings,
+) -> Result<(), ImportError> {
+    let sql = statements();
+    staging::stage(conn, good)?;
+    let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), u)).collect();
+    let tenant = chunk.tenant_id.0;
+    let mut pending = good.len();
+    let mut release: Vec<String> = Vec::new();
+    // Each round: lock and update the users that exist, drop them from the staging table,
+    // insert the rest. A concurrent transaction may insert one of our new users first; such
+    // rows stay staged and go round again, now as existing users.
+    for _round in 0..5 {
+        let existing: Vec<Existing> = diesel::sql_query(LOCK_EXISTING)
+            .bind::<BigInt, _>(tenant)
+            .bind::<BigInt, _>(file.0)
+            .load(conn)?;
+        // Only the users just locked are updated: each statement sees newly committed rows,
+        // so a user another chunk inserted after the SELECT must wait for the next round
+        // (updating it here would make this round read its own write as someone else's).
+        let locked: Vec<&str> = existing.iter().map(|e| e.unique_id.as_str()).collect();
+        let updated: HashMap<i64, Updated> = diesel::sql_query(&sql.update)
+            .bind::<BigInt, _>(tenant)
+            .bind::<BigInt, _>(file.0)
+            .bind::<Bool, _>(archive.on)
+            .bind::<Array<Text>, _>(&archive.fields)
+            .bind::<Array<Text>, _>(&locked)
+            .load::<Updated>(conn)?
+            .into_iter()
+            .map(|u| (u.row_no, u))
+            .collect();
+        let mut resolved: Vec<i64> = Vec::with_capacity(existing.len());
+        for ex in existing {
+            let Some(user) = by_uid.get(ex.unique_id.as_str()) else {
+                continue;
+            };
+            let row = user.row as i64;
+            resolved.push(row);
+            match updated.get(&row) {
+                Some(up) => {
+                    if up.newly_archived == Some(true) {
+                        outcome.archived += 1;
+                    } else if ex.was_archived && !up.archived {
+                        outcome.reactivated += 1;
+                    }
+                    if up.archived && user.active == Some(false) {
+                        release.push(user.unique_id.clone());
+                    }
+                    if ex.last_file_id == file.0 {
+                        // An earlier row of this file (another chunk) wrote this user; it
+                        // loses to this row. This row takes its place in the counts.
+                        failures.push(duplicate_failure(
+                            ex.last_row as u64,
+                            stored_fields(ex.old.as_ref(), map, &chunk.header),
+                            &user.unique_id,
+                            user.row,
+                            map,
+                            &chunk.header,
+                            true,
+                        ));
+                    } else if up.changed {
+                        outcome.updated += 1;
+                    } else {
+                        outcome.unchanged += 1;
+                    }
+                }
+                None if ex.last_file_id == file.0 => {
+                    // A later row of this file already wrote this user: this row loses.
+                    failures.push(duplicate_failure(
+                        user.row,
+                        fields_of
+                            .get(&user.row)
+                            .map(|f| f.to_vec())
+                            .unwrap_or_default(),
+                        &user.unique_id,
+                        ex.last_row as u64,
+                        map,
+                        &chunk.header,
+                        false,
+                    ));
+                }
+                // A later file already wrote this user; arrival order says it wins.
+                None => outcome.unchanged += 1,
+            }
+        }
+        staging::unstage(conn, &resolved)?;
+        let inserted: Vec<i64> = diesel::sql_query(&sql.insert)
+            .bind::<BigInt, _>(tenant)
+            .bind::<BigInt, _>(file.0)
+            .bind::<Bool, _>(archive.on)
+            .bind::<Array<Text>, _>(&archive.fields)
+            .load::<Inserted>(conn)?
+            .into_iter()
+            .map(|i| {
+                if i.archived {
+                    outcome.archived += 1;
+                }
+                i.last_row
+            })
+            .collect();
+        outcome.inserted += inserted.len() as i64;
+        staging::unstage(conn, &inserted)?;
+        pending = pending.saturating_sub(resolved.len() + inserted.len());
+        if pending == 0 {
+            if !release.is_empty() {
+                outcome.permits_released += diesel::sql_query(RELEASE_PERMITS)
+                    .bind::<BigInt, _>(tenant)
+                    .bind::<Array<Text>, _>(&release)
+                    .execute(conn)? as i64;
+            }
+            return Ok(());
+        }
+    }
+    Err(ImportError::Db(mui_shared::db::DbError::Query(
+        diesel::result::Error::RollbackTransaction,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compares a generated statement with its pinned text; `MUI_BLESS=1` rewrites the file
+    /// (then review the diff: it is the SQL every chunk will run).
+    fn pinned(name: &str, generated: &str) {
+        let path = format!("{}/src/sql/generated/{name}", env!("CARGO_MANIFEST_DIR"));
+        if std::env::var_os("MUI_BLESS").is_some() {
+            std::fs::write(&path, generated).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            generated == want,
+            "{name} differs from {path} (MUI_BLESS=1 rewrites it):\n{generated}"
+        );
+    }
+
+    #[test]
+    fn the_update_is_pinned() {
+        pinned("update.sql", &statements().update);
+    }
+
+    #[test]
+    fn the_insert_is_pinned() {
+        pinned("insert.sql", &statements().insert);
+    }
+
+    /// Every staged text column is written by both statements, under its own name.
+    #[test]
+    fn every_text_column_is_written() {
+        let sql = statements();
+        for col in TEXT_COLUMNS {
+            let c = col.name();
+            assert!(sql
+                .update
+                .contains(&format!("\n  {c} = (CASE WHEN '{c}' = ANY($4)")));
+            assert!(sql.insert.contains(&format!(" {c},")));
+            assert!(sql.insert.contains(&format!(
+                "CASE WHEN '{c}' = ANY($4) AND {ARCHIVE_NEW} THEN mui_suffix(s.{c}, {NEW_SUFFIX}, {}) ELSE s.{c} END",
+                col.max_len()
+            )));
+        }
+    }
+}
