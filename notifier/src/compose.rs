@@ -225,7 +225,7 @@ mod tests {
             summary: FileSummary {
                 file_id: 7,
                 file_name: "staff.csv".into(),
-                state: "done".into(),
+                state: mui_shared::files::FileState::Done,
                 rows_total: failed as i64 * 3,
                 failed: failed as i64,
                 ..FileSummary::default()

@@ -44,6 +44,7 @@ use mui_shared::amqp::{self, QueueKind};
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db::{self, DbError, PgPool};
 use mui_shared::domain::ImportFileId;
+use mui_shared::files::{FileState, NotifyStatus};
 use mui_shared::messages::{self, NotifyMessage, RowFailures};
 use mui_shared::schema::{import_files, row_failures};
 use tokio_util::sync::CancellationToken;
@@ -457,10 +458,10 @@ impl Handler {
         };
         let outcome = self.deliver(Arc::new(*plan)).await;
         let (status, detail) = match &outcome {
-            Ok(None) => ("sent", None),
-            Ok(Some(note)) => ("sent", Some(note.clone())),
-            Err(e) if e.is_transient() => ("pending", None),
-            Err(e) => ("held", Some(format!("{e}: {}", error_chain(e)))),
+            Ok(None) => (NotifyStatus::Sent, None),
+            Ok(Some(note)) => (NotifyStatus::Sent, Some(note.clone())),
+            Err(e) if e.is_transient() => (NotifyStatus::Pending, None),
+            Err(e) => (NotifyStatus::Held, Some(format!("{e}: {}", error_chain(e)))),
         };
         let pool = self.pool.clone();
         retry_transient(
@@ -600,7 +601,7 @@ enum Decision {
 struct FileRow {
     tenant_id: i64,
     file_name: String,
-    state: String,
+    state: FileState,
     encoding: Option<String>,
     delimiter: Option<String>,
     header: Option<serde_json::Value>,
@@ -614,7 +615,7 @@ struct FileRow {
     reactivated: i64,
     permits_released: i64,
     error_message: Option<String>,
-    notify_status: String,
+    notify_status: NotifyStatus,
     notified_at: Option<chrono::DateTime<chrono::Utc>>,
     received_at: chrono::DateTime<chrono::Utc>,
     notices: Vec<String>,
@@ -655,9 +656,9 @@ fn decide(
     else {
         return Ok(Decision::Nothing);
     };
-    match f.notify_status.as_str() {
-        "pending" => {}
-        "sending" => {
+    match f.notify_status {
+        NotifyStatus::Pending => {}
+        NotifyStatus::Sending => {
             let fresh = f.notified_at.is_some_and(|t| {
                 chrono::Utc::now() - t < chrono::Duration::seconds(SENDING_CLAIM_SECS)
             });
@@ -667,10 +668,10 @@ fn decide(
         }
         _ => return Ok(Decision::Nothing), // sent, not_needed, held
     }
-    if f.state != "done" && f.state != "failed" {
+    if !f.state.is_finished() {
         return Ok(Decision::Nothing);
     }
-    if f.state == "done" {
+    if f.state == FileState::Done {
         let stored: i64 = row_failures::table
             .filter(row_failures::file_id.eq(file_id.0))
             .count()
@@ -682,7 +683,7 @@ fn decide(
         // UTF-8…) is mailed even when nothing failed: the tenant must hear of it.
         if f.failed == 0 && f.notices.is_empty() {
             diesel::update(import_files::table.find(file_id.0))
-                .set(import_files::notify_status.eq("not_needed"))
+                .set(import_files::notify_status.eq(NotifyStatus::NotNeeded))
                 .execute(conn)?;
             tracing::info!("ReportNotNeeded");
             return Ok(Decision::Nothing);
@@ -695,7 +696,7 @@ fn decide(
     if let Some(why) = tenant.missing_mail_settings() {
         diesel::update(import_files::table.find(file_id.0))
             .set((
-                import_files::notify_status.eq("held"),
+                import_files::notify_status.eq(NotifyStatus::Held),
                 import_files::notify_detail.eq(&why),
             ))
             .execute(conn)?;
@@ -713,7 +714,7 @@ fn decide(
     let summary = report::FileSummary {
         file_id: file_id.0,
         file_name: f.file_name.clone(),
-        state: f.state.clone(),
+        state: f.state,
         rows_total: f.rows_total.unwrap_or(0),
         inserted: f.inserted,
         updated: f.updated,
@@ -729,14 +730,14 @@ fn decide(
         received_at: f.received_at.format("%Y-%m-%d %H:%M UTC").to_string(),
         notices: f.notices.clone(),
     };
-    let failures = if f.state == "done" {
+    let failures = if f.state == FileState::Done {
         load_failures(conn, file_id, max_attached)?
     } else {
         Vec::new()
     };
     diesel::update(import_files::table.find(file_id.0))
         .set((
-            import_files::notify_status.eq("sending"),
+            import_files::notify_status.eq(NotifyStatus::Sending),
             import_files::notified_at.eq(diesel::dsl::now),
         ))
         .execute(conn)?;

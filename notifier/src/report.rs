@@ -1,6 +1,8 @@
 //! The report a tenant receives: subject, body and the failures CSV. Pure functions, so the
 //! wording is tested without a mail server.
 
+use mui_shared::files::FileState;
+
 // The failures CSV is built in `mui_shared::failures`, so `muictl files failures` prints the
 // very bytes a report attaches.
 pub use mui_shared::failures::{failures_csv, failures_csv_with_ends, neutralise};
@@ -13,7 +15,7 @@ pub struct FileSummary {
     /// Name as uploaded.
     pub file_name: String,
     /// `done` or `failed`.
-    pub state: String,
+    pub state: FileState,
     /// Data rows read.
     pub rows_total: i64,
     /// Users created.
@@ -47,7 +49,7 @@ pub struct FileSummary {
 impl FileSummary {
     /// Whether the file failed as a whole.
     pub fn file_failed(&self) -> bool {
-        self.state == "failed"
+        self.state == FileState::Failed
     }
 
     /// The email subject.
@@ -248,7 +250,7 @@ mod tests {
     fn subjects_name_the_file_and_counts() {
         let s = FileSummary {
             file_name: "staff.csv".into(),
-            state: "done".into(),
+            state: FileState::Done,
             rows_total: 10,
             failed: 3,
             inserted: 7,
@@ -271,7 +273,7 @@ mod tests {
         assert!(body.contains("The attached staff.csv.failures.csv lists every row"));
         let f = FileSummary {
             file_name: "staff.csv".into(),
-            state: "failed".into(),
+            state: FileState::Failed,
             error: Some("the header has no `login_source` column".into()),
             ..FileSummary::default()
         };
@@ -288,7 +290,7 @@ mod tests {
         let s = FileSummary {
             file_id: 42,
             file_name: "staff.csv".into(),
-            state: "done".into(),
+            state: FileState::Done,
             rows_total: 5000,
             failed: 1200,
             ..FileSummary::default()

@@ -2,6 +2,7 @@
 //! the binaries run them.
 
 use crate::*;
+use mui_shared::files::{FileState, NotifyStatus};
 use std::time::Duration;
 
 use mui_shared::config::LogFormat;
@@ -116,7 +117,9 @@ impl App {
                 let files = self.env.files(tenant);
                 files.len() >= count
                     && files.iter().all(|f| {
-                        (f.2 == "done" || f.2 == "failed") && f.9 != "pending" && f.9 != "sending"
+                        (f.state == FileState::Done || f.state == FileState::Failed)
+                            && f.notify_status != NotifyStatus::Pending
+                            && f.notify_status != NotifyStatus::Sending
                     })
             })
             .await;
@@ -132,10 +135,10 @@ impl App {
             let files = env.files(tenant);
             let settled = files.len() >= count
                 && files.iter().all(|f| {
-                    (f.2 == "done" || f.2 == "failed")
-                        && f.9 != "pending"
-                        && f.9 != "sending"
-                        && f.10.is_some()
+                    (f.state == FileState::Done || f.state == FileState::Failed)
+                        && f.notify_status != NotifyStatus::Pending
+                        && f.notify_status != NotifyStatus::Sending
+                        && f.archived_name.is_some()
                 });
             if settled {
                 return files;

@@ -3,6 +3,7 @@
 //! stopped with SIGTERM ([`ServiceProcess`], running the `mui-service` binary of this crate),
 //! and the services in-process with configurations the test chose ([`Services`]).
 
+use mui_shared::files::{FileState, NotifyStatus};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -395,10 +396,10 @@ pub async fn wait_settled(
             let files = env.files(tenant);
             files.len() >= count
                 && files.iter().all(|f| {
-                    (f.2 == "done" || f.2 == "failed")
-                        && f.9 != "pending"
-                        && f.9 != "sending"
-                        && f.10.is_some()
+                    (f.state == FileState::Done || f.state == FileState::Failed)
+                        && f.notify_status != NotifyStatus::Pending
+                        && f.notify_status != NotifyStatus::Sending
+                        && f.archived_name.is_some()
                 })
         },
     )

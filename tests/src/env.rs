@@ -193,24 +193,7 @@ impl TestEnv {
 
     /// The files of a tenant, oldest first.
     pub fn files(&self, tenant: &Tenant) -> Vec<FileRow> {
-        let mut conn = self.db.conn();
-        import_files::table
-            .filter(import_files::tenant_id.eq(tenant.id))
-            .order(import_files::id)
-            .select((
-                import_files::id,
-                import_files::file_name,
-                import_files::state,
-                import_files::rows_total,
-                import_files::rows_inserted,
-                import_files::rows_updated,
-                import_files::rows_unchanged,
-                import_files::rows_failed,
-                import_files::error_code,
-                import_files::notify_status,
-                import_files::archived_name,
-            ))
-            .load(&mut conn)
+        mui_shared::files::files_in_order(&mut self.db.conn(), tenant.tenant_id())
             .expect("files query")
     }
 
@@ -294,20 +277,8 @@ impl TestEnv {
     }
 }
 
-/// A file as the tests look at it.
-pub type FileRow = (
-    i64,
-    String,
-    String,
-    Option<i64>,
-    i64,
-    i64,
-    i64,
-    i64,
-    Option<String>,
-    String,
-    Option<String>,
-);
+/// A file as the tests look at it: the operator's view ([`mui_shared::files::FileLine`]).
+pub type FileRow = mui_shared::files::FileLine;
 
 /// A user as the tests look at it.
 pub type UserRow = (

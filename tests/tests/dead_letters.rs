@@ -9,6 +9,7 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use mui_shared::amqp::{QueueKind, DELIVERY_LIMIT};
 use mui_shared::deadletters::{self, Selection};
+use mui_shared::files::{FileState, NotifyStatus};
 use mui_tests::chaos::reported_rows;
 use mui_tests::{amqp_url, spawn_app_with, AppOptions};
 
@@ -78,14 +79,22 @@ async fn a_poison_chunk_is_dead_lettered_and_replayed_once_after_the_fix() {
     env.wait_until(60, "the later file reported", || {
         env.files(&t)
             .iter()
-            .any(|f| f.1 == "later.csv" && f.9 == "sent")
+            .any(|f| f.file_name == "later.csv" && f.notify_status == NotifyStatus::Sent)
     })
     .await;
     let files = env.files(&t);
-    let poisoned = files.iter().find(|f| f.1 == "poisoned.csv").unwrap();
-    assert_eq!(poisoned.2, "importing", "the file waits for its dead chunk");
+    let poisoned = files
+        .iter()
+        .find(|f| f.file_name == "poisoned.csv")
+        .unwrap();
     assert_eq!(
-        poisoned.9, "pending",
+        poisoned.state,
+        FileState::Importing,
+        "the file waits for its dead chunk"
+    );
+    assert_eq!(
+        poisoned.notify_status,
+        NotifyStatus::Pending,
         "no report before the chunk is imported"
     );
     assert_eq!(env.smtp.messages().len(), 1, "only the later file's email");
@@ -94,7 +103,7 @@ async fn a_poison_chunk_is_dead_lettered_and_replayed_once_after_the_fix() {
     let letters = deadletters::list(&mut env.db.conn(), Some(t.id), false).unwrap();
     let d = &letters[0];
     assert_eq!(d.tenant.as_deref(), Some("acme"));
-    assert_eq!(d.file_id, Some(poisoned.0));
+    assert_eq!(d.file_id, Some(poisoned.id));
     assert_eq!(d.file_name.as_deref(), Some("poisoned.csv"));
     assert_eq!(d.queue.as_deref(), Some("chunks"));
     assert_eq!(d.chunk_no, Some(13), "rows 41-43 are the 14th chunk");
@@ -133,9 +142,19 @@ async fn a_poison_chunk_is_dead_lettered_and_replayed_once_after_the_fix() {
     assert!(by_id.replayed.is_empty() && by_id.skipped.len() == 1);
 
     let files = app.wait_files_settled(&t, 2).await;
-    let poisoned = files.iter().find(|f| f.1 == "poisoned.csv").unwrap();
-    assert_eq!((poisoned.2.as_str(), poisoned.9.as_str()), ("done", "sent"));
-    assert_eq!((poisoned.4, poisoned.7), (57, 3), "inserted once, 3 failed");
+    let poisoned = files
+        .iter()
+        .find(|f| f.file_name == "poisoned.csv")
+        .unwrap();
+    assert_eq!(
+        (poisoned.state.as_str(), poisoned.notify_status.as_str()),
+        ("done", "sent")
+    );
+    assert_eq!(
+        (poisoned.rows_inserted, poisoned.rows_failed),
+        (57, 3),
+        "inserted once, 3 failed"
+    );
     assert_eq!(
         app.env.users(&t).len(),
         58,

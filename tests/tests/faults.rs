@@ -34,7 +34,11 @@ async fn an_import_completes_when_every_broker_connection_is_cut_twice_midway() 
     let files = app.wait_files_settled(&t, 1).await;
     assert_eq!(files.len(), 1, "one file, registered once");
     assert_eq!(
-        (files[0].3, files[0].4, files[0].7),
+        (
+            files[0].rows_total,
+            files[0].rows_inserted,
+            files[0].rows_failed
+        ),
         (Some(300), 294, 6),
         "rows, inserted, failed"
     );

@@ -1,5 +1,6 @@
 //! Files that cannot be imported at all: one clear email each, nothing imported.
 
+use mui_shared::files::{FileState, NotifyStatus};
 use mui_tests::spawn_app;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -43,10 +44,10 @@ async fn each_unimportable_file_gets_one_clear_email_and_imports_nothing() {
     let mails = env.smtp.messages();
     assert_eq!(mails.len(), cases.len(), "one email per file");
     for (name, _, code, says) in &cases {
-        let f = files.iter().find(|f| f.1 == *name).unwrap();
-        assert_eq!(f.2, "failed", "{name}");
-        assert_eq!(f.8.as_deref(), Some(*code), "{name}");
-        assert_eq!(f.9, "sent", "{name}");
+        let f = files.iter().find(|f| f.file_name == *name).unwrap();
+        assert_eq!(f.state, FileState::Failed, "{name}");
+        assert_eq!(f.error_code.as_deref(), Some(*code), "{name}");
+        assert_eq!(f.notify_status, NotifyStatus::Sent, "{name}");
         assert!(
             env.folder("acme").join("bak").join(name).exists(),
             "{name} archived"

@@ -2,6 +2,7 @@
 //! re-uploads while importing, malformed and huge files, a channel closed by the broker, and
 //! names that are not UTF-8.
 
+use mui_shared::files::FileState;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
@@ -64,7 +65,7 @@ async fn a_bak_link_into_another_tenants_folder_is_never_followed() {
         .drop_file("globex", "users.csv", &users_csv(&["g1", "g2"]))
         .unwrap();
     let files = app.wait_files_settled(&globex, 1).await;
-    assert_eq!(files[0].2, "done");
+    assert_eq!(files[0].state, FileState::Done);
 
     // globex's rows are globex's; nothing reached acme's folder or users.
     assert_eq!(app.env.users(&globex).len(), 2);
@@ -78,14 +79,14 @@ async fn a_bak_link_into_another_tenants_folder_is_never_followed() {
     // The link was set aside, not followed; a real bak/ holds globex's file.
     let bak = globex_dir.join("bak");
     assert!(bak.is_dir() && !bak.is_symlink());
-    let archived = files[0].10.clone().unwrap();
+    let archived = files[0].archived_name.clone().unwrap();
     assert_eq!(
         std::fs::read(bak.join(&archived)).unwrap(),
         users_csv(&["g1", "g2"])
     );
-    let aside = globex_dir.join(format!("bak.not-a-folder.{}", files[0].0));
+    let aside = globex_dir.join(format!("bak.not-a-folder.{}", files[0].id));
     assert!(std::fs::symlink_metadata(&aside).unwrap().is_symlink());
-    let detail = app.env.file_detail(files[0].0);
+    let detail = app.env.file_detail(files[0].id);
     assert!(
         detail.notices.iter().any(|n| n.contains("symbolic link")),
         "{:?}",
@@ -124,10 +125,16 @@ async fn links_and_fifos_in_a_drop_folder_are_reported_and_never_opened() {
         .drop_file("globex", "real.csv", &users_csv(&["g1"]))
         .unwrap();
     let files = app.wait_files_finished(&globex, 3).await;
-    let by_name = |n: &str| files.iter().find(|f| f.1 == n).unwrap().clone();
-    assert_eq!(by_name("a.csv").8.as_deref(), Some("not_regular_file"));
-    assert_eq!(by_name("pipe.csv").8.as_deref(), Some("not_regular_file"));
-    assert_eq!(by_name("real.csv").2, "done");
+    let by_name = |n: &str| files.iter().find(|f| f.file_name == n).unwrap().clone();
+    assert_eq!(
+        by_name("a.csv").error_code.as_deref(),
+        Some("not_regular_file")
+    );
+    assert_eq!(
+        by_name("pipe.csv").error_code.as_deref(),
+        Some("not_regular_file")
+    );
+    assert_eq!(by_name("real.csv").state, FileState::Done);
     // Only globex's own file became users; the link and the FIFO are left where they were.
     let users = app.env.users(&globex);
     assert_eq!(users.len(), 1);
@@ -160,13 +167,16 @@ async fn a_reupload_under_the_same_name_while_importing_is_imported_too() {
 
     let files = app.wait_files_settled(&acme, 2).await;
     assert_eq!(files.len(), 2, "each upload is its own file: {files:?}");
-    assert!(files.iter().all(|f| f.2 == "done"), "{files:?}");
+    assert!(
+        files.iter().all(|f| f.state == FileState::Done),
+        "{files:?}"
+    );
     let ids: Vec<String> = app.env.users(&acme).into_iter().map(|u| u.0).collect();
     assert_eq!(ids, ["a1", "a2", "b1"]);
     // Both uploads are in bak/, each under its own name, with its own bytes.
     let bak = app.env.folder("acme").join("bak");
-    let first = std::fs::read(bak.join(files[0].10.as_ref().unwrap())).unwrap();
-    let second = std::fs::read(bak.join(files[1].10.as_ref().unwrap())).unwrap();
+    let first = std::fs::read(bak.join(files[0].archived_name.as_ref().unwrap())).unwrap();
+    let second = std::fs::read(bak.join(files[1].archived_name.as_ref().unwrap())).unwrap();
     assert_eq!(first, users_csv(&["a1", "a2"]));
     assert_eq!(second, users_csv(&["b1"]));
     assert!(!app.env.folder("acme").join("users.csv").exists());
@@ -194,9 +204,9 @@ async fn an_unclosed_quote_fails_its_file_and_every_other_tenant_goes_on() {
         .drop_file("acme", "users.csv", &users_csv(&["a1"]))
         .unwrap();
     let g = app.wait_files_settled(&globex, 1).await;
-    assert_eq!(g[0].2, "failed");
-    assert_eq!(g[0].8.as_deref(), Some("unclosed_quote"));
-    let detail = app.env.file_detail(g[0].0);
+    assert_eq!(g[0].state, FileState::Failed);
+    assert_eq!(g[0].error_code.as_deref(), Some("unclosed_quote"));
+    let detail = app.env.file_detail(g[0].id);
     let message = detail.error_message.unwrap();
     assert!(message.contains("row 3, on line 3"), "{message}");
     assert_eq!(detail.total_chunks, None, "nothing was published");
@@ -205,7 +215,7 @@ async fn an_unclosed_quote_fails_its_file_and_every_other_tenant_goes_on() {
         "a failed file imports nothing"
     );
     let a = app.wait_files_settled(&acme, 1).await;
-    assert_eq!(a[0].2, "done");
+    assert_eq!(a[0].state, FileState::Done);
     assert_eq!(app.env.users(&acme).len(), 1);
     // globex is told why, in one mail.
     let mails = app.env.smtp.messages();
@@ -239,12 +249,12 @@ async fn a_huge_record_is_one_failed_row_and_chunks_stay_small() {
     app.env.drop_file("acme", "users.csv", &data).unwrap();
     let files = app.wait_files_settled(&acme, 1).await;
     let f = &files[0];
-    assert_eq!(f.2, "done");
-    assert_eq!(f.3, Some(10_002), "every row counted");
-    assert_eq!(f.7, 1, "the huge row failed");
+    assert_eq!(f.state, FileState::Done);
+    assert_eq!(f.rows_total, Some(10_002), "every row counted");
+    assert_eq!(f.rows_failed, 1, "the huge row failed");
     assert_eq!(app.env.users(&acme).len(), 10_001);
     // Chunks were cut by bytes, not only by rows.
-    let chunks = app.env.file_detail(f.0).total_chunks.unwrap();
+    let chunks = app.env.file_detail(f.id).total_chunks.unwrap();
     assert!(chunks > 1, "{chunks} chunk(s)");
     let mails = app.env.smtp.messages();
     assert_eq!(mails.len(), 1);
@@ -302,7 +312,7 @@ async fn a_channel_the_broker_closes_is_reopened_and_nothing_stalls() {
     let (_, _, resume) = reach(&mut pauses, "ingest.before_archive").await;
     resume.send(()).unwrap();
     let files = app.wait_files_settled(&acme, 1).await;
-    assert_eq!(files[0].2, "done");
+    assert_eq!(files[0].state, FileState::Done);
     assert_eq!(app.env.users(&acme).len(), 3);
 
     // 2. Closed again in the middle of publishing a file (its first chunk sent, its confirm
@@ -318,14 +328,14 @@ async fn a_channel_the_broker_closes_is_reopened_and_nothing_stalls() {
     assert!(closed >= 1, "the broker closed {closed} channels");
     let total = app
         .env
-        .file_detail(app.env.files(&globex)[0].0)
+        .file_detail(app.env.files(&globex)[0].id)
         .total_chunks;
     assert_eq!(total, None, "closed while the file was being published");
     resume.send(()).unwrap();
     resume_all(pauses);
     let g = app.wait_files_settled(&globex, 1).await;
-    assert_eq!(g[0].2, "done");
-    assert_eq!(g[0].3, Some(600));
+    assert_eq!(g[0].state, FileState::Done);
+    assert_eq!(g[0].rows_total, Some(600));
     assert_eq!(app.env.users(&globex).len(), 600);
 
     // 3. Later files of every tenant still go through.
@@ -333,7 +343,7 @@ async fn a_channel_the_broker_closes_is_reopened_and_nothing_stalls() {
         .drop_file("acme", "later.csv", &users_csv(&["a4"]))
         .unwrap();
     let a = app.wait_files_settled(&acme, 2).await;
-    assert!(a.iter().all(|f| f.2 == "done"), "{a:?}");
+    assert!(a.iter().all(|f| f.state == FileState::Done), "{a:?}");
     assert_eq!(app.env.users(&acme).len(), 4);
     app.stop().await;
 }
@@ -347,13 +357,13 @@ async fn a_name_that_is_not_utf8_is_imported_under_an_escaped_name() {
     std::fs::write(folder.join("tmp.filepart"), users_csv(&["c1"])).unwrap();
     std::fs::rename(folder.join("tmp.filepart"), folder.join(raw)).unwrap();
     let files = app.wait_files_settled(&acme, 1).await;
-    assert_eq!(files[0].1, "caf%E9 list.csv");
-    assert_eq!(files[0].2, "done");
+    assert_eq!(files[0].file_name, "caf%E9 list.csv");
+    assert_eq!(files[0].state, FileState::Done);
     assert_eq!(app.env.users(&acme).len(), 1);
-    assert_eq!(files[0].10.as_deref(), Some("caf%E9 list.csv"));
+    assert_eq!(files[0].archived_name.as_deref(), Some("caf%E9 list.csv"));
     assert!(folder.join("bak").join("caf%E9 list.csv").exists());
     assert!(!folder.join(raw).exists());
-    let notices = app.env.file_detail(files[0].0).notices;
+    let notices = app.env.file_detail(files[0].id).notices;
     assert!(
         notices.iter().any(|n| n.contains("not valid UTF-8")),
         "{notices:?}"
@@ -384,8 +394,8 @@ async fn the_chunking_of_a_file_is_fixed_when_it_is_registered() {
     app.start();
     let files = app.wait_files_settled(&acme, 1).await;
     assert_eq!(files.len(), 1);
-    assert_eq!(files[0].3, Some(30));
-    let detail = app.env.file_detail(files[0].0);
+    assert_eq!(files[0].rows_total, Some(30));
+    let detail = app.env.file_detail(files[0].id);
     assert_eq!(detail.chunk_rows, Some(3));
     assert_eq!(detail.total_chunks, Some(10), "cut in 3s as registered");
     assert_eq!(app.env.users(&acme).len(), 30);

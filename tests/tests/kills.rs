@@ -8,6 +8,7 @@
 //! the notifier), starting at `MUI_KILL_SEED_BASE` (default 1) so a failing seed can be rerun
 //! alone. The seed of every run is printed.
 
+use mui_shared::files::{FileState, NotifyStatus};
 use std::time::Duration;
 
 use mui_tests::chaos::{
@@ -100,12 +101,17 @@ async fn check(run: &Run, expected: Option<&[UserRow]>, bad: &[u64], what: &str)
     assert_eq!(files.len(), 1, "{what}: one file, registered once");
     let f = &files[0];
     assert_eq!(
-        (f.2.as_str(), f.3, f.7, f.9.as_str()),
+        (
+            f.state.as_str(),
+            f.rows_total,
+            f.rows_failed,
+            f.notify_status.as_str()
+        ),
         ("done", Some(ROWS as i64), bad.len() as i64, "sent"),
         "{what}: state, rows, failed, email"
     );
     assert_eq!(
-        chunk_markers(env, f.0),
+        chunk_markers(env, f.id),
         ROWS.div_ceil(CHUNK_ROWS) as i64,
         "{what}: every chunk imported once"
     );
@@ -136,7 +142,9 @@ fn settled(env: &TestEnv) -> bool {
     let Ok(Some(t)) = mui_shared::tenants::find_by_slug(&mut env.db.conn(), "acme") else {
         return false;
     };
-    env.files(&t).iter().any(|f| f.9 == "sent")
+    env.files(&t)
+        .iter()
+        .any(|f| f.notify_status == NotifyStatus::Sent)
 }
 
 /// Whether the file is imported (all chunks).
@@ -144,7 +152,7 @@ fn imported(env: &TestEnv) -> bool {
     let Ok(Some(t)) = mui_shared::tenants::find_by_slug(&mut env.db.conn(), "acme") else {
         return false;
     };
-    env.files(&t).iter().any(|f| f.2 == "done")
+    env.files(&t).iter().any(|f| f.state == FileState::Done)
 }
 
 /// Imports the file while killing `target` (SIGKILL) at random moments chosen by `seed`,
@@ -237,23 +245,29 @@ async fn two_ingest_processes_on_the_same_folders_import_each_file_once() {
     let files = wait_settled(env, &t, 6, 180).await;
     assert_eq!(files.len(), 6, "each file registered once");
     for f in &files {
-        let i: usize =
-            f.1.trim_start_matches("file")
-                .trim_end_matches(".csv")
-                .parse()
-                .unwrap();
+        let i: usize = f
+            .file_name
+            .trim_start_matches("file")
+            .trim_end_matches(".csv")
+            .parse()
+            .unwrap();
         let bad = &bads[i];
         assert_eq!(
-            (f.2.as_str(), f.3, f.7, f.9.as_str()),
+            (
+                f.state.as_str(),
+                f.rows_total,
+                f.rows_failed,
+                f.notify_status.as_str()
+            ),
             ("done", Some(200 + i as i64 * 37), bad.len() as i64, "sent"),
             "{}",
-            f.1
+            f.file_name
         );
         assert_eq!(
-            chunk_markers(env, f.0),
+            chunk_markers(env, f.id),
             (200 + i as i64 * 37 + 9) / 10,
             "{}: every chunk imported once",
-            f.1
+            f.file_name
         );
     }
     // Later files update the same unique_ids: the last file's values win.

@@ -2,6 +2,7 @@
 //! when a report is due. Each through a [`FaultProxy`] the test controls (the real servers
 //! stay up for the tests running beside this one).
 
+use mui_shared::files::{FileState, NotifyStatus};
 use std::time::Duration;
 
 use mui_tests::chaos::{
@@ -57,11 +58,17 @@ async fn an_import_completes_after_postgresql_was_unreachable_for_20_seconds() {
     let f = &files[0];
     let good = 4_000 - bad.len() as i64;
     assert_eq!(
-        (f.2.as_str(), f.3, f.4, f.7, f.9.as_str()),
+        (
+            f.state.as_str(),
+            f.rows_total,
+            f.rows_inserted,
+            f.rows_failed,
+            f.notify_status.as_str()
+        ),
         ("done", Some(4_000), good, bad.len() as i64, "sent"),
         "state, rows, inserted, failed, email"
     );
-    assert_eq!(chunk_markers(&env, f.0), 200, "every chunk imported once");
+    assert_eq!(chunk_markers(&env, f.id), 200, "every chunk imported once");
     assert_eq!(env.users(&t).len() as i64, good);
     let mails = env.smtp.messages();
     assert_eq!(mails.len(), 1, "exactly one email");
@@ -87,19 +94,19 @@ async fn a_report_due_while_smtp_is_down_is_sent_once_when_it_is_back() {
     // The report is due and the notifier has tried (and failed) to send it, twice.
     env.wait_until(60, "the report due and tried while SMTP is down", || {
         let files = env.files(&t);
-        files.len() == 1 && files[0].2 == "done" && smtp.refused() >= 2
+        files.len() == 1 && files[0].state == FileState::Done && smtp.refused() >= 2
     })
     .await;
     assert_eq!(
-        env.files(&t)[0].9,
-        "pending",
+        env.files(&t)[0].notify_status,
+        NotifyStatus::Pending,
         "waiting for SMTP, not given up"
     );
     assert!(env.smtp.messages().is_empty());
     smtp.up();
 
     let files = wait_settled(&env, &t, 1, 60).await;
-    assert_eq!(files[0].9, "sent");
+    assert_eq!(files[0].notify_status, NotifyStatus::Sent);
     let mails = env.smtp.messages();
     assert_eq!(mails.len(), 1, "exactly one email");
     assert_eq!(reported_rows(&mails[0].attachments()[0].1), bad);

@@ -1,5 +1,6 @@
 //! The pipeline end to end: drop folder → RabbitMQ → PostgreSQL → SMTP.
 
+use mui_shared::files::{FileState, NotifyStatus};
 use mui_tests::{parse_csv, spawn_app};
 
 const GOOD_AND_BAD: &str = "\
@@ -34,14 +35,19 @@ async fn good_rows_land_bad_rows_are_mailed_once_and_the_file_is_archived() {
         .unwrap();
     let files = app.wait_files_settled(&acme, 1).await;
     let f = &files[0];
-    assert_eq!(f.2, "done");
-    assert_eq!(f.3, Some(9), "rows read");
+    assert_eq!(f.state, FileState::Done);
+    assert_eq!(f.rows_total, Some(9), "rows read");
     assert_eq!(
-        (f.4, f.5, f.6, f.7),
+        (
+            f.rows_inserted,
+            f.rows_updated,
+            f.rows_unchanged,
+            f.rows_failed
+        ),
         (4, 0, 0, 5),
         "inserted, updated, unchanged, failed"
     );
-    assert_eq!(f.9, "sent");
+    assert_eq!(f.notify_status, NotifyStatus::Sent);
 
     // The good users, with the tenant's spelling of the login source and `active` applied.
     let users = env.users(&acme);
@@ -158,9 +164,21 @@ async fn uploading_the_same_file_again_is_a_new_import_that_changes_nothing_and_
         .unwrap();
     let files = app.wait_files_settled(&t, 2).await;
     assert_eq!(files.len(), 2);
-    assert_eq!((files[0].4, files[0].6, files[0].7), (3, 0, 1));
     assert_eq!(
-        (files[1].4, files[1].5, files[1].6, files[1].7),
+        (
+            files[0].rows_inserted,
+            files[0].rows_unchanged,
+            files[0].rows_failed
+        ),
+        (3, 0, 1)
+    );
+    assert_eq!(
+        (
+            files[1].rows_inserted,
+            files[1].rows_updated,
+            files[1].rows_unchanged,
+            files[1].rows_failed
+        ),
         (0, 0, 3, 1),
         "second: all unchanged"
     );
@@ -170,10 +188,10 @@ async fn uploading_the_same_file_again_is_a_new_import_that_changes_nothing_and_
         "no user touched by the second import"
     );
     // Both arrivals are kept in bak/, the second under a new name.
-    assert_eq!(files[0].10.as_deref(), Some("users.csv"));
+    assert_eq!(files[0].archived_name.as_deref(), Some("users.csv"));
     assert_eq!(
-        files[1].10.as_deref(),
-        Some(format!("users.{}.csv", files[1].0).as_str())
+        files[1].archived_name.as_deref(),
+        Some(format!("users.{}.csv", files[1].id).as_str())
     );
     let mails = env.smtp.messages();
     assert_eq!(mails.len(), 2, "one email per import");
@@ -231,7 +249,14 @@ async fn a_restart_in_the_middle_of_an_import_neither_loses_nor_repeats_anything
     app.start();
     let files = app.wait_files_settled(&t, 1).await;
     assert_eq!(files.len(), 1, "one file, not re-registered");
-    assert_eq!((files[0].3, files[0].4, files[0].7), (Some(120), 117, 3));
+    assert_eq!(
+        (
+            files[0].rows_total,
+            files[0].rows_inserted,
+            files[0].rows_failed
+        ),
+        (Some(120), 117, 3)
+    );
     assert_eq!(app.env.users(&t).len(), 117);
     let mails = app.env.smtp.messages();
     assert_eq!(mails.len(), 1, "exactly one email after the restart");
@@ -259,9 +284,9 @@ async fn a_tenant_without_mail_settings_keeps_its_report_and_the_operator_sees_w
     env.drop_file("nomail", "users.csv", file_with_one_bad_row().as_bytes())
         .unwrap();
     let files = app.wait_files_settled(&t, 1).await;
-    assert_eq!(files[0].9, "held");
+    assert_eq!(files[0].notify_status, NotifyStatus::Held);
     let detail: Option<String> = mui_shared::schema::import_files::table
-        .find(files[0].0)
+        .find(files[0].id)
         .select(mui_shared::schema::import_files::notify_detail)
         .first(&mut env.db.conn())
         .unwrap();
@@ -271,7 +296,7 @@ async fn a_tenant_without_mail_settings_keeps_its_report_and_the_operator_sees_w
     // The report is kept: the failure records are there to fetch.
     let kept = mui_notifier::load_failures(
         &mut env.db.conn(),
-        mui_shared::domain::ImportFileId(files[0].0),
+        mui_shared::domain::ImportFileId(files[0].id),
         100,
     )
     .unwrap();
@@ -295,9 +320,13 @@ async fn the_later_of_two_rows_with_the_same_unique_id_wins_within_and_across_ch
     env.drop_file("acme", "dups.csv", csv.as_bytes()).unwrap();
     let files = app.wait_files_settled(&t, 1).await;
     let f = &files[0];
-    assert_eq!(f.3, Some(6));
-    assert_eq!(f.7, 2, "two earlier rows reported");
-    assert_eq!(f.4 + f.5 + f.6 + f.7, 6, "every row counted once");
+    assert_eq!(f.rows_total, Some(6));
+    assert_eq!(f.rows_failed, 2, "two earlier rows reported");
+    assert_eq!(
+        f.rows_inserted + f.rows_updated + f.rows_unchanged + f.rows_failed,
+        6,
+        "every row counted once"
+    );
     let users = env.users(&t);
     let names: Vec<(&str, &str)> = users
         .iter()
@@ -359,7 +388,7 @@ async fn an_email_or_user_name_of_another_user_is_refused_case_insensitively() {
     .unwrap();
     let files = app.wait_files_settled(&t, 2).await;
     assert_eq!(
-        (files[1].7, files[1].6),
+        (files[1].rows_failed, files[1].rows_unchanged),
         (2, 1),
         "two refused, m1 unchanged"
     );

@@ -3,6 +3,7 @@
 //! one tenant's mail server stalling while another tenant's report goes out, and the
 //! database dropping right after the server accepted a report.
 
+use mui_shared::files::NotifyStatus;
 use std::io::Read as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -77,7 +78,10 @@ async fn a_long_failure_list_is_zipped_and_the_zip_holds_the_same_csv() {
 
     let files = wait_settled(&env, &t, 1, 180).await;
     let f = &files[0];
-    assert_eq!((f.7, f.9.as_str()), (bad.len() as i64, "sent"));
+    assert_eq!(
+        (f.rows_failed, f.notify_status.as_str()),
+        (bad.len() as i64, "sent")
+    );
     let mails = env.smtp.messages();
     assert_eq!(mails.len(), 1, "one email");
     let (name, zipped) = attachment(&mails[0]);
@@ -88,7 +92,7 @@ async fn a_long_failure_list_is_zipped_and_the_zip_holds_the_same_csv() {
     assert_eq!(inner.name(), "users.csv.failures.csv");
     let mut unzipped = Vec::new();
     inner.read_to_end(&mut unzipped).unwrap();
-    let whole = whole_csv(&env, f.0);
+    let whole = whole_csv(&env, f.id);
     assert!(whole.len() > 20_000, "the list is above the threshold");
     assert!(zipped.len() < whole.len() / 2, "compressed");
     assert_eq!(
@@ -105,9 +109,9 @@ async fn a_long_failure_list_is_zipped_and_the_zip_holds_the_same_csv() {
         body.contains("open it to get users.csv.failures.csv"),
         "{body}"
     );
-    assert_eq!(notify_detail(&env, f.0), None);
+    assert_eq!(notify_detail(&env, f.id), None);
     assert!(
-        message_id(&mails[0]).starts_with(&format!("import-file-{}.", f.0)),
+        message_id(&mails[0]).starts_with(&format!("import-file-{}.", f.id)),
         "a stable Message-ID per file: {}",
         message_id(&mails[0])
     );
@@ -126,7 +130,7 @@ async fn above_the_mail_size_limit_the_mail_holds_the_summary_and_the_first_fail
 
     let files = wait_settled(&env, &t, 1, 180).await;
     let f = &files[0];
-    assert_eq!(f.9, "sent");
+    assert_eq!(f.notify_status, NotifyStatus::Sent);
     let mails = env.smtp.messages();
     assert_eq!(mails.len(), 1, "one email");
     assert!(
@@ -151,10 +155,10 @@ async fn above_the_mail_size_limit_the_mail_holds_the_summary_and_the_first_fail
         "{body}"
     );
     assert!(
-        body.contains(&format!("muictl files failures {}", f.0)),
+        body.contains(&format!("muictl files failures {}", f.id)),
         "{body}"
     );
-    let detail = notify_detail(&env, f.0).unwrap_or_default();
+    let detail = notify_detail(&env, f.id).unwrap_or_default();
     assert!(detail.starts_with("sent reduced"), "{detail}");
     services.stop().await;
 }
@@ -173,7 +177,7 @@ async fn a_relay_refusing_the_full_mail_as_too_large_gets_the_reduced_mail_and_n
 
     let files = wait_settled(&env, &t, 1, 180).await;
     let f = &files[0];
-    assert_eq!(f.9, "sent", "not held");
+    assert_eq!(f.notify_status, NotifyStatus::Sent, "not held");
     let refused = env.smtp.refused();
     assert!(!refused.is_empty(), "the full mail was refused");
     assert!(refused[0].data.len() > 8_000);
@@ -201,7 +205,7 @@ async fn a_relay_refusing_the_full_mail_as_too_large_gets_the_reduced_mail_and_n
         message_id(&refused[0]),
         "the reduced mail is the same message"
     );
-    let detail = notify_detail(&env, f.0).unwrap_or_default();
+    let detail = notify_detail(&env, f.id).unwrap_or_default();
     assert!(detail.contains("552"), "the operator sees why: {detail}");
     services.stop().await;
 }
@@ -218,8 +222,8 @@ async fn a_recipient_refused_permanently_holds_the_report_with_the_reason() {
     env.drop_file("acme", "users.csv", csv.as_bytes()).unwrap();
 
     let files = wait_settled(&env, &t, 1, 120).await;
-    assert_eq!(files[0].9, "held");
-    let detail = notify_detail(&env, files[0].0).unwrap_or_default();
+    assert_eq!(files[0].notify_status, NotifyStatus::Held);
+    let detail = notify_detail(&env, files[0].id).unwrap_or_default();
     assert!(detail.contains("550"), "{detail}");
     assert!(env.smtp.messages().is_empty());
     assert!(
@@ -246,13 +250,13 @@ async fn a_recipient_refused_transiently_gets_the_report_once_the_server_takes_i
     .await;
     assert!(env.smtp.messages().is_empty());
     assert_eq!(
-        env.files(&t)[0].9,
-        "pending",
+        env.files(&t)[0].notify_status,
+        NotifyStatus::Pending,
         "waiting to try again, not held"
     );
     env.smtp.update(|r| r.rcpt_replies.clear());
     let files = wait_settled(&env, &t, 1, 120).await;
-    assert_eq!(files[0].9, "sent");
+    assert_eq!(files[0].notify_status, NotifyStatus::Sent);
     let mails = env.smtp.messages();
     assert_eq!(mails.len(), 1, "exactly one email");
     assert_eq!(reported_rows(&attachment(&mails[0]).1), bad);
@@ -288,9 +292,9 @@ async fn a_stalled_mail_server_for_one_tenant_does_not_delay_another_tenants_rep
     .await;
     // bravo's report went out while acme's was still stuck.
     assert!(env.smtp.messages_to(ACME).is_empty());
-    let acme_status = env.files(&acme)[0].9.clone();
+    let acme_status = env.files(&acme)[0].notify_status;
     assert!(
-        acme_status == "pending" || acme_status == "sending",
+        acme_status == NotifyStatus::Pending || acme_status == NotifyStatus::Sending,
         "{acme_status}"
     );
     // A send that timed out is retried (and stalls again while the server is stuck).
@@ -302,14 +306,17 @@ async fn a_stalled_mail_server_for_one_tenant_does_not_delay_another_tenants_rep
 
     env.smtp.update(|r| r.stall.clear());
     let files = wait_settled(&env, &acme, 1, 120).await;
-    assert_eq!(files[0].9, "sent");
+    assert_eq!(files[0].notify_status, NotifyStatus::Sent);
     let to_acme = env.smtp.messages_to(ACME);
     assert_eq!(to_acme.len(), 1, "acme's report delivered exactly once");
     assert_eq!(reported_rows(&attachment(&to_acme[0]).1), acme_bad);
     let to_bravo = env.smtp.messages_to(BRAVO);
     assert_eq!(to_bravo.len(), 1);
     assert_eq!(reported_rows(&attachment(&to_bravo[0]).1), bravo_bad);
-    assert_eq!(wait_settled(&env, &bravo, 1, 10).await[0].9, "sent");
+    assert_eq!(
+        wait_settled(&env, &bravo, 1, 10).await[0].notify_status,
+        NotifyStatus::Sent
+    );
     services.stop().await;
 }
 
@@ -347,15 +354,15 @@ async fn the_sent_mark_is_retried_when_the_database_drops_right_after_the_server
     assert!(pg.refused() >= 3, "the notifier kept trying the database");
     assert_eq!(env.smtp.messages().len(), 1);
     assert_eq!(
-        env.files(&t)[0].9,
-        "sending",
+        env.files(&t)[0].notify_status,
+        NotifyStatus::Sending,
         "the claim is held while the write is retried"
     );
     pg.up();
 
     // Well within the 5-minute claim: the retried write lands, no second send.
     let files = wait_settled(&env, &t, 1, 120).await;
-    assert_eq!(files[0].9, "sent");
+    assert_eq!(files[0].notify_status, NotifyStatus::Sent);
     let mails = env.smtp.messages();
     assert_eq!(mails.len(), 1, "exactly one email");
     assert_eq!(reported_rows(&attachment(&mails[0]).1), bad);

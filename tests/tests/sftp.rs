@@ -4,6 +4,7 @@
 //! with the import pipeline check the users in the database, the email and where the file
 //! ended; the last two look only at what SFTP and the account script do on disk.
 
+use mui_shared::files::{FileState, NotifyStatus};
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -93,8 +94,12 @@ async fn put_filepart_rename_and_link_unlink_rename_each_import_once_and_bak_lis
     let run = server.sftp(a, &[], &format!("put {} users.csv\n", f1.display()));
     assert!(run.ok, "{}\n{}", run.output, server.log());
     let files = app.wait_files_settled(t, 1).await;
-    assert_eq!((files[0].4, files[0].7), (3, 1), "3 inserted, 1 failed");
-    assert_eq!(files[0].10.as_deref(), Some("users.csv"));
+    assert_eq!(
+        (files[0].rows_inserted, files[0].rows_failed),
+        (3, 1),
+        "3 inserted, 1 failed"
+    );
+    assert_eq!(files[0].archived_name.as_deref(), Some("users.csv"));
 
     // 2. WinSCP's way: upload as .filepart, then rename (posix-rename@openssh.com).
     let f2 = local_file(local.path(), "two.csv", &users_csv("q", 2, false));
@@ -129,7 +134,7 @@ async fn put_filepart_rename_and_link_unlink_rename_each_import_once_and_bak_lis
         3,
         "nothing imported twice: {files_after:?}"
     );
-    let names: Vec<&str> = files.iter().map(|f| f.1.as_str()).collect();
+    let names: Vec<&str> = files.iter().map(|f| f.file_name.as_str()).collect();
     assert_eq!(names, ["users.csv", "second.csv", "third.csv"]);
     assert_eq!(uids(&app, t).len(), 7);
     let mails = app.env.smtp.messages();
@@ -190,7 +195,11 @@ async fn a_slow_upload_pausing_longer_than_the_settle_interval_is_taken_once_com
     );
     let files = app.wait_files_settled(t, 1).await;
     assert_eq!(files.len(), 1);
-    assert_eq!(files[0].3, Some(4000), "the whole file, once: {files:?}");
+    assert_eq!(
+        files[0].rows_total,
+        Some(4000),
+        "the whole file, once: {files:?}"
+    );
     assert_eq!(uids(&app, t).len(), 4000);
     app.stop().await;
 }
@@ -206,23 +215,31 @@ async fn an_upload_killed_halfway_is_imported_as_far_as_it_got_and_a_full_upload
 
     let files = app.wait_files_settled(t, 1).await;
     let f0 = &files[0];
-    assert_eq!(f0.2, "done");
-    let total = f0.3.unwrap();
+    assert_eq!(f0.state, FileState::Done);
+    let total = f0.rows_total.unwrap();
     assert!(
         total > 0 && (total as usize) < 4000,
         "a partial file: {f0:?}"
     );
-    assert_eq!(f0.4 + f0.7, total, "every row imported or reported");
+    assert_eq!(
+        f0.rows_inserted + f0.rows_failed,
+        total,
+        "every row imported or reported"
+    );
     assert!(
-        f0.7 <= 1,
+        f0.rows_failed <= 1,
         "at most the cut-off last row is reported: {f0:?}"
     );
-    assert_eq!(f0.10.as_deref(), Some("big.csv"), "archived like any file");
+    assert_eq!(
+        f0.archived_name.as_deref(),
+        Some("big.csv"),
+        "archived like any file"
+    );
     let imported = uids(&app, t);
-    assert_eq!(imported.len() as i64, f0.4);
+    assert_eq!(imported.len() as i64, f0.rows_inserted);
     assert!(imported.iter().all(|u| u.starts_with('k')));
-    assert_eq!(app.env.smtp.messages().len(), f0.7 as usize);
-    if f0.7 == 1 {
+    assert_eq!(app.env.smtp.messages().len(), f0.rows_failed as usize);
+    if f0.rows_failed == 1 {
         // The cut-off row's reason says what probably happened.
         let mail = &app.env.smtp.messages()[0];
         let rows = mui_tests::parse_csv(&mail.attachments()[0].1);
@@ -234,12 +251,12 @@ async fn an_upload_killed_halfway_is_imported_as_far_as_it_got_and_a_full_upload
     let run = server.sftp(a, &[], &format!("put {} big.csv\n", f.display()));
     assert!(run.ok, "{}", run.output);
     let files = app.wait_files_settled(t, 2).await;
-    assert_eq!(files[1].3, Some(4000));
-    assert_eq!(files[1].7, 0);
+    assert_eq!(files[1].rows_total, Some(4000));
+    assert_eq!(files[1].rows_failed, 0);
     assert_eq!(uids(&app, t).len(), 4000);
     let bak = app.env.folder("acme").join("bak");
     assert!(bak.join("big.csv").exists());
-    assert!(bak.join(format!("big.{}.csv", files[1].0)).exists());
+    assert!(bak.join(format!("big.{}.csv", files[1].id)).exists());
     app.stop().await;
 }
 
@@ -275,10 +292,10 @@ async fn the_same_name_twice_odd_names_and_two_tenants_at_once() {
     let run = server.sftp(aa, &[], &format!("put {} users.csv\n", fa2.display()));
     assert!(run.ok, "{}", run.output);
     let files = app.wait_files_settled(ta, 2).await;
-    assert_eq!(files[1].5, 2, "two users updated");
+    assert_eq!(files[1].rows_updated, 2, "two users updated");
     let bak = app.env.folder("acme").join("bak");
     assert!(
-        bak.join("users.csv").exists() && bak.join(format!("users.{}.csv", files[1].0)).exists()
+        bak.join("users.csv").exists() && bak.join(format!("users.{}.csv", files[1].id)).exists()
     );
 
     // Odd names: spaces, unicode, quotes, a leading dash, a long name.
@@ -292,7 +309,7 @@ async fn the_same_name_twice_odd_names_and_two_tenants_at_once() {
     let run = server.sftp(aa, &[], &batch);
     assert!(run.ok, "{}", run.output);
     let files = app.wait_files_settled(ta, 5).await;
-    let names: BTreeSet<&str> = files[2..].iter().map(|f| f.1.as_str()).collect();
+    let names: BTreeSet<&str> = files[2..].iter().map(|f| f.file_name.as_str()).collect();
     assert_eq!(names, odd.into_iter().collect());
     // Each report names its file: in the subject (a very long name is shortened there) and
     // in full as its attachment's name.
@@ -368,15 +385,15 @@ async fn a_tenant_cannot_escape_its_chroot_nor_import_another_tenants_file() {
     app.env
         .wait_until(60, "mallory's 3 links reported", || {
             let files = app.env.files(tm);
-            files.len() >= 3 && files.iter().all(|f| f.9 == "sent")
+            files.len() >= 3 && files.iter().all(|f| f.notify_status == NotifyStatus::Sent)
         })
         .await;
     let files = app.env.files(tm);
     assert_eq!(files.len(), 3, "{files:?}");
     for f in &files {
-        assert_eq!(f.2, "failed");
-        assert_eq!(f.8.as_deref(), Some("not_regular_file"), "{f:?}");
-        assert_eq!(f.10, None, "left where it is");
+        assert_eq!(f.state, FileState::Failed);
+        assert_eq!(f.error_code.as_deref(), Some("not_regular_file"), "{f:?}");
+        assert_eq!(f.archived_name, None, "left where it is");
     }
     assert!(uids(&app, tm).is_empty(), "nothing imported into mallory");
     assert_eq!(uids(&app, tv).len(), 3, "victim unchanged");
@@ -433,7 +450,7 @@ async fn rotating_a_tenants_key_locks_the_old_one_out() {
     let new = server.sftp_with_key(a, &new_key, &format!("put {} users.csv\n", f.display()));
     assert!(new.ok, "the new key works: {}", new.output);
     let files = app.wait_files_settled(t, 1).await;
-    assert_eq!(files[0].4, 2);
+    assert_eq!(files[0].rows_inserted, 2);
     // A bad argument is refused with a message naming it.
     let bad = server
         .account_script(&["add", "Bad Slug", "--key", "x"])
@@ -462,7 +479,11 @@ async fn an_upload_resumed_after_a_dropped_connection_is_imported_once_whole() {
     );
     let files = app.wait_files_settled(t, 1).await;
     assert_eq!(files.len(), 1);
-    assert_eq!((files[0].3, files[0].7), (Some(4000), 0), "{files:?}");
+    assert_eq!(
+        (files[0].rows_total, files[0].rows_failed),
+        (Some(4000), 0),
+        "{files:?}"
+    );
     assert_eq!(uids(&app, t).len(), 4000);
     assert_eq!(
         std::fs::read(app.env.folder("acme").join("bak/big.csv")).unwrap(),

@@ -25,7 +25,11 @@ async fn a_file_written_in_pieces_is_not_taken_until_it_is_complete() {
     }
     drop(f);
     let files = app.wait_files_settled(&t, 1).await;
-    assert_eq!(files[0].3, Some(20), "every row of the finished file");
+    assert_eq!(
+        files[0].rows_total,
+        Some(20),
+        "every row of the finished file"
+    );
     assert_eq!(app.env.users(&t).len(), 20);
     app.stop().await;
 }
@@ -53,7 +57,7 @@ async fn a_writer_that_pauses_longer_than_the_settle_interval_is_waited_for() {
     );
     assert!(child.wait().await.unwrap().success());
     let files = app.wait_files_settled(&t, 1).await;
-    assert_eq!(files[0].3, Some(3));
+    assert_eq!(files[0].rows_total, Some(3));
     assert_eq!(app.env.users(&t).len(), 3);
     app.stop().await;
 }
@@ -81,7 +85,7 @@ async fn a_drop_folder_deleted_and_made_again_is_still_watched() {
         .drop_file("acme", "second.csv", b"unique_id,login_source\nf2,sso\n")
         .unwrap();
     let files = app.wait_files_settled(&t, 2).await;
-    assert_eq!(files[1].1, "second.csv");
+    assert_eq!(files[1].file_name, "second.csv");
     assert_eq!(app.env.users(&t).len(), 2);
     assert!(folder.join("bak/second.csv").exists());
     app.stop().await;

@@ -20,6 +20,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 use mui_shared::amqp::QueueKind;
 use mui_shared::domain::{HeaderMap, ImportFileId, TenantId};
+use mui_shared::files::FileState;
 use mui_shared::messages::{self, Chunk, FileFinished, NotifyMessage, RowFailure, RowFailures};
 use mui_shared::outbox;
 use mui_shared::schema::{file_chunks, import_files, tenants};
@@ -91,7 +92,7 @@ struct Progress {
     #[diesel(sql_type = Nullable<Integer>)]
     total_chunks: Option<i32>,
     #[diesel(sql_type = Text)]
-    state: String,
+    state: FileState,
 }
 
 /// Imports a chunk (see the module docs). Runs its own transaction.
@@ -223,10 +224,11 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
         });
         outbox::enqueue(conn, QueueKind::Notify, encode(&msg)?)?;
     }
-    if progress.state == "importing" && progress.total_chunks == Some(progress.chunks_done) {
+    if progress.state == FileState::Importing && progress.total_chunks == Some(progress.chunks_done)
+    {
         diesel::update(import_files::table.find(file.0))
             .set((
-                import_files::state.eq("done"),
+                import_files::state.eq(FileState::Done),
                 import_files::finished_at.eq(diesel::dsl::now),
             ))
             .execute(conn)?;

@@ -8,7 +8,7 @@ use diesel::PgConnection;
 use mui_shared::deadletters;
 use mui_shared::domain::ImportFileId;
 use mui_shared::failures;
-use mui_shared::files::{self, FileLine};
+use mui_shared::files::{self, FileLine, FileState};
 use mui_shared::tenants::Tenant;
 
 #[derive(Debug, Subcommand)]
@@ -74,12 +74,14 @@ fn list_files(
     )?;
     for f in files {
         let imported = f.rows_imported();
-        let rows = match (f.state.as_str(), f.rows_total) {
+        let rows = match (f.state, f.rows_total) {
             (_, Some(n)) => n.to_string(),
-            ("failed", None) => "-".to_owned(),
+            (FileState::Failed, None) => "-".to_owned(),
             _ => "?".to_owned(),
         };
-        let state = if f.state == "importing" || (f.state == "received" && f.chunks_done > 0) {
+        let state = if f.state == FileState::Importing
+            || (f.state == FileState::Received && f.chunks_done > 0)
+        {
             format!(
                 "{} {}/{}",
                 f.state,
@@ -87,10 +89,10 @@ fn list_files(
                 f.total_chunks.map_or("?".to_owned(), |n| n.to_string())
             )
         } else {
-            f.state.clone()
+            f.state.to_string()
         };
         let dead_letters = dead.get(&f.id).copied().unwrap_or(0);
-        let state = if dead_letters > 0 && f.state != "done" {
+        let state = if dead_letters > 0 && f.state != FileState::Done {
             "dead-lettered".to_owned()
         } else {
             state

@@ -29,6 +29,7 @@ use diesel::sql_types::{BigInt, Bool};
 use mui_shared::amqp::{Publisher, QueueKind};
 use mui_shared::db::{self, PgPool};
 use mui_shared::domain::{ImportFileId, TenantId};
+use mui_shared::files::FileState;
 use mui_shared::messages::{self, Chunk, FileErrorCode, FileFinished, NotifyMessage, WorkMessage};
 use mui_shared::outbox::{self, Kick};
 use mui_shared::schema::import_files;
@@ -193,7 +194,7 @@ pub async fn handle(
             return Ok(());
         };
         let state = current_state(&ctx.pool, file_id).await?;
-        if state == "received" {
+        if state == FileState::Received {
             if escaped {
                 add_notice(
                     &ctx.pool,
@@ -344,7 +345,7 @@ async fn report_unopened(
         broken_utf8: None,
     };
     let registered = register(ctx, tenant.tenant_id(), name, &arrival_key, &sniff).await?;
-    if current_state(&ctx.pool, registered.id).await? == "received" {
+    if current_state(&ctx.pool, registered.id).await? == FileState::Received {
         fail(ctx, registered.id, tenant.tenant_id(), problem, None).await?;
     }
     Ok(())

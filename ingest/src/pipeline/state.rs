@@ -86,12 +86,15 @@ pub(super) async fn register(
     })
 }
 
-pub(super) async fn current_state(pool: &PgPool, file_id: ImportFileId) -> anyhow::Result<String> {
+pub(super) async fn current_state(
+    pool: &PgPool,
+    file_id: ImportFileId,
+) -> anyhow::Result<FileState> {
     Ok(db::run(pool, move |conn| {
         Ok(import_files::table
             .find(file_id.0)
             .select(import_files::state)
-            .first::<String>(conn)?)
+            .first::<FileState>(conn)?)
     })
     .await?)
 }
@@ -122,19 +125,18 @@ pub(super) async fn fail(
     let encoding = sniff.map(Sniff::encoding_label);
     db::run(&ctx.pool, move |conn| {
         conn.transaction(|conn| {
-            let updated = diesel::update(
-                import_files::table
-                    .find(file_id.0)
-                    .filter(import_files::state.eq_any(["received", "importing"])),
-            )
-            .set((
-                import_files::state.eq("failed"),
-                import_files::error_code.eq(code),
-                import_files::error_message.eq(&message),
-                import_files::encoding.eq(encoding),
-                import_files::finished_at.eq(diesel::dsl::now),
-            ))
-            .execute(conn)?;
+            let updated =
+                diesel::update(import_files::table.find(file_id.0).filter(
+                    import_files::state.eq_any([FileState::Received, FileState::Importing]),
+                ))
+                .set((
+                    import_files::state.eq(FileState::Failed),
+                    import_files::error_code.eq(code),
+                    import_files::error_message.eq(&message),
+                    import_files::encoding.eq(encoding),
+                    import_files::finished_at.eq(diesel::dsl::now),
+                ))
+                .execute(conn)?;
             if updated == 1 {
                 finished(conn, file_id, tenant_id)?;
             }
