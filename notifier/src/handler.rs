@@ -1,0 +1,302 @@
+//! Handling one notify message: storing failure records (idempotently), recording dead
+//! letters, and sending a file's report once it is due, with bounded concurrency and a
+//! per-send timeout.
+
+use super::*;
+
+/// Handles notify messages.
+#[derive(Debug, Clone)]
+pub struct Handler {
+    pool: PgPool,
+    mailer: Mailer,
+    max_attached: i64,
+    limits: MailLimits,
+    shutdown: CancellationToken,
+}
+
+impl Handler {
+    /// A handler storing through `pool` and sending through `mailer`, with the default
+    /// [`MailLimits`].
+    pub fn new(pool: PgPool, mailer: Mailer, max_attached: i64) -> Self {
+        Self {
+            pool,
+            mailer,
+            max_attached: max_attached.max(1),
+            limits: MailLimits::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// The same handler with other report size limits.
+    pub fn with_limits(mut self, limits: MailLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The same handler, giving up retrying the write after a send once `shutdown` is
+    /// cancelled (its message is then handed back; see [`Handler::send_if_due`]).
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    pub(crate) async fn handle_delivery(
+        &self,
+        delivery: lapin::message::Delivery,
+        stop: &CancellationToken,
+    ) {
+        let msg: NotifyMessage = match messages::decode(&delivery.data) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "NotifyUndecodableError");
+                self.note_error(None, &delivery.data, format!("not a notify message: {e}"))
+                    .await;
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                return;
+            }
+        };
+        let (file_id, tenant_id) = match &msg {
+            NotifyMessage::RowFailuresV1(f) => (f.file_id, f.tenant_id),
+            NotifyMessage::FileFinishedV1(f) => (f.file_id, f.tenant_id),
+            _ => {
+                tracing::error!("NotifyUnknownVersionError");
+                self.note_error(
+                    None,
+                    &delivery.data,
+                    "unknown notify message version".into(),
+                )
+                .await;
+                let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("notify", tenant_id = tenant_id.0, file_id = file_id.0);
+        async {
+            let mut backoff = amqp::backoff_policy(None);
+            loop {
+                match self.handle(&msg).await {
+                    Ok(()) => {
+                        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                            tracing::warn!(error = %e, "NotifyAckError");
+                        }
+                        return;
+                    }
+                    Err(e) if e.is_transient() => {
+                        let wait = backoff::backoff::Backoff::next_backoff(&mut backoff)
+                            .unwrap_or(Duration::from_secs(10));
+                        tracing::warn!(error = %e, cause = ?e, retry_in_ms = wait.as_millis() as u64, "NotifyRetry");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stop.cancelled() => {
+                                let _ = delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, cause = ?e, "NotifyRejectedError");
+                        let file = match e {
+                            NotifyError::WrongTenant(_) => None,
+                            _ => Some(file_id.0),
+                        };
+                        let why = format!("{e}: {}", error_chain(&e));
+                        self.note_error(file, &delivery.data, why).await;
+                        let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                        return;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Notes why a message is rejected, for its dead-letter record (best effort).
+    async fn note_error(&self, file_id: Option<i64>, payload: &[u8], error: String) {
+        let payload = payload.to_vec();
+        let result = db::run(&self.pool, move |conn| {
+            Ok(mui_shared::deadletters::note_error(
+                conn,
+                QueueKind::Notify,
+                file_id,
+                &payload,
+                &error,
+            )?)
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "NotifyErrorNoteError");
+        }
+    }
+
+    /// Handles one message: stores failure records, then sends the report if it is due.
+    pub async fn handle(&self, msg: &NotifyMessage) -> Result<(), NotifyError> {
+        let file_id = match msg {
+            NotifyMessage::RowFailuresV1(f) => {
+                self.store(f.clone()).await?;
+                f.file_id
+            }
+            NotifyMessage::FileFinishedV1(f) => {
+                self.check_tenant(f.file_id, f.tenant_id.0).await?;
+                f.file_id
+            }
+            _ => return Ok(()),
+        };
+        self.send_if_due(file_id).await
+    }
+
+    async fn check_tenant(&self, file_id: ImportFileId, tenant: i64) -> Result<(), NotifyError> {
+        let owner = db::run(&self.pool, move |conn| {
+            Ok(import_files::table
+                .find(file_id.0)
+                .select(import_files::tenant_id)
+                .first::<i64>(conn)
+                .optional()?)
+        })
+        .await?;
+        if owner != Some(tenant) {
+            return Err(NotifyError::WrongTenant(file_id));
+        }
+        Ok(())
+    }
+
+    async fn store(&self, batch: RowFailures) -> Result<(), NotifyError> {
+        self.check_tenant(batch.file_id, batch.tenant_id.0).await?;
+        let n = batch.failures.len();
+        db::run(&self.pool, move |conn| {
+            let rows: Vec<_> = batch
+                .failures
+                .iter()
+                .map(|f| {
+                    Ok((
+                        row_failures::file_id.eq(batch.file_id.0),
+                        row_failures::row_number.eq(f.row as i64),
+                        row_failures::fields.eq(serde_json::to_value(&f.fields)?),
+                        row_failures::errors.eq(serde_json::to_value(&f.errors)?),
+                    ))
+                })
+                .collect::<Result<_, serde_json::Error>>()
+                .map_err(|e| {
+                    DbError::Query(diesel::result::Error::SerializationError(Box::new(e)))
+                })?;
+            // 4 parameters a row: stay well under PostgreSQL's 65535 bind parameters.
+            for part in rows.chunks(10_000) {
+                diesel::insert_into(row_failures::table)
+                    .values(part)
+                    .on_conflict_do_nothing()
+                    .execute(conn)?;
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::debug!(failures = n, "FailuresStored");
+        Ok(())
+    }
+
+    /// Sends the file's report if the file is finished, every failure record is stored, and
+    /// no report went out yet.
+    ///
+    /// The outcome is written with retries ([`retry_transient`], for up to the claim's
+    /// lifetime): once a server accepted the mail, a failed write would leave the claim to
+    /// expire and the report to go out a second time.
+    pub async fn send_if_due(&self, file_id: ImportFileId) -> Result<(), NotifyError> {
+        let max_attached = self.max_attached;
+        let decision = db::run(&self.pool, move |conn| {
+            Ok(conn.transaction(|conn| decide(conn, file_id, max_attached))?)
+        })
+        .await?;
+        let plan = match decision {
+            Decision::Nothing => return Ok(()),
+            Decision::Busy => return Err(NotifyError::Busy),
+            Decision::Send(plan) => plan,
+        };
+        let outcome = self.deliver(Arc::new(*plan)).await;
+        let (status, detail) = match &outcome {
+            Ok(None) => (NotifyStatus::Sent, None),
+            Ok(Some(note)) => (NotifyStatus::Sent, Some(note.clone())),
+            Err(e) if e.is_transient() => (NotifyStatus::Pending, None),
+            Err(e) => (NotifyStatus::Held, Some(format!("{e}: {}", error_chain(e)))),
+        };
+        let pool = self.pool.clone();
+        retry_transient(
+            amqp::backoff_policy(Some(Duration::from_secs(SENDING_CLAIM_SECS as u64 - 30))),
+            &self.shutdown,
+            |e: &DbError| db::is_transient(e),
+            "NotifyStatusWriteRetry",
+            || {
+                let detail = detail.clone();
+                db::run(&pool, move |conn| {
+                    diesel::update(import_files::table.find(file_id.0))
+                        .set((
+                            import_files::notify_status.eq(status),
+                            import_files::notify_detail.eq(detail),
+                            import_files::notified_at.eq(diesel::dsl::now),
+                        ))
+                        .execute(conn)?;
+                    Ok(())
+                })
+            },
+        )
+        .await?;
+        match outcome {
+            Ok(note) => {
+                tracing::info!(reduced = note.is_some(), "EmailSent");
+                Ok(())
+            }
+            Err(e) if e.is_transient() => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "EmailHeld");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the report: the full one (compressed or cut down to `MAX_MAIL_BYTES`), and
+    /// when the server refuses it as too large (552), smaller ones (half the size each time,
+    /// down to the summary alone) until one is accepted. `Ok(Some(note))`: sent, with what
+    /// the operator should know (rows left out, the server's refusal).
+    async fn deliver(&self, plan: Arc<ReportPlan>) -> Result<Option<String>, MailError> {
+        let limits = self.limits;
+        let mut max_bytes = limits.max_mail_bytes;
+        let mut refused: Option<(usize, String)> = None;
+        loop {
+            let p = plan.clone();
+            let was_refused = refused.is_some();
+            // Compressing and measuring a large report is CPU work: off the async threads.
+            let composed = tokio::task::spawn_blocking(move || {
+                compose::compose(&p, limits, max_bytes, was_refused)
+            })
+            .await
+            .map_err(|e| MailError::Attachment(format!("composing the report: {e}")))??;
+            let message = composed.report.to_message()?;
+            match self.mailer.send(message).await {
+                Ok(()) => {
+                    let failed = plan.summary.failed;
+                    let note = match (&refused, composed.reduced) {
+                        (Some((size, why)), _) => Some(format!(
+                            "sent reduced ({} of {failed} failed rows attached, {} bytes): the \
+                             server refused {size} bytes: {why}",
+                            composed.rows, composed.size
+                        )),
+                        (None, true) => Some(format!(
+                            "sent reduced: {} of {failed} failed rows attached (MAX_MAIL_BYTES \
+                             or MAX_ATTACHED_FAILURES)",
+                            composed.rows
+                        )),
+                        (None, false) => None,
+                    };
+                    return Ok(note);
+                }
+                Err(e) if e.is_too_large() && composed.rows > 0 => {
+                    let why = format!("{e}: {}", error_chain(&e));
+                    tracing::warn!(size = composed.size, rows = composed.rows, error = %why, "EmailTooLarge");
+                    max_bytes = composed.size / 2;
+                    if refused.is_none() {
+                        refused = Some((composed.size, why));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
