@@ -171,6 +171,3 @@ pub(crate) fn decide(
         received_at: f.received_at,
     })))
 }
-
-/// A file's stored failure records, in row order (in `mui_shared::failures`).
-pub use mui_shared::failures::load_failures;
