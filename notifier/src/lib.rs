@@ -38,9 +38,9 @@ pub mod retry;
 
 use decide::{decide, Decision};
 pub use handler::Handler;
-pub use retry::retry_transient;
 /// A file's stored failure records, in row order (in `mui_shared::failures`).
 pub use mui_shared::failures::load_failures;
+pub use retry::retry_transient;
 
 use std::future::Future;
 use std::path::PathBuf;
