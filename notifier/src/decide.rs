@@ -95,9 +95,7 @@ pub(crate) fn decide(
         // A file with a notice (its bak/ was a link and was set aside, its name was not
         // UTF-8…) is mailed even when nothing failed: the tenant must hear of it.
         if f.failed == 0 && f.notices.is_empty() {
-            diesel::update(import_files::table.find(file_id.0))
-                .set(import_files::notify_status.eq(NotifyStatus::NotNeeded))
-                .execute(conn)?;
+            mui_shared::files::report_not_needed(conn, file_id)?;
             tracing::info!("ReportNotNeeded");
             return Ok(Decision::Nothing);
         }
@@ -107,12 +105,7 @@ pub(crate) fn decide(
         return Ok(Decision::Nothing);
     };
     if let Some(why) = tenant.missing_mail_settings() {
-        diesel::update(import_files::table.find(file_id.0))
-            .set((
-                import_files::notify_status.eq(NotifyStatus::Held),
-                import_files::notify_detail.eq(&why),
-            ))
-            .execute(conn)?;
+        mui_shared::files::report_status(conn, file_id, NotifyStatus::Held, Some(&why))?;
         tracing::warn!(reason = %why, "ReportHeld");
         return Ok(Decision::Nothing);
     }
@@ -148,12 +141,7 @@ pub(crate) fn decide(
     } else {
         Vec::new()
     };
-    diesel::update(import_files::table.find(file_id.0))
-        .set((
-            import_files::notify_status.eq(NotifyStatus::Sending),
-            import_files::notified_at.eq(diesel::dsl::now),
-        ))
-        .execute(conn)?;
+    mui_shared::files::claim_report(conn, file_id)?;
     Ok(Decision::Send(Box::new(ReportPlan {
         from: tenant.reply_to_email.clone().unwrap_or_default(),
         to: tenant.failed_import_emails.clone(),

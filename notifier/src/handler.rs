@@ -226,14 +226,12 @@ impl Handler {
             || {
                 let detail = detail.clone();
                 db::run(&pool, move |conn| {
-                    diesel::update(import_files::table.find(file_id.0))
-                        .set((
-                            import_files::notify_status.eq(status),
-                            import_files::notify_detail.eq(detail),
-                            import_files::notified_at.eq(diesel::dsl::now),
-                        ))
-                        .execute(conn)?;
-                    Ok(())
+                    Ok(mui_shared::files::report_status(
+                        conn,
+                        file_id,
+                        status,
+                        detail.as_deref(),
+                    )?)
                 })
             },
         )

@@ -17,7 +17,10 @@ use diesel::prelude::*;
 use diesel::serialize::{self, Output, ToSql};
 use diesel::sql_types::Text;
 
-use crate::domain::TenantId;
+use crate::amqp::QueueKind;
+use crate::domain::{ImportFileId, TenantId};
+use crate::messages::{self, FileFinished, NotifyMessage};
+use crate::outbox;
 use crate::schema::import_files;
 
 /// Where a file is in its import (`import_files.state`).
@@ -250,6 +253,255 @@ const FILE_LINE_COLUMNS: (
     import_files::finished_at,
     import_files::notices,
 );
+
+// ---------------------------------------------------------------------------------------
+// Transitions: the only way the services change a file's state.
+// ---------------------------------------------------------------------------------------
+
+/// What ingest knows of a file when it registers it.
+#[derive(Debug, Clone)]
+pub struct NewFile<'a> {
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// Its name as shown (escaped if it was not UTF-8).
+    pub name: &'a str,
+    /// Tenant, device, inode, mtime, size and hash: one upload, whatever its name.
+    pub arrival_key: &'a str,
+    /// Size in bytes.
+    pub size: i64,
+    /// Hex SHA-256 of the content.
+    pub sha256: &'a str,
+    /// Detected encoding, as reports write it.
+    pub encoding: &'a str,
+    /// Rows per chunk, fixed for this file.
+    pub chunk_rows: i32,
+    /// Bytes per chunk, about, fixed for this file.
+    pub chunk_max_bytes: i32,
+}
+
+/// A registered file and the chunking it was registered with (None for files registered
+/// before the chunking was stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// The file.
+    pub id: ImportFileId,
+    /// Rows per chunk.
+    pub chunk_rows: Option<i32>,
+    /// Bytes per chunk.
+    pub chunk_max_bytes: Option<i32>,
+    /// Whether this call registered it (false: it was registered before, e.g. by a retry).
+    pub new: bool,
+}
+
+/// Registers a file under its arrival key, or finds it if already registered (`received`).
+pub fn register(conn: &mut PgConnection, f: &NewFile<'_>) -> QueryResult<Registered> {
+    let inserted = diesel::insert_into(import_files::table)
+        .values((
+            import_files::tenant_id.eq(f.tenant.0),
+            import_files::file_name.eq(f.name),
+            import_files::arrival_key.eq(f.arrival_key),
+            import_files::size_bytes.eq(f.size),
+            import_files::sha256.eq(f.sha256),
+            import_files::encoding.eq(f.encoding),
+            import_files::chunk_rows.eq(f.chunk_rows),
+            import_files::chunk_max_bytes.eq(f.chunk_max_bytes),
+        ))
+        .on_conflict(import_files::arrival_key)
+        .do_nothing()
+        .execute(conn)?;
+    let (id, chunk_rows, chunk_max_bytes): (i64, Option<i32>, Option<i32>) = import_files::table
+        .filter(import_files::arrival_key.eq(f.arrival_key))
+        .select((
+            import_files::id,
+            import_files::chunk_rows,
+            import_files::chunk_max_bytes,
+        ))
+        .first(conn)?;
+    Ok(Registered {
+        id: ImportFileId(id),
+        chunk_rows,
+        chunk_max_bytes,
+        new: inserted == 1,
+    })
+}
+
+/// The state a file is in.
+pub fn state_of(conn: &mut PgConnection, id: ImportFileId) -> QueryResult<FileState> {
+    import_files::table
+        .find(id.0)
+        .select(import_files::state)
+        .first(conn)
+}
+
+/// Records a notice for the tenant and the operator on the file (once, however often a
+/// retry records it).
+pub fn add_notice(conn: &mut PgConnection, id: ImportFileId, notice: &str) -> QueryResult<()> {
+    diesel::sql_query(
+        "UPDATE import_files SET notices = array_append(notices, $2) \
+         WHERE id = $1 AND NOT ($2 = ANY (notices))",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(id.0)
+    .bind::<Text, _>(notice)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// `received`/`importing` → `failed` (nothing of it imported), and "file finished" for the
+/// notifier, in one transaction. False if the file was already past that (a retry).
+pub fn fail(
+    conn: &mut PgConnection,
+    id: ImportFileId,
+    tenant: TenantId,
+    code: &str,
+    message: &str,
+    encoding: Option<&str>,
+) -> QueryResult<bool> {
+    conn.transaction(|conn| {
+        let updated = diesel::update(
+            import_files::table
+                .find(id.0)
+                .filter(import_files::state.eq_any([FileState::Received, FileState::Importing])),
+        )
+        .set((
+            import_files::state.eq(FileState::Failed),
+            import_files::error_code.eq(code),
+            import_files::error_message.eq(message),
+            import_files::encoding.eq(encoding),
+            import_files::finished_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)?;
+        if updated == 1 {
+            announce_finished(conn, id, tenant)?;
+        }
+        Ok(updated == 1)
+    })
+}
+
+/// What ingest knows once every chunk of a file is published.
+#[derive(Debug, Clone)]
+pub struct Totals {
+    /// Chunks published.
+    pub chunks: i32,
+    /// Data rows published.
+    pub rows: i64,
+    /// The delimiter, as reports name it.
+    pub delimiter: String,
+    /// The header as uploaded.
+    pub header: serde_json::Value,
+    /// Columns ignored.
+    pub ignored: serde_json::Value,
+}
+
+/// `received` → `importing` (or straight to `done` if the workers already imported every
+/// chunk, then announced), in one transaction. Returns whether the file is done.
+pub fn totals_known(
+    conn: &mut PgConnection,
+    id: ImportFileId,
+    tenant: TenantId,
+    t: &Totals,
+) -> QueryResult<bool> {
+    conn.transaction(|conn| {
+        #[derive(QueryableByName)]
+        struct Done {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            done: bool,
+        }
+        let done: Done = diesel::sql_query(
+            "UPDATE import_files SET total_chunks = $2, rows_total = $3, \
+             delimiter = $4, header = $5, ignored_columns = $6, queued_at = now(), \
+             state = CASE WHEN chunks_done >= $2 THEN $7 ELSE $8 END, \
+             finished_at = CASE WHEN chunks_done >= $2 THEN now() END \
+             WHERE id = $1 RETURNING (state = $7) AS done",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(id.0)
+        .bind::<diesel::sql_types::Integer, _>(t.chunks)
+        .bind::<diesel::sql_types::BigInt, _>(t.rows)
+        .bind::<Text, _>(&t.delimiter)
+        .bind::<diesel::sql_types::Jsonb, _>(&t.header)
+        .bind::<diesel::sql_types::Jsonb, _>(&t.ignored)
+        .bind::<Text, _>(FileState::Done)
+        .bind::<Text, _>(FileState::Importing)
+        .get_result(conn)?;
+        if done.done {
+            announce_finished(conn, id, tenant)?;
+        }
+        Ok(done.done)
+    })
+}
+
+/// `importing` → `done` when a worker imported the last chunk, and "file finished" for the
+/// notifier, inside the worker's transaction (the one that counted the chunk).
+pub fn last_chunk_done(
+    conn: &mut PgConnection,
+    id: ImportFileId,
+    tenant: TenantId,
+) -> QueryResult<()> {
+    diesel::update(import_files::table.find(id.0))
+        .set((
+            import_files::state.eq(FileState::Done),
+            import_files::finished_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)?;
+    announce_finished(conn, id, tenant)
+}
+
+/// Records the name the file was archived under in `bak/`.
+pub fn archived(conn: &mut PgConnection, id: ImportFileId, name: &str) -> QueryResult<()> {
+    diesel::update(import_files::table.find(id.0))
+        .set(import_files::archived_name.eq(name))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// The report is not needed (nothing failed, nothing to tell): no mail.
+pub fn report_not_needed(conn: &mut PgConnection, id: ImportFileId) -> QueryResult<()> {
+    report_status(conn, id, NotifyStatus::NotNeeded, None)
+}
+
+/// A notifier claims the report (`sending`, timestamped: the claim expires, so a notifier
+/// that died while sending does not keep it forever).
+pub fn claim_report(conn: &mut PgConnection, id: ImportFileId) -> QueryResult<()> {
+    diesel::update(import_files::table.find(id.0))
+        .set((
+            import_files::notify_status.eq(NotifyStatus::Sending),
+            import_files::notified_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Records what became of a report: `sent` (with what it left out, if anything), `held`
+/// (with why), or `pending` again (a transient failure: it is tried again).
+pub fn report_status(
+    conn: &mut PgConnection,
+    id: ImportFileId,
+    status: NotifyStatus,
+    detail: Option<&str>,
+) -> QueryResult<()> {
+    diesel::update(import_files::table.find(id.0))
+        .set((
+            import_files::notify_status.eq(status),
+            import_files::notify_detail.eq(detail),
+            import_files::notified_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Puts "file finished" for the notifier into the outbox, inside the caller's transaction.
+pub fn announce_finished(
+    conn: &mut PgConnection,
+    id: ImportFileId,
+    tenant: TenantId,
+) -> QueryResult<()> {
+    let msg = NotifyMessage::FileFinishedV1(FileFinished {
+        file_id: id,
+        tenant_id: tenant,
+    });
+    let bytes = messages::encode(&msg)
+        .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+    outbox::enqueue(conn, QueueKind::Notify, bytes)
+}
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,7 @@ use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 use mui_shared::amqp::QueueKind;
 use mui_shared::domain::{HeaderMap, ImportFileId, TenantId};
 use mui_shared::files::FileState;
-use mui_shared::messages::{self, Chunk, FileFinished, NotifyMessage, RowFailure, RowFailures};
+use mui_shared::messages::{self, Chunk, NotifyMessage, RowFailure, RowFailures};
 use mui_shared::outbox;
 use mui_shared::schema::{file_chunks, import_files, tenants};
 
@@ -226,17 +226,7 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
     }
     if progress.state == FileState::Importing && progress.total_chunks == Some(progress.chunks_done)
     {
-        diesel::update(import_files::table.find(file.0))
-            .set((
-                import_files::state.eq(FileState::Done),
-                import_files::finished_at.eq(diesel::dsl::now),
-            ))
-            .execute(conn)?;
-        let msg = NotifyMessage::FileFinishedV1(FileFinished {
-            file_id: file,
-            tenant_id: chunk.tenant_id,
-        });
-        outbox::enqueue(conn, QueueKind::Notify, encode(&msg)?)?;
+        mui_shared::files::last_chunk_done(conn, file, chunk.tenant_id)?;
         outcome.finished_file = true;
     }
     Ok(outcome)

@@ -29,10 +29,9 @@ use diesel::sql_types::{BigInt, Bool};
 use mui_shared::amqp::{Publisher, QueueKind};
 use mui_shared::db::{self, PgPool};
 use mui_shared::domain::{ImportFileId, TenantId};
-use mui_shared::files::FileState;
-use mui_shared::messages::{self, Chunk, FileErrorCode, FileFinished, NotifyMessage, WorkMessage};
-use mui_shared::outbox::{self, Kick};
-use mui_shared::schema::import_files;
+use mui_shared::files::{self, FileState};
+use mui_shared::messages::{self, Chunk, FileErrorCode, WorkMessage};
+use mui_shared::outbox::Kick;
 use mui_shared::tenants::Tenant;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
@@ -44,7 +43,6 @@ mod publish;
 mod state;
 
 use publish::{publish_rows, validate_whole, Validated};
-pub use state::finished;
 use state::{add_notice, current_state, fail, register, FileLock};
 
 /// What the pipeline needs.
@@ -257,13 +255,7 @@ pub async fn handle(
         if let Some(notice) = notice {
             add_notice(&ctx.pool, file_id, notice).await?;
         }
-        db::run(&ctx.pool, move |conn| {
-            diesel::update(import_files::table.find(file_id.0))
-                .set(import_files::archived_name.eq(archived))
-                .execute(conn)?;
-            Ok(())
-        })
-        .await?;
+        db::run(&ctx.pool, move |conn| Ok(files::archived(conn, file_id, &archived)?)).await?;
         tracing::info!("FileArchived");
         lock.release().await;
         Ok(())

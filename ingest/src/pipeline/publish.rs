@@ -1,7 +1,6 @@
 //! Reading a registered file whole without publishing (every file-level problem decided
 //! first), then publishing its chunks with confirms and recording the totals.
 
-use super::state::finished;
 use super::*;
 
 /// Chunks in flight (published, confirm not yet awaited) per file.
@@ -177,39 +176,16 @@ pub(super) async fn publish_rows(
     }
     let (header, ignored, delimiter) = header_seen.unwrap_or_default();
     tracing::info!(rows, chunks, "FileQueued");
-    let header = serde_json::to_value(&header)?;
-    let ignored = serde_json::to_value(&ignored)?;
-    let delimiter = reader::delimiter_label(delimiter);
-    let chunks = chunks as i32;
-    let rows = rows as i64;
+    let totals = files::Totals {
+        chunks: chunks as i32,
+        rows: rows as i64,
+        delimiter: reader::delimiter_label(delimiter).to_owned(),
+        header: serde_json::to_value(&header)?,
+        ignored: serde_json::to_value(&ignored)?,
+    };
     let kick = ctx.kick.clone();
     db::run(&ctx.pool, move |conn| {
-        conn.transaction(|conn| {
-            #[derive(QueryableByName)]
-            struct Done {
-                #[diesel(sql_type = Bool)]
-                done: bool,
-            }
-            let done: Done = diesel::sql_query(
-                "UPDATE import_files SET total_chunks = $2, rows_total = $3, \
-                 delimiter = $4, header = $5, ignored_columns = $6, queued_at = now(), \
-                 state = CASE WHEN chunks_done >= $2 THEN 'done' ELSE 'importing' END, \
-                 finished_at = CASE WHEN chunks_done >= $2 THEN now() END \
-                 WHERE id = $1 RETURNING (state = 'done') AS done",
-            )
-            .bind::<BigInt, _>(file_id.0)
-            .bind::<diesel::sql_types::Integer, _>(chunks)
-            .bind::<BigInt, _>(rows)
-            .bind::<diesel::sql_types::Text, _>(delimiter)
-            .bind::<diesel::sql_types::Jsonb, _>(header)
-            .bind::<diesel::sql_types::Jsonb, _>(ignored)
-            .get_result(conn)?;
-            if done.done {
-                finished(conn, file_id, tenant_id)?;
-            }
-            Ok::<_, diesel::result::Error>(())
-        })?;
-        Ok(())
+        Ok(files::totals_known(conn, file_id, tenant_id, &totals)?)
     })
     .await?;
     kick.kick();

@@ -12,14 +12,7 @@ pub(super) async fn add_notice(
     notice: String,
 ) -> anyhow::Result<()> {
     db::run(pool, move |conn| {
-        diesel::sql_query(
-            "UPDATE import_files SET notices = array_append(notices, $2) \
-             WHERE id = $1 AND NOT ($2 = ANY (notices))",
-        )
-        .bind::<BigInt, _>(file_id.0)
-        .bind::<diesel::sql_types::Text, _>(notice)
-        .execute(conn)?;
-        Ok(())
+        Ok(files::add_notice(conn, file_id, &notice)?)
     })
     .await?;
     Ok(())
@@ -39,49 +32,44 @@ pub(super) async fn register(
     arrival_key: &str,
     sniff: &Sniff,
 ) -> anyhow::Result<Registered> {
-    let (name, key, size, sha) = (
+    let (name, key, sha) = (
         name.to_owned(),
         arrival_key.to_owned(),
-        sniff.size as i64,
         sniff.sha256.clone(),
     );
+    let size = sniff.size as i64;
     let encoding = sniff.encoding_label();
     let chunking = ctx.chunking;
-    let row: (i64, Option<i32>, Option<i32>) = db::run(&ctx.pool, move |conn| {
-        let inserted = diesel::insert_into(import_files::table)
-            .values((
-                import_files::tenant_id.eq(tenant.0),
-                import_files::file_name.eq(&name),
-                import_files::arrival_key.eq(&key),
-                import_files::size_bytes.eq(size),
-                import_files::sha256.eq(&sha),
-                import_files::encoding.eq(&encoding),
-                import_files::chunk_rows.eq(chunking.rows.min(i32::MAX as usize) as i32),
-                import_files::chunk_max_bytes.eq(chunking.max_bytes.min(i32::MAX as usize) as i32),
-            ))
-            .on_conflict(import_files::arrival_key)
-            .do_nothing()
-            .execute(conn)?;
-        let row: (i64, Option<i32>, Option<i32>) = import_files::table
-            .filter(import_files::arrival_key.eq(&key))
-            .select((
-                import_files::id,
-                import_files::chunk_rows,
-                import_files::chunk_max_bytes,
-            ))
-            .first(conn)?;
-        if inserted == 1 {
-            tracing::info!(file_id = row.0, tenant = tenant.0, size, "FileRegistered");
+    let r = db::run(&ctx.pool, move |conn| {
+        let r = files::register(
+            conn,
+            &files::NewFile {
+                tenant,
+                name: &name,
+                arrival_key: &key,
+                size,
+                sha256: &sha,
+                encoding: &encoding,
+                chunk_rows: chunking.rows.min(i32::MAX as usize) as i32,
+                chunk_max_bytes: chunking.max_bytes.min(i32::MAX as usize) as i32,
+            },
+        )?;
+        if r.new {
+            tracing::info!(file_id = r.id.0, tenant = tenant.0, size, "FileRegistered");
         }
-        Ok(row)
+        Ok(r)
     })
     .await?;
     Ok(Registered {
-        id: ImportFileId(row.0),
+        id: r.id,
         // Files registered before the chunking was stored are cut as the service says.
         chunking: Chunking {
-            rows: row.1.map_or(ctx.chunking.rows, |r| r.max(1) as usize),
-            max_bytes: row.2.map_or(ctx.chunking.max_bytes, |b| b.max(1) as usize),
+            rows: r
+                .chunk_rows
+                .map_or(ctx.chunking.rows, |n| n.max(1) as usize),
+            max_bytes: r
+                .chunk_max_bytes
+                .map_or(ctx.chunking.max_bytes, |n| n.max(1) as usize),
         },
     })
 }
@@ -90,25 +78,7 @@ pub(super) async fn current_state(
     pool: &PgPool,
     file_id: ImportFileId,
 ) -> anyhow::Result<FileState> {
-    Ok(db::run(pool, move |conn| {
-        Ok(import_files::table
-            .find(file_id.0)
-            .select(import_files::state)
-            .first::<FileState>(conn)?)
-    })
-    .await?)
-}
-
-/// Announces a finished file to the notifier (inside the caller's transaction).
-pub fn finished(
-    conn: &mut PgConnection,
-    file_id: ImportFileId,
-    tenant_id: TenantId,
-) -> Result<(), diesel::result::Error> {
-    let msg = NotifyMessage::FileFinishedV1(FileFinished { file_id, tenant_id });
-    let bytes = messages::encode(&msg)
-        .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
-    outbox::enqueue(conn, QueueKind::Notify, bytes)
+    Ok(db::run(pool, move |conn| Ok(files::state_of(conn, file_id)?)).await?)
 }
 
 /// Marks a file failed at file level and announces it.
@@ -124,25 +94,14 @@ pub(super) async fn fail(
     let message = problem.message.clone();
     let encoding = sniff.map(Sniff::encoding_label);
     db::run(&ctx.pool, move |conn| {
-        conn.transaction(|conn| {
-            let updated =
-                diesel::update(import_files::table.find(file_id.0).filter(
-                    import_files::state.eq_any([FileState::Received, FileState::Importing]),
-                ))
-                .set((
-                    import_files::state.eq(FileState::Failed),
-                    import_files::error_code.eq(code),
-                    import_files::error_message.eq(&message),
-                    import_files::encoding.eq(encoding),
-                    import_files::finished_at.eq(diesel::dsl::now),
-                ))
-                .execute(conn)?;
-            if updated == 1 {
-                finished(conn, file_id, tenant_id)?;
-            }
-            Ok::<_, diesel::result::Error>(())
-        })?;
-        Ok(())
+        Ok(files::fail(
+            conn,
+            file_id,
+            tenant_id,
+            code,
+            &message,
+            encoding.as_deref(),
+        )?)
     })
     .await?;
     ctx.kick.kick();
