@@ -17,6 +17,9 @@
 //! queue), in the transaction that marks them replayed, so a crash cannot lose a replay nor
 //! replay twice. Replaying is idempotent downstream: a chunk already imported is recognised
 //! by its marker, failure records are keyed by row, and a file's report is claimed once.
+//!
+//! (Over 400 lines: recording, listing and replaying are one contract with one table; kept
+//! together so that a replay can be read against what was recorded.)
 
 use std::fmt::Write as _;
 

@@ -2,6 +2,9 @@
 //! back ([`FaultProxy`]), the services as real processes that can be killed with SIGKILL or
 //! stopped with SIGTERM ([`ServiceProcess`], running the `mui-service` binary of this crate),
 //! and the services in-process with configurations the test chose ([`Services`]).
+//!
+//! (Over 400 lines: the fault proxy, the process wrapper and the clean-run comparison are
+//! used together by every fault test.)
 
 use mui_shared::files::{FileState, NotifyStatus};
 use std::path::{Path, PathBuf};

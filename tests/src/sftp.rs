@@ -7,6 +7,9 @@
 //! `openssh-server`, `openssh-client` and `curl`, which `scripts/setup.sh` installs. Each
 //! server has its own folder under [`BASE`], its own host key, keys folder and accounts;
 //! dropping it stops sshd and removes the accounts.
+//!
+//! (Over 400 lines: the sshd, the account script and the clients must agree on one
+//! configuration; they are kept in one file.)
 
 use std::io::Write;
 use std::net::TcpListener;

@@ -1,4 +1,7 @@
 //! The pipeline end to end: drop folder → RabbitMQ → PostgreSQL → SMTP.
+//!
+//! (Over 400 lines: one user story per test, each readable alone; splitting them would only
+//! scatter the story.)
 
 use mui_shared::files::{FileState, NotifyStatus};
 use mui_tests::{parse_csv, spawn_app};

@@ -3,6 +3,8 @@
 //! uploads by the real clients (OpenSSH `sftp` in batch mode, curl's libssh2). The tests
 //! with the import pipeline check the users in the database, the email and where the file
 //! ended; the last two look only at what SFTP and the account script do on disk.
+//!
+//! (Over 400 lines: each test starts a real OpenSSH server and tells one tenant's story.)
 
 use mui_shared::files::{FileState, NotifyStatus};
 use std::collections::BTreeSet;

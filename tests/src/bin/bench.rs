@@ -11,6 +11,9 @@
 //! 4. Prints rows/s of both, their ratio, and each service's peak resident memory (VmHWM).
 //!
 //! Run with `scripts/bench.sh [--rows N] [--workers W]`.
+//!
+//! (Over 400 lines: the generator, the pipeline run and the baseline must run on the same
+//! data in the same process to give ratios of one run.)
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
