@@ -130,7 +130,8 @@ impl NotifyStatus {
 }
 
 /// One file as an operator's list shows it (`muictl files list`, also its JSON form).
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = import_files, check_for_backend(Pg))]
 pub struct FileLine {
     /// The file's id (`import_files.id`).
     pub id: i64,
@@ -193,7 +194,7 @@ pub fn list_file_lines(
         .filter(import_files::tenant_id.eq(tenant.0))
         .order(import_files::id.desc())
         .limit(limit)
-        .select(FILE_LINE_COLUMNS)
+        .select(FileLine::as_select())
         .load(conn)
 }
 
@@ -202,57 +203,9 @@ pub fn files_in_order(conn: &mut PgConnection, tenant: TenantId) -> QueryResult<
     import_files::table
         .filter(import_files::tenant_id.eq(tenant.0))
         .order(import_files::id)
-        .select(FILE_LINE_COLUMNS)
+        .select(FileLine::as_select())
         .load(conn)
 }
-
-/// The columns of a [`FileLine`], in its field order.
-#[allow(clippy::type_complexity)]
-const FILE_LINE_COLUMNS: (
-    import_files::id,
-    import_files::file_name,
-    import_files::state,
-    import_files::rows_total,
-    import_files::total_chunks,
-    import_files::chunks_done,
-    import_files::rows_inserted,
-    import_files::rows_updated,
-    import_files::rows_unchanged,
-    import_files::rows_failed,
-    import_files::users_archived,
-    import_files::users_reactivated,
-    import_files::permits_released,
-    import_files::error_code,
-    import_files::error_message,
-    import_files::archived_name,
-    import_files::notify_status,
-    import_files::notify_detail,
-    import_files::received_at,
-    import_files::finished_at,
-    import_files::notices,
-) = (
-    import_files::id,
-    import_files::file_name,
-    import_files::state,
-    import_files::rows_total,
-    import_files::total_chunks,
-    import_files::chunks_done,
-    import_files::rows_inserted,
-    import_files::rows_updated,
-    import_files::rows_unchanged,
-    import_files::rows_failed,
-    import_files::users_archived,
-    import_files::users_reactivated,
-    import_files::permits_released,
-    import_files::error_code,
-    import_files::error_message,
-    import_files::archived_name,
-    import_files::notify_status,
-    import_files::notify_detail,
-    import_files::received_at,
-    import_files::finished_at,
-    import_files::notices,
-);
 
 // ---------------------------------------------------------------------------------------
 // Transitions: the only way the services change a file's state.
