@@ -307,7 +307,6 @@ async fn record_folder_status(
                 dfs::path.eq(&path),
                 dfs::problem.eq(&problem),
                 dfs::since.eq(diesel::dsl::now),
-                dfs::checked_at.eq(diesel::dsl::now),
             ))
             .execute(conn)?;
         Ok(())

@@ -122,7 +122,6 @@ diesel::table! {
         path -> Text,
         problem -> Nullable<Text>,
         since -> Timestamptz,
-        checked_at -> Timestamptz,
     }
 }
 

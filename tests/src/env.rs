@@ -231,49 +231,14 @@ impl TestEnv {
     }
 }
 
-/// What the tests read of a file beyond [`FileRow`].
-#[derive(Debug, Clone)]
-pub struct FileDetail {
-    /// The name as registered (escaped if it was not UTF-8).
-    pub file_name: String,
-    /// Notices for the tenant and operator.
-    pub notices: Vec<String>,
-    /// The file-level error, if any.
-    pub error_message: Option<String>,
-    /// Chunks published.
-    pub total_chunks: Option<i32>,
-    /// The chunking fixed at registration.
-    pub chunk_rows: Option<i32>,
-}
-
 impl TestEnv {
-    /// Details of one file.
-    pub fn file_detail(&self, file_id: i64) -> FileDetail {
-        let mut conn = self.db.conn();
-        let (file_name, notices, error_message, total_chunks, chunk_rows) = import_files::table
+    /// The rows per chunk a file was registered with (not part of the operator's view).
+    pub fn chunk_rows(&self, file_id: i64) -> Option<i32> {
+        import_files::table
             .find(file_id)
-            .select((
-                import_files::file_name,
-                import_files::notices,
-                import_files::error_message,
-                import_files::total_chunks,
-                import_files::chunk_rows,
-            ))
-            .first::<(
-                String,
-                Vec<String>,
-                Option<String>,
-                Option<i32>,
-                Option<i32>,
-            )>(&mut conn)
-            .expect("file detail query");
-        FileDetail {
-            file_name,
-            notices,
-            error_message,
-            total_chunks,
-            chunk_rows,
-        }
+            .select(import_files::chunk_rows)
+            .first(&mut self.db.conn())
+            .expect("chunk_rows query")
     }
 }
 

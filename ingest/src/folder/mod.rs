@@ -21,7 +21,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -68,6 +68,15 @@ pub enum FolderError {
     /// The service may not read or search it (a tenant's `chmod`, or wrong ownership).
     #[error("{path} cannot be read by the import service ({source}); uploads there are not imported until its permissions are restored")]
     Denied {
+        /// The folder.
+        path: PathBuf,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// The service may read it but not create or remove names in it (a tenant's `chmod`),
+    /// so handled files cannot be moved to `bak/`.
+    #[error("{path}: the import service may not create or remove files here ({source}), so processed files cannot be moved to bak/; restore the folder's group write permission")]
+    NotWritable {
         /// The folder.
         path: PathBuf,
         /// The system's error.
@@ -230,7 +239,7 @@ impl TenantFolder {
             rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
             AtFlags::EACCESS,
         )
-        .map_err(|e| FolderError::Denied {
+        .map_err(|e| FolderError::NotWritable {
             path: self.path.clone(),
             source: e.into(),
         })
@@ -462,7 +471,7 @@ fn copy_into(dir: &OwnedFd, name: &str, file: &File) -> io::Result<()> {
     let mut out = File::from(fd);
     let mut src = file.try_clone()?;
     src.seek(SeekFrom::Start(0))?;
-    let written = io::copy(&mut (&mut src).take(u64::MAX), &mut out);
+    let written = io::copy(&mut src, &mut out);
     match written
         .and_then(|_| out.flush())
         .and_then(|()| out.sync_all())

@@ -18,6 +18,6 @@ CREATE TABLE drop_folder_status (
     tenant_id  BIGINT PRIMARY KEY REFERENCES tenants (id) ON DELETE CASCADE,
     path       TEXT NOT NULL,
     problem    TEXT,
-    since      TIMESTAMPTZ NOT NULL DEFAULT now(),
-    checked_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    -- When the folder came to be in this state (written only when the state changes).
+    since      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
