@@ -188,24 +188,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                     let tenant_dir = config.drop_root.join(&slug);
                     let folder_path = tenants::drop_folder(&config.drop_root, &slug);
                     let folder_id = st.folders.get(&slug).map(|f| f.id());
-                    for (dir, now_id) in [
-                        (&tenant_dir, std::fs::symlink_metadata(&tenant_dir).ok().filter(|m| m.is_dir()).map(|m| { use std::os::unix::fs::MetadataExt; (m.dev(), m.ino()) })),
-                        (&folder_path, folder_id),
-                    ] {
-                        let was = watched.get(dir).copied();
-                        if was.is_some() && was != now_id {
-                            // Deleted (and perhaps made again): drop the old watch.
-                            watched.remove(dir);
-                            if let Some(w) = watcher.as_mut() { let _ = w.unwatch(dir); }
-                        }
-                        if let (Some(w), Some(id)) = (watcher.as_mut(), now_id) {
-                            if !watched.contains_key(dir) {
-                                match w.watch(dir, RecursiveMode::NonRecursive) {
-                                    Ok(()) => { watched.insert(dir.clone(), id); }
-                                    Err(e) => tracing::warn!(error = %e, tenant = %slug, "WatchError"),
-                                }
-                            }
-                        }
+                    if let Some(w) = watcher.as_mut() {
+                        rewatch(w, &mut watched, &tenant_dir, dir_id(&tenant_dir), &slug);
+                        rewatch(w, &mut watched, &folder_path, folder_id, &slug);
                     }
                     if st.folder_problems.get(&slug) != Some(&problem) {
                         match &problem {
@@ -279,6 +264,41 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
     ctx.publisher.close().await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
+}
+
+/// Device and inode of a folder (not followed if it is a link), if it is one.
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Keeps one inotify watch on `dir` as it is now (`now`: its device and inode, None if it
+/// is gone): a folder deleted and made again is a new inode and needs a new watch.
+fn rewatch(
+    watcher: &mut notify::RecommendedWatcher,
+    watched: &mut HashMap<PathBuf, (u64, u64)>,
+    dir: &Path,
+    now: Option<(u64, u64)>,
+    slug: &str,
+) {
+    let was = watched.get(dir).copied();
+    if was.is_some() && was != now {
+        watched.remove(dir);
+        let _ = watcher.unwatch(dir);
+    }
+    if let Some(id) = now {
+        if !watched.contains_key(dir) {
+            match watcher.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(dir.to_path_buf(), id);
+                }
+                Err(e) => tracing::warn!(error = %e, tenant = %slug, "WatchError"),
+            }
+        }
+    }
 }
 
 async fn refresh_tenants(pool: &db::PgPool) -> anyhow::Result<HashMap<String, Tenant>> {
