@@ -327,23 +327,8 @@ impl Publisher {
     /// (the caller retries it whole; consumers are idempotent).
     pub async fn publish_all(&self, messages: &[(QueueKind, &[u8])]) -> Result<(), AmqpError> {
         let mut pending = Vec::with_capacity(messages.len());
-        let channel = self.channel().await?;
         for (kind, payload) in messages {
-            let queue = self.topology.queue(*kind);
-            let confirm = channel
-                .basic_publish(
-                    ShortString::from(""),
-                    queue.as_str().into(),
-                    // mandatory: an unroutable message comes back instead of vanishing.
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    payload,
-                    persistent_json(),
-                )
-                .await?;
-            pending.push(Pending { queue, confirm });
+            pending.push(self.send(*kind, payload).await?);
         }
         for p in pending {
             p.confirmed().await?;
@@ -361,6 +346,7 @@ impl Publisher {
             .basic_publish(
                 ShortString::from(""),
                 queue.as_str().into(),
+                // mandatory: an unroutable message comes back instead of vanishing.
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
