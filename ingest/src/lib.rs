@@ -81,6 +81,13 @@ pub struct IngestConfig {
     #[arg(long, env = "MAX_FILE_ROWS", default_value_t = 5_000_000)]
     pub max_file_rows: u64,
     /// Pause points for tests (not settable from outside).
+    /// How chunks reach the workers. `fair`: queued in PostgreSQL and handed to the broker
+    /// by the workers' fair dispatcher (fair share between tenants, one file of a tenant at a
+    /// time so that its files take effect in arrival order). `direct`: published straight to
+    /// the broker in the order read (first come, first served; no order across a tenant's
+    /// files; kept for comparison and for deployments without dispatching workers).
+    #[arg(long, env = "CHUNK_DISPATCH", value_enum, default_value_t = pipeline::ChunkDispatch::Fair)]
+    pub chunk_dispatch: pipeline::ChunkDispatch,
     #[arg(skip)]
     pub hooks: pipeline::Hooks,
 }
@@ -127,6 +134,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
             max_rows: config.max_file_rows,
         },
         hooks: config.hooks.clone(),
+        dispatch: config.chunk_dispatch,
     });
 
     let (events_tx, mut events) = mpsc::unbounded_channel::<PathBuf>();

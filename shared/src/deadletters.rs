@@ -29,7 +29,8 @@ use diesel::sql_types::{Bool, Bytea, Int4, Int8, Nullable, Text, Timestamptz, Va
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::amqp::{QueueKind, Topology, DELIVERY_LIMIT};
-use crate::messages::{self, NotifyMessage, WorkMessage};
+use crate::dispatch;
+use crate::messages::{self, ChunkRef, NotifyMessage, WorkMessage};
 use crate::outbox;
 
 /// The longest error text kept for a message.
@@ -117,13 +118,24 @@ impl Death {
 
 /// What a payload says about itself: queue, tenant, file, chunk.
 fn describe(payload: &[u8]) -> (Option<QueueKind>, Option<i64>, Option<i64>, Option<i32>) {
-    if let Ok(WorkMessage::ChunkV1(c)) = messages::decode::<WorkMessage>(payload) {
-        return (
-            Some(QueueKind::Chunks),
-            Some(c.tenant_id.0),
-            Some(c.file_id.0),
-            i32::try_from(c.chunk_no).ok(),
-        );
+    match messages::decode::<WorkMessage>(payload) {
+        Ok(WorkMessage::ChunkV1(c)) => {
+            return (
+                Some(QueueKind::Chunks),
+                Some(c.tenant_id.0),
+                Some(c.file_id.0),
+                i32::try_from(c.chunk_no).ok(),
+            )
+        }
+        Ok(WorkMessage::QueuedChunkV1(c)) => {
+            return (
+                Some(QueueKind::Chunks),
+                Some(c.tenant_id.0),
+                Some(c.file_id.0),
+                i32::try_from(c.chunk_no).ok(),
+            )
+        }
+        _ => {}
     }
     match messages::decode::<NotifyMessage>(payload) {
         Ok(NotifyMessage::RowFailuresV1(f)) => (
@@ -139,6 +151,14 @@ fn describe(payload: &[u8]) -> (Option<QueueKind>, Option<i64>, Option<i64>, Opt
             None,
         ),
         _ => (None, None, None, None),
+    }
+}
+
+/// The queued chunk a payload names, if it is a reference to one.
+fn queued_chunk(payload: &[u8]) -> Option<ChunkRef> {
+    match messages::decode::<WorkMessage>(payload) {
+        Ok(WorkMessage::QueuedChunkV1(c)) => Some(c),
+        _ => None,
     }
 }
 
@@ -223,6 +243,10 @@ pub fn record(
         .optional()?;
         if let Some(kind) = kind {
             forget_error(conn, kind, payload)?;
+        }
+        if let Some(chunk) = queued_chunk(payload) {
+            // No longer in flight, and no longer holding back the tenant's later files.
+            dispatch::dead(conn, chunk)?;
         }
         Ok(inserted.map(|r| r.id))
     })
@@ -373,6 +397,9 @@ pub fn replay(conn: &mut PgConnection, selection: Selection) -> QueryResult<Repl
                     .push((row.id, "the queue it came from is unknown".to_owned()));
                 continue;
             };
+            if let Some(chunk) = queued_chunk(&row.payload) {
+                dispatch::revived(conn, chunk)?;
+            }
             outbox::enqueue(conn, kind, row.payload)?;
             diesel::sql_query("UPDATE dead_letters SET replayed_at = now() WHERE id = $1")
                 .bind::<Int8, _>(row.id)

@@ -8,6 +8,7 @@
 //! - [`amqp`]: the RabbitMQ topology, connecting with backoff, publishing with confirms.
 //! - [`outbox`]: database-to-broker hand-off that a crash cannot lose.
 //! - [`deadletters`]: recording, listing and replaying dead-lettered messages.
+//! - [`dispatch`]: the chunk queue in the database and the fair order it is handed out in.
 //! - [`failures`]: a file's stored failure records and the failures CSV, as mailed.
 //! - [`files`]: the files a tenant sent, as an operator lists them.
 //! - [`users`]: a tenant's users, as an operator lists and looks them up.
@@ -21,6 +22,7 @@ pub mod codes;
 pub mod config;
 pub mod db;
 pub mod deadletters;
+pub mod dispatch;
 pub mod domain;
 pub mod failures;
 pub mod files;

@@ -6,7 +6,8 @@
 //!
 //! - [`WorkMessage`]: ingest → workers, on the `chunks` queue. A file's rows travel in chunks
 //!   (no shared disk between the SFTP host and the workers), so any number of workers can
-//!   import one file at once.
+//!   import one file at once: either in the message, or (fair dispatch) queued in the
+//!   database and named by the message.
 //! - [`NotifyMessage`]: workers and ingest → notifier, on the `notify` queue, through the
 //!   transactional outbox: failure records of a chunk, and "this file is finished".
 
@@ -23,9 +24,25 @@ pub use crate::domain::truncate_for_message;
 #[serde(tag = "type")]
 #[non_exhaustive]
 pub enum WorkMessage {
-    /// A chunk of a file's rows.
+    /// A chunk of a file's rows, carried in the message (`CHUNK_DISPATCH=direct`).
     #[serde(rename = "chunk.v1")]
     ChunkV1(Chunk),
+    /// A chunk waiting in the database's `chunk_queue`, handed out by the fair dispatcher
+    /// (`CHUNK_DISPATCH=fair`): the worker takes its rows from the queue in the
+    /// transaction that imports them.
+    #[serde(rename = "queued_chunk.v1")]
+    QueuedChunkV1(ChunkRef),
+}
+
+/// Names a queued chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// The file.
+    pub file_id: ImportFileId,
+    /// Its tenant.
+    pub tenant_id: TenantId,
+    /// 0-based number of the chunk within the file.
+    pub chunk_no: u32,
 }
 
 /// A run of consecutive rows of one file.

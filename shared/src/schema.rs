@@ -126,6 +126,31 @@ diesel::table! {
 }
 
 diesel::table! {
+    chunk_queue (tenant_id, file_id, chunk_no) {
+        tenant_id -> Int8,
+        file_id -> Int8,
+        chunk_no -> Int4,
+        rows -> Int4,
+        payload -> Bytea,
+        queued_at -> Timestamptz,
+        dispatched_at -> Nullable<Timestamptz>,
+        confirmed -> Bool,
+        dead_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    workers (name) {
+        name -> Text,
+        host -> Text,
+        pid -> Int4,
+        concurrency -> Int4,
+        started_at -> Timestamptz,
+        seen_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     file_chunks (file_id, chunk_no) {
         file_id -> Int8,
         chunk_no -> Int4,
@@ -205,4 +230,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     row_failures,
     outbox,
     drop_folder_status,
+    chunk_queue,
+    workers,
 );

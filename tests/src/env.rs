@@ -31,6 +31,8 @@ pub struct AppOptions {
     pub chunk_max_bytes: usize,
     /// Pause points in ingest the test listens to.
     pub ingest_hooks: mui_ingest::pipeline::Hooks,
+    /// How ingest hands chunks on (`CHUNK_DISPATCH`).
+    pub chunk_dispatch: mui_ingest::pipeline::ChunkDispatch,
     /// Make DROP_ROOT where OpenSSH accepts chroot folders (every folder above it root-owned
     /// and writable by nobody else, so not under /tmp): see [`sftp`].
     pub chroot_ready: bool,
@@ -48,6 +50,7 @@ impl Default for AppOptions {
             rescan_secs: 1,
             chunk_max_bytes: mui_ingest::reader::DEFAULT_CHUNK_MAX_BYTES,
             ingest_hooks: mui_ingest::pipeline::Hooks::default(),
+            chunk_dispatch: mui_ingest::pipeline::ChunkDispatch::Fair,
         }
     }
 }
@@ -128,6 +131,7 @@ impl TestEnv {
             concurrency: 4,
             max_file_bytes: 1 << 30,
             max_file_rows: self.options.max_file_rows,
+            chunk_dispatch: self.options.chunk_dispatch,
         }
     }
 
@@ -136,6 +140,10 @@ impl TestEnv {
         mui_worker::WorkerConfig {
             common: self.common(),
             concurrency: 2,
+            dispatch: true,
+            tenant_max_in_flight: None,
+            dispatch_lease_secs: 900,
+            dispatch_poll_ms: 50,
         }
     }
 

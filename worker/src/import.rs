@@ -1,5 +1,7 @@
 //! Importing one chunk, in one transaction; this file keeps its steps in order:
 //!
+//! 0. a chunk handed out by the fair dispatcher is taken from `chunk_queue` (its row is
+//!    deleted by this transaction; see `mui_shared::dispatch`);
 //! 1. insert the chunk's marker `(file_id, chunk_no)`: if it exists the chunk was imported
 //!    before (a redelivery) and nothing else happens;
 //! 2. check every row ([`crate::validate`]); within the chunk, a later row with the same
@@ -19,9 +21,12 @@ use std::collections::HashMap;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 use mui_shared::amqp::QueueKind;
+use mui_shared::dispatch;
 use mui_shared::domain::{HeaderMap, ImportFileId, TenantId};
 use mui_shared::files::FileState;
-use mui_shared::messages::{self, Chunk, NotifyMessage, RowFailure, RowFailures};
+use mui_shared::messages::{
+    self, Chunk, ChunkRef, NotifyMessage, RowFailure, RowFailures, WorkMessage,
+};
 use mui_shared::outbox;
 use mui_shared::schema::{file_chunks, import_files, tenants};
 
@@ -54,6 +59,18 @@ pub enum ImportError {
     /// The chunk's header cannot be mapped (ingest checks this first; a hand-made message).
     #[error("chunk header is unusable: {0}")]
     Header(#[from] mui_shared::domain::HeaderError),
+    /// A reference to a chunk that is neither queued nor imported (its file was deleted, or
+    /// a hand-made message): dead-lettered.
+    #[error("chunk {} of file {} (tenant {}) is not in the chunk queue and was never imported", .0.chunk_no, .0.file_id, .0.tenant_id)]
+    NotQueued(ChunkRef),
+    /// The queued payload is not the chunk its reference names.
+    #[error("the queued payload of chunk {} of file {} is not that chunk: {why}", .chunk.chunk_no, .chunk.file_id)]
+    BadPayload {
+        /// The reference.
+        chunk: ChunkRef,
+        /// What is wrong with the payload.
+        why: String,
+    },
 }
 
 impl From<diesel::result::Error> for ImportError {
@@ -67,6 +84,8 @@ impl From<diesel::result::Error> for ImportError {
 pub struct ChunkOutcome {
     /// False if the chunk had been imported before (redelivery): nothing was changed.
     pub applied: bool,
+    /// The chunk's data rows.
+    pub rows: i64,
     /// Users created.
     pub inserted: i64,
     /// Users changed.
@@ -98,6 +117,50 @@ struct Progress {
 /// Imports a chunk (see the module docs). Runs its own transaction.
 pub fn import_chunk(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, ImportError> {
     conn.transaction(|conn| import_in_tx(conn, chunk))
+}
+
+/// Imports a chunk waiting in the database's chunk queue: its row is taken (deleted) in the
+/// transaction that imports it, so it is imported once and the queue holds exactly the
+/// chunks not imported yet. A reference to a chunk imported before changes nothing.
+pub fn import_queued(
+    conn: &mut PgConnection,
+    chunk_ref: ChunkRef,
+) -> Result<ChunkOutcome, ImportError> {
+    conn.transaction(|conn| {
+        let Some(payload) = dispatch::take(conn, chunk_ref)? else {
+            let imported: bool = diesel::select(diesel::dsl::exists(
+                file_chunks::table.find((chunk_ref.file_id.0, chunk_ref.chunk_no as i32)),
+            ))
+            .get_result(conn)?;
+            return if imported {
+                Ok(ChunkOutcome::default())
+            } else {
+                Err(ImportError::NotQueued(chunk_ref))
+            };
+        };
+        let chunk = match messages::decode::<WorkMessage>(&payload) {
+            Ok(WorkMessage::ChunkV1(c))
+                if c.file_id == chunk_ref.file_id
+                    && c.tenant_id == chunk_ref.tenant_id
+                    && c.chunk_no == chunk_ref.chunk_no =>
+            {
+                c
+            }
+            Ok(_) => {
+                return Err(ImportError::BadPayload {
+                    chunk: chunk_ref,
+                    why: "it names another chunk".into(),
+                })
+            }
+            Err(e) => {
+                return Err(ImportError::BadPayload {
+                    chunk: chunk_ref,
+                    why: e.to_string(),
+                })
+            }
+        };
+        import_in_tx(conn, &chunk)
+    })
 }
 
 fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, ImportError> {
@@ -182,6 +245,7 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
     let good = check_identities(conn, chunk, &map, good, &mut failures)?;
     let mut outcome = ChunkOutcome {
         applied: true,
+        rows: chunk.rows.len() as i64,
         ..ChunkOutcome::default()
     };
     // 3. Stage the good rows and write them into `users`.

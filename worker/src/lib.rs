@@ -22,6 +22,7 @@
 //!   - `upsert`: the set-based lock / update / insert statements (the fixed ones in
 //!     `src/sql/`, the generated ones pinned in `src/sql/generated/`).
 
+pub mod dispatcher;
 mod duplicate;
 mod identity;
 pub mod import;
@@ -44,9 +45,10 @@ use mui_shared::amqp::{self, Publisher, QueueKind};
 use mui_shared::config::{redact_url, CommonArgs};
 use mui_shared::db::{self, PgPool};
 use mui_shared::deadletters as dead;
-use mui_shared::messages::{self, WorkMessage};
+use mui_shared::dispatch;
+use mui_shared::messages::{self, ChunkRef, WorkMessage};
 use mui_shared::outbox::{Kick, Relay};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -62,6 +64,25 @@ pub struct WorkerConfig {
     /// Chunks imported at once by this process (each uses one database connection).
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,
+    /// Take part in the fair dispatcher: one worker leads (by a PostgreSQL advisory lock) and
+    /// hands queued chunks to the broker; the others stand by to take over. With `false` this
+    /// worker only imports (at least one worker must dispatch when ingest queues chunks).
+    #[arg(long, env = "DISPATCH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dispatch: bool,
+    /// At most this many chunks of one tenant in flight at once (default: as many as all live
+    /// workers import at once, so a tenant alone uses every worker; while several tenants
+    /// have work they share the workers by rows either way).
+    #[arg(long, env = "TENANT_MAX_IN_FLIGHT")]
+    pub tenant_max_in_flight: Option<u32>,
+    /// A chunk handed to the broker this long ago and still not imported is handed out again
+    /// (its message was lost, e.g. a purged queue; the worker imports a chunk once however
+    /// often it is handed out).
+    #[arg(long, env = "DISPATCH_LEASE_SECS", default_value_t = 900)]
+    pub dispatch_lease_secs: u32,
+    /// How often the leading dispatcher looks at the chunk queue when nothing wakes it, in
+    /// milliseconds.
+    #[arg(long, env = "DISPATCH_POLL_MS", default_value_t = 100)]
+    pub dispatch_poll_ms: u64,
 }
 
 /// Query errors (not connection trouble) tolerated in one delivery of a chunk before it is
@@ -101,6 +122,36 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     let _relay_guard = relay_stop.clone().drop_guard();
     let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
 
+    // Say we are alive (the dispatcher sizes what it keeps in flight by the live workers).
+    let name = worker_name();
+    let beat_stop = CancellationToken::new();
+    let _beat_guard = beat_stop.clone().drop_guard();
+    let beat_task = tokio::spawn(heartbeat(
+        pool.clone(),
+        name.clone(),
+        concurrency as i32,
+        beat_stop.clone(),
+    ));
+    let wake = Arc::new(Notify::new());
+    let dispatch_stop = CancellationToken::new();
+    let _dispatch_guard = dispatch_stop.clone().drop_guard();
+    let dispatch_task = if config.dispatch {
+        let settings = dispatcher::DispatchSettings {
+            database_url: config.common.database_url.clone(),
+            tenant_cap: config.tenant_max_in_flight.map(i64::from),
+            lease_secs: i64::from(config.dispatch_lease_secs.max(1)),
+            poll: Duration::from_millis(config.dispatch_poll_ms.max(1)),
+        };
+        Some(tokio::spawn(dispatcher::run(
+            settings,
+            Publisher::new(&conn, topology.clone()).await?,
+            wake.clone(),
+            dispatch_stop.clone(),
+        )))
+    } else {
+        None
+    };
+
     let tag = format!("mui-worker-{}", std::process::id());
     let mut consumer = channel
         .basic_consume(
@@ -129,10 +180,12 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
                 let permit = slots.clone().acquire_owned().await?;
                 let pool = pool.clone();
                 let kick = kick.clone();
+                let wake = wake.clone();
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
                     handle_delivery(&pool, delivery, &stop).await;
                     kick.kick();
+                    wake.notify_one();
                     drop(permit);
                 });
             }
@@ -142,13 +195,57 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     let _ = channel
         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
         .await;
+    dispatch_stop.cancel();
     while tasks.join_next().await.is_some() {}
+    if let Some(t) = dispatch_task {
+        let _ = t.await;
+    }
+    beat_stop.cancel();
+    let _ = beat_task.await;
+    let gone = name.clone();
+    if let Err(e) = db::run(&pool, move |c| Ok(dispatch::worker_gone(c, &gone)?)).await {
+        tracing::warn!(error = %e, "WorkerDeregisterError");
+    }
     relay_stop.cancel();
     let _ = relay_task.await;
     drop(consumer);
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
+}
+
+/// How often a worker says it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// This process's name in the `workers` table: host, pid and start time.
+fn worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{host}:{}:{started}", std::process::id())
+}
+
+/// Records this worker as alive every few seconds until `stop`.
+async fn heartbeat(pool: PgPool, name: String, concurrency: i32, stop: CancellationToken) {
+    let host = name.split(':').next().unwrap_or("unknown").to_owned();
+    loop {
+        let (n, h) = (name.clone(), host.clone());
+        if let Err(e) = db::run(&pool, move |c| {
+            Ok(dispatch::heartbeat(c, &n, &h, concurrency)?)
+        })
+        .await
+        {
+            tracing::warn!(error = %e, "WorkerHeartbeatError");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+    }
 }
 
 /// Notes why a message failed, where its dead-letter record will find it (best effort: the
@@ -180,6 +277,26 @@ fn chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// A chunk to import: carried in the message, or queued in the database.
+#[derive(Clone)]
+enum Work {
+    Inline(Arc<messages::Chunk>),
+    Queued(ChunkRef),
+}
+
+impl Work {
+    fn chunk_ref(&self) -> ChunkRef {
+        match self {
+            Work::Inline(c) => ChunkRef {
+                file_id: c.file_id,
+                tenant_id: c.tenant_id,
+                chunk_no: c.chunk_no,
+            },
+            Work::Queued(r) => *r,
+        }
+    }
+}
+
 async fn handle_delivery(
     pool: &PgPool,
     delivery: lapin::message::Delivery,
@@ -195,29 +312,36 @@ async fn handle_delivery(
             return;
         }
     };
-    let WorkMessage::ChunkV1(chunk) = msg else {
-        tracing::error!("ChunkUnknownVersionError");
-        let why = "unknown chunk message version".to_owned();
-        note_error(pool, None, delivery.data.clone(), why).await;
-        let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-        return;
+    let work = match msg {
+        WorkMessage::ChunkV1(chunk) => Work::Inline(Arc::new(chunk)),
+        WorkMessage::QueuedChunkV1(r) => Work::Queued(r),
+        _ => {
+            tracing::error!("ChunkUnknownVersionError");
+            let why = "unknown chunk message version".to_owned();
+            note_error(pool, None, delivery.data.clone(), why).await;
+            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            return;
+        }
     };
+    let r = work.chunk_ref();
     let span = tracing::info_span!(
         "import_chunk",
-        tenant_id = chunk.tenant_id.0,
-        file_id = chunk.file_id.0,
-        chunk_no = chunk.chunk_no
+        tenant_id = r.tenant_id.0,
+        file_id = r.file_id.0,
+        chunk_no = r.chunk_no
     );
     async {
-        let chunk = Arc::new(chunk);
         let mut query_failures = 0u32;
         let mut backoff = amqp::backoff_policy(None);
         loop {
-            let c = chunk.clone();
+            let w = work.clone();
             let p = pool.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let mut conn = p.get().map_err(|e| ImportError::Db(e.into()))?;
-                import::import_chunk(&mut conn, &c)
+                match w {
+                    Work::Inline(c) => import::import_chunk(&mut conn, &c),
+                    Work::Queued(r) => import::import_queued(&mut conn, r),
+                }
             })
             .await
             .unwrap_or_else(|join| Err(ImportError::Db(join.into())));
@@ -225,7 +349,7 @@ async fn handle_delivery(
                 Ok(outcome) => {
                     if outcome.applied {
                         tracing::info!(
-                            rows = chunk.rows.len(),
+                            rows = outcome.rows,
                             inserted = outcome.inserted,
                             updated = outcome.updated,
                             unchanged = outcome.unchanged,
@@ -261,7 +385,7 @@ async fn handle_delivery(
                         // dead-lettered with this error noted for the operator.
                         let why = chain(&e);
                         tracing::error!(error = %why, redelivered = delivery.redelivered, "ChunkImportError");
-                        note_error(pool, Some(chunk.file_id.0), delivery.data.clone(), why).await;
+                        note_error(pool, Some(r.file_id.0), delivery.data.clone(), why).await;
                         let _ = delivery
                             .nack(BasicNackOptions { requeue: true, multiple: false })
                             .await;
@@ -284,8 +408,8 @@ async fn handle_delivery(
                     let why = chain(&permanent);
                     tracing::error!(error = %why, "ChunkRejectedError");
                     let file = match permanent {
-                        ImportError::WrongTenant { .. } => None,
-                        _ => Some(chunk.file_id.0),
+                        ImportError::WrongTenant { .. } | ImportError::NotQueued(_) => None,
+                        _ => Some(r.file_id.0),
                     };
                     note_error(pool, file, delivery.data.clone(), why).await;
                     let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;

@@ -28,9 +28,10 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool};
 use mui_shared::amqp::{Publisher, QueueKind};
 use mui_shared::db::{self, PgPool};
+use mui_shared::dispatch;
 use mui_shared::domain::{ImportFileId, TenantId};
 use mui_shared::files::{self, FileState};
-use mui_shared::messages::{self, Chunk, FileErrorCode, WorkMessage};
+use mui_shared::messages::{self, Chunk, ChunkRef, FileErrorCode, WorkMessage};
 use mui_shared::outbox::Kick;
 use mui_shared::tenants::Tenant;
 use sha2::{Digest, Sha256};
@@ -62,6 +63,17 @@ pub struct Context {
     pub limits: reader::Limits,
     /// Pause points for tests.
     pub hooks: Hooks,
+    /// How chunks reach the workers.
+    pub dispatch: ChunkDispatch,
+}
+
+/// How chunks reach the workers (`CHUNK_DISPATCH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChunkDispatch {
+    /// Queued in PostgreSQL; the workers' dispatcher hands them out fairly.
+    Fair,
+    /// Published straight to the broker, first come first served.
+    Direct,
 }
 
 /// Whether `name` is a temporary upload name left alone until renamed.

@@ -53,7 +53,8 @@ pub(super) async fn validate_whole(
     .await?
 }
 
-/// Reads and publishes the file's rows, then records the totals. The file was validated
+/// Reads the file's rows and hands them on as chunks (queued in the database for the fair
+/// dispatcher, or published straight to the broker), then records the totals. The file was validated
 /// whole before, so a problem found now means its content changed since: the rows already
 /// published are imported, and the report says exactly which.
 pub(super) async fn publish_rows(
@@ -65,7 +66,7 @@ pub(super) async fn publish_rows(
     chunking: Chunking,
     name: &str,
 ) -> anyhow::Result<()> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, i32, Vec<u8>)>(4);
     let tenant_id = tenant.tenant_id();
     let sniff_for_read = sniff.clone();
     let limits = ctx.limits;
@@ -97,7 +98,7 @@ pub(super) async fn publish_rows(
                     rows,
                 });
                 let bytes = messages::encode(&msg).map_err(io::Error::other)?;
-                tx.blocking_send(bytes)
+                tx.blocking_send((chunk_no, n as i32, bytes))
                     .map_err(|_| io::Error::other("publisher stopped"))?;
                 published_rows += n;
                 published_chunks = chunk_no + 1;
@@ -116,15 +117,31 @@ pub(super) async fn publish_rows(
     });
 
     let mut window: VecDeque<mui_shared::amqp::Pending> = VecDeque::new();
-    let mut publish_error = None;
+    let mut publish_error: Option<anyhow::Error> = None;
     let mut sent = 0u64;
-    while let Some(bytes) = rx.recv().await {
+    while let Some((chunk_no, rows, bytes)) = rx.recv().await {
         if publish_error.is_some() {
             continue; // keep draining so the reader finishes
         }
-        match ctx.publisher.send(QueueKind::Chunks, &bytes).await {
-            Ok(p) => window.push_back(p),
-            Err(e) => publish_error = Some(e),
+        match ctx.dispatch {
+            ChunkDispatch::Direct => match ctx.publisher.send(QueueKind::Chunks, &bytes).await {
+                Ok(p) => window.push_back(p),
+                Err(e) => publish_error = Some(anyhow::Error::from(e)),
+            },
+            ChunkDispatch::Fair => {
+                let chunk = ChunkRef {
+                    file_id,
+                    tenant_id,
+                    chunk_no,
+                };
+                let queued = db::run(&ctx.pool, move |conn| {
+                    Ok(dispatch::enqueue(conn, chunk, rows, &bytes)?)
+                })
+                .await;
+                if let Err(e) = queued {
+                    publish_error = Some(anyhow::Error::from(e));
+                }
+            }
         }
         sent += 1;
         if sent == 1 {
@@ -133,14 +150,14 @@ pub(super) async fn publish_rows(
         while window.len() > CONFIRM_WINDOW {
             if let Some(p) = window.pop_front() {
                 if let Err(e) = p.confirmed().await {
-                    publish_error.get_or_insert(e);
+                    publish_error.get_or_insert(e.into());
                 }
             }
         }
     }
     for p in window {
         if let Err(e) = p.confirmed().await {
-            publish_error.get_or_insert(e);
+            publish_error.get_or_insert(e.into());
         }
     }
     let (outcome, hash_again, header_seen, published_rows, published_chunks) = reading.await??;

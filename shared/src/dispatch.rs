@@ -1,0 +1,451 @@
+//! The chunk queue in PostgreSQL, and the fair order the dispatcher hands it out in
+//! (docs/dispatch.md has the whole design).
+//!
+//! - ingest [`enqueue`]s a file's chunks as it reads them;
+//! - the dispatcher (one leader among the workers, `mui_worker::dispatcher`) reads what
+//!   waits ([`queue_state`], [`waiting_chunks`]), picks in [`Fair`] order, [`mark_dispatched`]
+//!   and publishes a [`ChunkRef`] for each, then [`mark_confirmed`] once the broker confirmed;
+//! - a worker [`take`]s the chunk's rows in the transaction that imports them (the row is
+//!   deleted on commit, so the queue holds exactly the chunks not imported yet);
+//! - the notifier marks a dead-lettered chunk [`dead`]; a replay [`revived`] it.
+//!
+//! Order within a tenant: only its oldest open file is handed out, and its next file waits
+//! until every chunk of it is imported (or dead-lettered), so a tenant's files take effect in
+//! arrival order whatever the workers' timing.
+
+use std::collections::{BTreeMap, HashMap};
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Int4, Integer, Nullable};
+
+use crate::domain::{ImportFileId, TenantId};
+use crate::messages::ChunkRef;
+use crate::schema::{chunk_queue, workers};
+
+/// Puts one chunk of a file in the queue (a retry of the same chunk changes nothing; a chunk
+/// already imported is not queued again).
+pub fn enqueue(
+    conn: &mut PgConnection,
+    chunk: ChunkRef,
+    rows: i32,
+    payload: &[u8],
+) -> QueryResult<()> {
+    diesel::sql_query(
+        "INSERT INTO chunk_queue (tenant_id, file_id, chunk_no, rows, payload) \
+         SELECT $1, $2, $3, $4, $5 \
+         WHERE NOT EXISTS (SELECT 1 FROM file_chunks WHERE file_id = $2 AND chunk_no = $3) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind::<BigInt, _>(chunk.tenant_id.0)
+    .bind::<BigInt, _>(chunk.file_id.0)
+    .bind::<Int4, _>(chunk.chunk_no as i32)
+    .bind::<Int4, _>(rows)
+    .bind::<diesel::sql_types::Bytea, _>(payload)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// Takes a queued chunk's payload, deleting its row (inside the caller's transaction: a
+/// rollback puts it back). `None`: it is not queued (imported already, or never queued).
+pub fn take(conn: &mut PgConnection, chunk: ChunkRef) -> QueryResult<Option<Vec<u8>>> {
+    diesel::delete(chunk_queue::table.find((
+        chunk.tenant_id.0,
+        chunk.file_id.0,
+        chunk.chunk_no as i32,
+    )))
+    .returning(chunk_queue::payload)
+    .get_result(conn)
+    .optional()
+}
+
+/// The chunk was dead-lettered: it no longer counts as in flight and no longer holds back
+/// its tenant's later files.
+pub fn dead(conn: &mut PgConnection, chunk: ChunkRef) -> QueryResult<()> {
+    diesel::update(chunk_queue::table.find((
+        chunk.tenant_id.0,
+        chunk.file_id.0,
+        chunk.chunk_no as i32,
+    )))
+    .set(chunk_queue::dead_at.eq(diesel::dsl::now))
+    .execute(conn)?;
+    Ok(())
+}
+
+/// A dead chunk was replayed (its reference is on its way to the broker again).
+pub fn revived(conn: &mut PgConnection, chunk: ChunkRef) -> QueryResult<()> {
+    diesel::update(chunk_queue::table.find((
+        chunk.tenant_id.0,
+        chunk.file_id.0,
+        chunk.chunk_no as i32,
+    )))
+    .set((
+        chunk_queue::dead_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+        chunk_queue::dispatched_at.eq(diesel::dsl::now),
+        chunk_queue::confirmed.eq(true),
+    ))
+    .execute(conn)?;
+    Ok(())
+}
+
+/// One open file's chunks in the queue, as the dispatcher sees them.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct QueuedFile {
+    /// The tenant.
+    #[diesel(sql_type = BigInt)]
+    pub tenant_id: i64,
+    /// The file.
+    #[diesel(sql_type = BigInt)]
+    pub file_id: i64,
+    /// Chunks handed to the broker and not imported yet (within the lease).
+    #[diesel(sql_type = BigInt)]
+    pub in_flight: i64,
+    /// Chunks waiting to be handed out (never, or longer ago than the lease).
+    #[diesel(sql_type = BigInt)]
+    pub waiting: i64,
+}
+
+/// What the queue holds, and which tenants have an older file still being read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueState {
+    /// Live (not dead-lettered) chunks, by file.
+    pub files: Vec<QueuedFile>,
+    /// For each tenant, its oldest open file whose chunks are not all queued yet (ingest is
+    /// still reading it): none of the tenant's later files is handed out before it.
+    pub reading: HashMap<i64, i64>,
+}
+
+#[derive(QueryableByName)]
+struct Reading {
+    #[diesel(sql_type = BigInt)]
+    tenant_id: i64,
+    #[diesel(sql_type = BigInt)]
+    file_id: i64,
+}
+
+/// Reads the queue. A chunk dispatched more than `lease_secs` ago and still not imported is
+/// counted as waiting again (its message was lost, e.g. a purged queue; a duplicate is
+/// harmless: the worker recognises a chunk already imported).
+pub fn queue_state(conn: &mut PgConnection, lease_secs: i64) -> QueryResult<QueueState> {
+    let files: Vec<QueuedFile> = diesel::sql_query(
+        "SELECT tenant_id, file_id, \
+           count(*) FILTER (WHERE dispatched_at > now() - make_interval(secs => $1)) AS in_flight, \
+           count(*) FILTER (WHERE dispatched_at IS NULL \
+                              OR dispatched_at <= now() - make_interval(secs => $1)) AS waiting \
+         FROM chunk_queue WHERE dead_at IS NULL GROUP BY tenant_id, file_id",
+    )
+    .bind::<BigInt, _>(lease_secs)
+    .load(conn)?;
+    let reading: Vec<Reading> = diesel::sql_query(
+        "SELECT tenant_id, min(id) AS file_id FROM import_files \
+         WHERE state IN ('received', 'importing') AND total_chunks IS NULL \
+         GROUP BY tenant_id",
+    )
+    .load(conn)?;
+    Ok(QueueState {
+        files,
+        reading: reading
+            .into_iter()
+            .map(|r| (r.tenant_id, r.file_id))
+            .collect(),
+    })
+}
+
+/// A chunk waiting to be handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, QueryableByName)]
+pub struct Waiting {
+    /// Its number in the file.
+    #[diesel(sql_type = Integer)]
+    pub chunk_no: i32,
+    /// Its data rows.
+    #[diesel(sql_type = Integer)]
+    pub rows: i32,
+}
+
+/// Up to `limit` chunks of a file waiting to be handed out, in file order.
+pub fn waiting_chunks(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    file: ImportFileId,
+    lease_secs: i64,
+    limit: i64,
+) -> QueryResult<Vec<Waiting>> {
+    diesel::sql_query(
+        "SELECT chunk_no, rows FROM chunk_queue \
+         WHERE tenant_id = $1 AND file_id = $2 AND dead_at IS NULL \
+           AND (dispatched_at IS NULL OR dispatched_at <= now() - make_interval(secs => $3)) \
+         ORDER BY chunk_no LIMIT $4",
+    )
+    .bind::<BigInt, _>(tenant.0)
+    .bind::<BigInt, _>(file.0)
+    .bind::<BigInt, _>(lease_secs)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+}
+
+#[derive(QueryableByName)]
+struct ChunkNo {
+    #[diesel(sql_type = Integer)]
+    chunk_no: i32,
+}
+
+/// Marks chunks of a file dispatched (not yet confirmed) and returns those it marked. A
+/// chunk a worker is importing right now (its row locked) is skipped: it needs no message.
+pub fn mark_dispatched(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    file: ImportFileId,
+    chunks: &[i32],
+) -> QueryResult<Vec<i32>> {
+    let marked: Vec<ChunkNo> = diesel::sql_query(
+        "UPDATE chunk_queue SET dispatched_at = now(), confirmed = false \
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
+           WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = ANY ($3) \
+           FOR UPDATE SKIP LOCKED)) \
+         RETURNING chunk_no",
+    )
+    .bind::<BigInt, _>(tenant.0)
+    .bind::<BigInt, _>(file.0)
+    .bind::<Array<Integer>, _>(chunks)
+    .load(conn)?;
+    Ok(marked.into_iter().map(|c| c.chunk_no).collect())
+}
+
+/// Records that the broker confirmed the chunks' references (or, `confirmed` false, that
+/// publishing failed: they are waiting again). Rows being imported are skipped.
+pub fn mark_confirmed(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    file: ImportFileId,
+    chunks: &[i32],
+    confirmed: bool,
+) -> QueryResult<()> {
+    diesel::sql_query(
+        "UPDATE chunk_queue SET confirmed = $4, \
+           dispatched_at = CASE WHEN $4 THEN dispatched_at END \
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
+           WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = ANY ($3) \
+           FOR UPDATE SKIP LOCKED))",
+    )
+    .bind::<BigInt, _>(tenant.0)
+    .bind::<BigInt, _>(file.0)
+    .bind::<Array<Integer>, _>(chunks)
+    .bind::<Bool, _>(confirmed)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// A new leader hands out again every chunk its predecessor marked but had no confirmation
+/// for (it may have died before publishing). Returns how many.
+pub fn reclaim_unconfirmed(conn: &mut PgConnection) -> QueryResult<usize> {
+    diesel::sql_query(
+        "UPDATE chunk_queue SET dispatched_at = NULL \
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
+           WHERE dispatched_at IS NOT NULL AND NOT confirmed FOR UPDATE SKIP LOCKED))",
+    )
+    .execute(conn)
+}
+
+/// A worker says it is alive, and how many chunks it imports at once.
+pub fn heartbeat(
+    conn: &mut PgConnection,
+    name: &str,
+    host: &str,
+    concurrency: i32,
+) -> QueryResult<()> {
+    diesel::insert_into(workers::table)
+        .values((
+            workers::name.eq(name),
+            workers::host.eq(host),
+            workers::pid.eq(std::process::id() as i32),
+            workers::concurrency.eq(concurrency),
+        ))
+        .on_conflict(workers::name)
+        .do_update()
+        .set((
+            workers::seen_at.eq(diesel::dsl::now),
+            workers::concurrency.eq(concurrency),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// A worker stopping says so (a killed one is simply not seen any more).
+pub fn worker_gone(conn: &mut PgConnection, name: &str) -> QueryResult<()> {
+    diesel::delete(workers::table.find(name)).execute(conn)?;
+    Ok(())
+}
+
+#[derive(QueryableByName)]
+struct Capacity {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    slots: Option<i64>,
+    #[diesel(sql_type = BigInt)]
+    workers: i64,
+}
+
+/// Chunks the live workers import at once, and how many workers there are (seen within
+/// `alive_secs`).
+pub fn capacity(conn: &mut PgConnection, alive_secs: i64) -> QueryResult<(i64, i64)> {
+    let c: Capacity = diesel::sql_query(
+        "SELECT sum(concurrency)::BIGINT AS slots, count(*) AS workers FROM workers \
+         WHERE seen_at > now() - make_interval(secs => $1)",
+    )
+    .bind::<BigInt, _>(alive_secs)
+    .get_result(conn)?;
+    Ok((c.slots.unwrap_or(0), c.workers))
+}
+
+/// Start-time fair queueing by rows, across tenants.
+///
+/// Each tenant has a tag: the rows handed out to it, in virtual time. The next chunk goes to
+/// the tenant with the lowest tag (ties: fewer chunks in flight, then the lower tenant id)
+/// among those with a chunk waiting and room under the per-tenant cap; its tag grows by the
+/// chunk's rows. A tenant that comes (back) with work starts at the lowest tag of the
+/// tenants already busy, so it is served next but banks no credit for the time it was idle.
+/// While k tenants have work, each gets about 1/k of the chunks in flight, by rows.
+#[derive(Debug, Default)]
+pub struct Fair {
+    tags: HashMap<i64, u64>,
+}
+
+/// A tenant with work, as [`Fair::pick`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The tenant.
+    pub tenant_id: i64,
+    /// Its chunks in flight now.
+    pub in_flight: i64,
+    /// The rows of its chunks that may be handed out, in order.
+    pub waiting: Vec<i32>,
+}
+
+impl Fair {
+    /// Picks up to `free` chunks among `candidates`, at most `per_tenant` in flight per
+    /// tenant. Returns, per tenant, how many of its waiting chunks to hand out (in the order
+    /// they were picked; only tenants that got at least one).
+    pub fn pick(
+        &mut self,
+        candidates: &[Candidate],
+        free: i64,
+        per_tenant: i64,
+    ) -> BTreeMap<i64, usize> {
+        // Forget tenants with no work: they re-enter at the busy tenants' lowest tag.
+        self.tags
+            .retain(|t, _| candidates.iter().any(|c| c.tenant_id == *t));
+        let floor = self.tags.values().copied().min().unwrap_or(0);
+        for c in candidates {
+            self.tags.entry(c.tenant_id).or_insert(floor);
+        }
+        let mut in_flight: HashMap<i64, i64> = candidates
+            .iter()
+            .map(|c| (c.tenant_id, c.in_flight))
+            .collect();
+        let mut taken: BTreeMap<i64, usize> = BTreeMap::new();
+        for _ in 0..free.max(0) {
+            let next = candidates
+                .iter()
+                .filter(|c| {
+                    let n = taken.get(&c.tenant_id).copied().unwrap_or(0);
+                    n < c.waiting.len() && in_flight[&c.tenant_id] < per_tenant
+                })
+                .min_by_key(|c| {
+                    (
+                        self.tags[&c.tenant_id],
+                        in_flight[&c.tenant_id],
+                        c.tenant_id,
+                    )
+                });
+            let Some(c) = next else { break };
+            let n = taken.entry(c.tenant_id).or_insert(0);
+            let rows = c.waiting[*n].max(1) as u64;
+            *n += 1;
+            if let Some(tag) = self.tags.get_mut(&c.tenant_id) {
+                *tag += rows;
+            }
+            if let Some(f) = in_flight.get_mut(&c.tenant_id) {
+                *f += 1;
+            }
+        }
+        taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(tenant_id: i64, in_flight: i64, chunks: usize, rows: i32) -> Candidate {
+        Candidate {
+            tenant_id,
+            in_flight,
+            waiting: vec![rows; chunks],
+        }
+    }
+
+    #[test]
+    fn a_lone_tenant_gets_every_free_slot_up_to_its_cap() {
+        let mut f = Fair::default();
+        let got = f.pick(&[cand(1, 0, 100, 1000)], 6, 4);
+        assert_eq!(got, BTreeMap::from([(1, 4)]));
+        let got = f.pick(&[cand(1, 4, 96, 1000)], 2, 4);
+        assert!(got.is_empty(), "capped: {got:?}");
+    }
+
+    #[test]
+    fn a_newcomer_is_served_next_and_tenants_then_alternate() {
+        let mut f = Fair::default();
+        // A has been busy a long time.
+        for _ in 0..50 {
+            f.pick(&[cand(1, 0, 1, 1000)], 1, 8);
+        }
+        // B arrives with one small chunk while A has plenty waiting: B goes first.
+        let got = f.pick(&[cand(1, 5, 100, 1000), cand(2, 0, 1, 100)], 1, 8);
+        assert_eq!(got, BTreeMap::from([(2, 1)]));
+        // Three busy tenants with equal chunks share six slots two each.
+        let mut f = Fair::default();
+        let got = f.pick(
+            &[
+                cand(1, 0, 100, 500),
+                cand(2, 0, 100, 500),
+                cand(3, 0, 100, 500),
+            ],
+            6,
+            6,
+        );
+        assert_eq!(got, BTreeMap::from([(1, 2), (2, 2), (3, 2)]));
+    }
+
+    #[test]
+    fn shares_are_by_rows_not_by_chunks() {
+        let mut f = Fair::default();
+        let mut handed = HashMap::<i64, u64>::new();
+        // Tenant 1 sends 1000-row chunks, tenant 2 250-row chunks: over time both get the
+        // same rows, so tenant 2 gets about four chunks for each of tenant 1's.
+        for _ in 0..400 {
+            let got = f.pick(&[cand(1, 0, 10, 1000), cand(2, 0, 10, 250)], 1, 10);
+            for (t, n) in got {
+                *handed.entry(t).or_default() += n as u64 * if t == 1 { 1000 } else { 250 };
+            }
+        }
+        let (a, b) = (handed[&1] as f64, handed[&2] as f64);
+        assert!((a / b - 1.0).abs() < 0.05, "rows {a} vs {b}");
+    }
+
+    #[test]
+    fn an_idle_tenant_banks_no_credit() {
+        let mut f = Fair::default();
+        f.pick(&[cand(2, 0, 1, 1000)], 1, 8);
+        // Tenant 1 works alone for a long time; tenant 2 is idle (forgotten).
+        for _ in 0..100 {
+            f.pick(&[cand(1, 0, 1, 1000)], 1, 8);
+        }
+        // When 2 returns it does not get 100 chunks in a row: they alternate.
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let got = f.pick(&[cand(1, 0, 10, 1000), cand(2, 0, 10, 1000)], 1, 8);
+            order.extend(got.keys().copied());
+        }
+        assert_eq!(order.len(), 6);
+        assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
+    }
+}
