@@ -290,8 +290,12 @@ fn broker_closes_channels(marker: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_channel_the_broker_closes_is_reopened_and_nothing_stalls() {
     let (options, mut pauses) = with_pauses();
+    // ingest publishing chunks itself (`direct`): with fair dispatch it queues them in the
+    // database and its channels carry only the outbox (the dispatcher's channel is the
+    // workers' publisher, the same `amqp::Publisher`).
     let mut app = spawn_app_with(AppOptions {
         chunk_rows: 2,
+        chunk_dispatch: mui_ingest::pipeline::ChunkDispatch::Direct,
         ..options
     })
     .await;

@@ -7,6 +7,7 @@ mod archive;
 mod concurrency;
 mod corpus;
 mod dead_letters;
+mod dispatch;
 mod faults;
 mod file_level;
 mod isolation;

@@ -1,6 +1,5 @@
 //! Uploads still in progress are not taken.
 
-use std::io::Write;
 use std::time::Duration;
 
 use mui_tests::spawn_app;
@@ -10,20 +9,28 @@ async fn a_file_written_in_pieces_is_not_taken_until_it_is_complete() {
     let mut app = spawn_app().await;
     let t = app.env.tenant("acme").unwrap();
     let path = app.env.folder("acme").join("slow.csv");
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(b"unique_id,login_source,first_name\n").unwrap();
-    // Pieces arrive every 150 ms (less than the 400 ms settle interval) for about 3 s.
-    for i in 0..20 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        f.write_all(format!("s{i},sso,Slow {i}\n").as_bytes())
-            .unwrap();
-        f.flush().unwrap();
+    // Another process writes the file in 20 pieces, one every 150 ms (less than the 400 ms
+    // settle interval), holding it open throughout as sftp-server does.
+    let script = format!(
+        "exec 3>'{}'; printf 'unique_id,login_source,first_name\\n' >&3; \
+         for i in $(seq 0 19); do sleep 0.15; printf 's%s,sso,Slow %s\\n' $i $i >&3; done",
+        path.display()
+    );
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .spawn()
+        .unwrap();
+    let mut looks = 0;
+    while child.try_wait().unwrap().is_none() {
         assert!(
             app.env.files(&t).is_empty(),
-            "taken while still being written (after piece {i})"
+            "taken while still being written (look {looks})"
         );
+        looks += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    drop(f);
+    assert!(child.wait().await.unwrap().success());
     let files = app.wait_files_settled(&t, 1).await;
     assert_eq!(
         files[0].rows_total,
