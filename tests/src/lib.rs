@@ -12,6 +12,7 @@
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
 mod app;
+pub mod bench;
 pub mod chaos;
 mod db;
 mod env;

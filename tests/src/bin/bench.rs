@@ -15,19 +15,17 @@
 //! (Over 400 lines: the generator, the pipeline run and the baseline must run on the same
 //! data in the same process to give ratios of one run.)
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use diesel::prelude::*;
-use mui_shared::domain::TenantSlug;
 use mui_shared::schema::import_files;
-use mui_shared::tenants;
+use mui_tests::bench::{generate, make_tenant, peak_rss_kib, spawn, COLUMNS};
 use mui_tests::{amqp_url, SmtpSink, TestDb};
-use rand::{Rng, SeedableRng};
 
 /// Measures the import pipeline against PostgreSQL's COPY + INSERT … ON CONFLICT baseline.
 #[derive(Debug, Parser)]
@@ -48,109 +46,6 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
-}
-
-const COLUMNS: &[&str] = &[
-    "unique_id",
-    "login_source",
-    "first_name",
-    "last_name",
-    "user_name",
-    "email",
-    "street",
-    "city",
-    "province",
-    "postal_code",
-    "phone_cell",
-    "user_type_id",
-    "employ_no",
-    "employee_phone",
-    "student_no",
-    "date_of_birth",
-    "active",
-];
-
-const FIRST: &[&str] = &[
-    "Amélie", "Bjørn", "Carlos", "Dana", "Élodie", "Farah", "Günther", "Hiro", "Ines", "José",
-    "Kwame", "Léa", "Mateo", "Nadia", "Olivier", "Priya",
-];
-const LAST: &[&str] = &[
-    "Tremblay",
-    "Gagnon",
-    "Roy",
-    "Côté",
-    "Bouchard",
-    "Gauthier",
-    "Morin",
-    "Lavoie",
-    "Fortin",
-    "Gagné",
-    "Ouellet",
-    "Pelletier",
-    "Bélanger",
-    "Lévesque",
-    "Bergeron",
-    "Leblanc",
-];
-const CITY: &[&str] = &[
-    "Montréal",
-    "Québec",
-    "Ottawa",
-    "Toronto",
-    "Sherbrooke",
-    "Gatineau",
-    "Laval",
-    "Kingston",
-];
-const STREET: &[&str] = &[
-    "Maple Street",
-    "Rue Saint-Denis",
-    "King Street West",
-    "Boulevard René-Lévesque",
-    "Elm Avenue",
-    "Chemin du Lac",
-];
-
-fn generate(path: &Path, rows: u64) -> anyhow::Result<u64> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    writeln!(w, "{}", COLUMNS.join(","))?;
-    let mut bad = 0;
-    for i in 0..rows {
-        let first = FIRST[rng.gen_range(0..FIRST.len())];
-        let last = LAST[rng.gen_range(0..LAST.len())];
-        let login = if i % 1000 == 999 {
-            bad += 1;
-            "retired-sso"
-        } else {
-            "sso"
-        };
-        writeln!(
-            w,
-            "U{i:09},{login},{first},{last},{}{}{i},{}.{}.{i}@staff.example.edu,\"{} {}\",{},QC,H{}X {}Y{},+1-514-555-{:04},{},E{:07},+1-438-555-{:04} x{},S{:07},{}-{:02}-{:02},1",
-            first.chars().next().unwrap_or('x').to_lowercase(),
-            last.to_lowercase(),
-            first.to_lowercase(),
-            last.to_lowercase(),
-            rng.gen_range(1..9999),
-            STREET[rng.gen_range(0..STREET.len())],
-            CITY[rng.gen_range(0..CITY.len())],
-            rng.gen_range(1..9),
-            rng.gen_range(1..9),
-            rng.gen_range(1..9),
-            rng.gen_range(0..10000),
-            rng.gen_range(1..3),
-            rng.gen_range(0..9_999_999),
-            rng.gen_range(0..10000),
-            rng.gen_range(100..999),
-            rng.gen_range(0..9_999_999),
-            rng.gen_range(1950..2005),
-            rng.gen_range(1..13),
-            rng.gen_range(1..29),
-        )?;
-    }
-    w.flush()?;
-    Ok(bad)
 }
 
 diesel::table! {
@@ -223,29 +118,6 @@ fn baseline(url: &str, tenant_id: i64, file: &Path) -> anyhow::Result<Duration> 
     Ok(start.elapsed())
 }
 
-fn spawn(bin: &Path, name: &str, envs: &[(&str, String)], log_dir: &Path) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
-    Command::new(bin.join(if name.starts_with("mui-worker") {
-        "mui-worker"
-    } else {
-        name
-    }))
-    .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::from(log.try_clone()?))
-    .stderr(Stdio::from(log))
-    .spawn()
-    .with_context(|| format!("starting {name} (build with `cargo build --release --bins`)"))
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin: PathBuf = std::env::current_exe()?
@@ -261,29 +133,13 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&logs)?;
 
     let mut conn = db.conn();
-    let make_tenant = |conn: &mut PgConnection, slug: &str| -> anyhow::Result<tenants::Tenant> {
-        let t = tenants::create(conn, &TenantSlug::parse(slug)?, slug)?;
-        tenants::update(
-            conn,
-            t.tenant_id(),
-            &tenants::SettingsChange {
-                reply_to_email: Some(Some("admin@bench.example.edu".into())),
-                failed_import_emails: Some(vec!["it@bench.example.edu".into()]),
-                ..Default::default()
-            },
-        )?;
-        tenants::add_login_source(conn, t.tenant_id(), "sso")?;
-        tenants::add_user_type(conn, t.tenant_id(), "1", "Staff")?;
-        tenants::add_user_type(conn, t.tenant_id(), "2", "Student")?;
-        Ok(t)
-    };
     let base_tenant = make_tenant(&mut conn, "baseline")?;
     let tenant = make_tenant(&mut conn, "bench")?;
     std::fs::create_dir_all(mui_shared::tenants::drop_folder(&drop_root, "bench"))?;
 
     let file = drop_root.join(".users.csv");
     eprintln!("generating {} rows…", args.rows);
-    let bad = generate(&file, args.rows)?;
+    let bad = generate(&file, args.rows, 1000)?;
     let size = std::fs::metadata(&file)?.len();
     eprintln!(
         "{} bytes ({:.0} bytes a row), {bad} bad rows",
@@ -420,20 +276,6 @@ fn main() -> anyhow::Result<()> {
             logs.display()
         );
     }
-    // Clean the broker up.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        if let Ok(c) =
-            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
-        {
-            if let Ok(ch) = c.create_channel().await {
-                let _ = mui_shared::amqp::Topology::new(prefix).delete(&ch).await;
-                let _ = ch.close(200, "bye".into()).await;
-            }
-            let _ = c.close(200, "bye".into()).await;
-        }
-    });
+    mui_tests::bench::delete_topology(&prefix);
     Ok(())
 }

@@ -1,0 +1,184 @@
+//! What the benchmark binaries share: the generated users file, tenants, and service
+//! processes.
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+use diesel::prelude::*;
+use mui_shared::domain::TenantSlug;
+use mui_shared::tenants;
+use rand::{Rng, SeedableRng};
+
+/// The generated file's columns.
+pub const COLUMNS: &[&str] = &[
+    "unique_id",
+    "login_source",
+    "first_name",
+    "last_name",
+    "user_name",
+    "email",
+    "street",
+    "city",
+    "province",
+    "postal_code",
+    "phone_cell",
+    "user_type_id",
+    "employ_no",
+    "employee_phone",
+    "student_no",
+    "date_of_birth",
+    "active",
+];
+
+const FIRST: &[&str] = &[
+    "Amélie", "Bjørn", "Carlos", "Dana", "Élodie", "Farah", "Günther", "Hiro", "Ines", "José",
+    "Kwame", "Léa", "Mateo", "Nadia", "Olivier", "Priya",
+];
+const LAST: &[&str] = &[
+    "Tremblay",
+    "Gagnon",
+    "Roy",
+    "Côté",
+    "Bouchard",
+    "Gauthier",
+    "Morin",
+    "Lavoie",
+    "Fortin",
+    "Gagné",
+    "Ouellet",
+    "Pelletier",
+    "Bélanger",
+    "Lévesque",
+    "Bergeron",
+    "Leblanc",
+];
+const CITY: &[&str] = &[
+    "Montréal",
+    "Québec",
+    "Ottawa",
+    "Toronto",
+    "Sherbrooke",
+    "Gatineau",
+    "Laval",
+    "Kingston",
+];
+const STREET: &[&str] = &[
+    "Maple Street",
+    "Rue Saint-Denis",
+    "King Street West",
+    "Boulevard René-Lévesque",
+    "Elm Avenue",
+    "Chemin du Lac",
+];
+
+/// Writes an N-row users file (realistic values, about 200 bytes a row) where every
+/// `bad_every`-th row has an unknown login source; returns how many rows are bad.
+pub fn generate(path: &Path, rows: u64, bad_every: u64) -> anyhow::Result<u64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    writeln!(w, "{}", COLUMNS.join(","))?;
+    let mut bad = 0;
+    for i in 0..rows {
+        let first = FIRST[rng.gen_range(0..FIRST.len())];
+        let last = LAST[rng.gen_range(0..LAST.len())];
+        let login = if i % bad_every == bad_every - 1 {
+            bad += 1;
+            "retired-sso"
+        } else {
+            "sso"
+        };
+        writeln!(
+            w,
+            "U{i:09},{login},{first},{last},{}{}{i},{}.{}.{i}@staff.example.edu,\"{} {}\",{},QC,H{}X {}Y{},+1-514-555-{:04},{},E{:07},+1-438-555-{:04} x{},S{:07},{}-{:02}-{:02},1",
+            first.chars().next().unwrap_or('x').to_lowercase(),
+            last.to_lowercase(),
+            first.to_lowercase(),
+            last.to_lowercase(),
+            rng.gen_range(1..9999),
+            STREET[rng.gen_range(0..STREET.len())],
+            CITY[rng.gen_range(0..CITY.len())],
+            rng.gen_range(1..9),
+            rng.gen_range(1..9),
+            rng.gen_range(1..9),
+            rng.gen_range(0..10000),
+            rng.gen_range(1..3),
+            rng.gen_range(0..9_999_999),
+            rng.gen_range(0..10000),
+            rng.gen_range(100..999),
+            rng.gen_range(0..9_999_999),
+            rng.gen_range(1950..2005),
+            rng.gen_range(1..13),
+            rng.gen_range(1..29),
+        )?;
+    }
+    w.flush()?;
+    Ok(bad)
+}
+
+/// Starts a release binary from `bin` with `envs`, logging to `<log_dir>/<name>.log`
+/// (`mui-worker-N` runs `mui-worker`).
+pub fn spawn(bin: &Path, name: &str, envs: &[(&str, String)], log_dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+    Command::new(bin.join(if name.starts_with("mui-worker") {
+        "mui-worker"
+    } else {
+        name
+    }))
+    .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::from(log.try_clone()?))
+    .stderr(Stdio::from(log))
+    .spawn()
+    .with_context(|| format!("starting {name} (build with `cargo build --release --bins`)"))
+}
+
+/// A process's peak resident memory (VmHWM), KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// A tenant with mail settings, login source `sso` and user types 1 and 2.
+pub fn make_tenant(conn: &mut PgConnection, slug: &str) -> anyhow::Result<tenants::Tenant> {
+    let t = tenants::create(conn, &TenantSlug::parse(slug)?, slug)?;
+    tenants::update(
+        conn,
+        t.tenant_id(),
+        &tenants::SettingsChange {
+            reply_to_email: Some(Some("admin@bench.example.edu".into())),
+            failed_import_emails: Some(vec!["it@bench.example.edu".into()]),
+            ..Default::default()
+        },
+    )?;
+    tenants::add_login_source(conn, t.tenant_id(), "sso")?;
+    tenants::add_user_type(conn, t.tenant_id(), "1", "Staff")?;
+    tenants::add_user_type(conn, t.tenant_id(), "2", "Student")?;
+    Ok(t)
+}
+
+/// Deletes a queue prefix's topology from the broker (best effort).
+pub fn delete_topology(prefix: &str) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        if let Ok(c) =
+            lapin::Connection::connect(&crate::amqp_url(), lapin::ConnectionProperties::default())
+                .await
+        {
+            if let Ok(ch) = c.create_channel().await {
+                let _ = mui_shared::amqp::Topology::new(prefix).delete(&ch).await;
+                let _ = ch.close(200, "bye".into()).await;
+            }
+            let _ = c.close(200, "bye".into()).await;
+        }
+    });
+}
