@@ -21,6 +21,10 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// race each other.
 const MIGRATION_LOCK_KEY: &str = "7173481, 1";
 
+/// The constraints keeping a user's email and user name their own within the tenant
+/// (migration 000008): deferred, checked at commit or when the worker asks.
+pub const IDENTITY_CONSTRAINTS: [&str; 2] = ["users_email_unique", "users_user_name_unique"];
+
 /// Errors of the database layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -97,10 +101,32 @@ pub async fn migrate_at_start(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Whether a query error is a violation of one of the [`IDENTITY_CONSTRAINTS`]: another
+/// transaction committed the same email or user name first. Retrying sees its value, and
+/// the worker's checks then report the row that lost.
+pub fn is_identity_conflict(err: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match err {
+        Error::DatabaseError(
+            DatabaseErrorKind::ExclusionViolation | DatabaseErrorKind::UniqueViolation,
+            info,
+        ) => info
+            .constraint_name()
+            .is_some_and(|c| IDENTITY_CONSTRAINTS.contains(&c)),
+        _ => false,
+    }
+}
+
 /// Whether a database error is worth retrying as it is (connection trouble, deadlock,
-/// serialization failure), as opposed to a fault in the data or the code.
+/// serialization failure, a violation of an [`IDENTITY_CONSTRAINTS`] by a concurrent
+/// commit), as opposed to a fault in the data or the code.
 pub fn is_transient(err: &DbError) -> bool {
     use diesel::result::{DatabaseErrorKind, Error};
+    if let DbError::Query(q) = err {
+        if is_identity_conflict(q) {
+            return true;
+        }
+    }
     match err {
         DbError::Pool(_) | DbError::Task(_) => true,
         DbError::Migration(_) => false,

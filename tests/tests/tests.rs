@@ -18,4 +18,5 @@ mod redelivery;
 mod reports;
 mod roundtrip;
 mod sftp;
+mod uniqueness;
 mod upload;

@@ -16,7 +16,9 @@
 //! - [`import`]: one chunk in one transaction, its steps in order: users upserted in bulk,
 //!   failure records and "file finished" written to the outbox, relayed to the notifier.
 //!   The steps' parts:
-//!   - `identity`: a row's email and user name must not belong to another user of the tenant;
+//!   - `identity`: a row's email and user name must not belong to another user of the tenant:
+//!     checked before the write, and after it (in a savepoint, with the deferred database
+//!     constraints forced), so that it holds when chunks commit at the same moment;
 //!   - `duplicate`: reporting a row that lost to a later row of the same `unique_id`;
 //!   - `staging`: the staging table, declared once, and copying the good rows into it;
 //!   - `upsert`: the set-based lock / update / insert statements (the fixed ones in

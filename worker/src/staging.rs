@@ -122,9 +122,9 @@ pub(crate) fn create_statement() -> &'static str {
 
 /// Creates the staging table if this connection has none yet and `COPY`s `rows` into it:
 /// two round trips, whatever the number of rows.
-pub(crate) fn stage(conn: &mut PgConnection, rows: &[UserRow]) -> QueryResult<()> {
+pub(crate) fn stage(conn: &mut PgConnection, rows: &[&UserRow]) -> QueryResult<()> {
     diesel::sql_query(create_statement()).execute(conn)?;
-    let stage: Vec<StageRow<'_>> = rows.iter().map(StageRow::of).collect();
+    let stage: Vec<StageRow<'_>> = rows.iter().map(|u| StageRow::of(u)).collect();
     diesel::copy_from(users_stage::table)
         .from_insertable(&stage)
         .execute(conn)?;

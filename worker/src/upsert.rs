@@ -4,6 +4,11 @@
 //! insert one of our new users first; such rows stay staged and go round again, now as
 //! existing users.
 //!
+//! The write runs inside a savepoint and ends with the identity checks that need the stored
+//! values (`identity.rs`: conflicts after the write, then the deferred constraints checked
+//! at once); a row that loses there is reported, the savepoint rolled back and the chunk's
+//! remaining rows written again.
+//!
 //! Each user carries the version `(file id, row)` that last wrote it, and a write only
 //! applies when its version is newer, so chunks may be imported by any number of workers in
 //! any order and the later row (of a later file) still wins. The same statements apply
@@ -25,6 +30,7 @@ use mui_shared::domain::{HeaderMap, ImportFileId};
 use mui_shared::messages::{Chunk, RowFailure};
 
 use crate::duplicate::{duplicate_failure, stored_fields};
+use crate::identity::{self, CHECK_NOW, DEFER_CHECKS};
 use crate::import::{ChunkOutcome, ImportError};
 use crate::staging::{self, TEXT_COLUMNS};
 use crate::validate::UserRow;
@@ -178,6 +184,44 @@ fn insert_statement() -> String {
     )
 }
 
+/// Times the chunk is written before giving up (each time with fewer rows, or after a
+/// concurrent writer of the same value finished); the worker then retries the chunk.
+const WRITE_ATTEMPTS: usize = 10;
+
+/// Why one attempt at writing the chunk was undone.
+enum Undone {
+    /// These rows lost an identity to another user: reported, the others written again.
+    Losers(Vec<RowFailure>),
+    /// A query failed.
+    Failed(ImportError),
+}
+
+impl From<diesel::result::Error> for Undone {
+    fn from(e: diesel::result::Error) -> Self {
+        Undone::Failed(e.into())
+    }
+}
+
+impl From<ImportError> for Undone {
+    fn from(e: ImportError) -> Self {
+        Undone::Failed(e)
+    }
+}
+
+/// Whether an attempt undone by `e` is worth making again at once: a concurrent transaction
+/// committed the same email or user name (the next attempt sees it and reports the row), or
+/// a deadlock (the savepoint's locks are gone; the other transaction goes on).
+fn retry_attempt(e: &ImportError) -> bool {
+    match e {
+        ImportError::Db(mui_shared::db::DbError::Query(q)) => {
+            mui_shared::db::is_identity_conflict(q)
+                || matches!(q, diesel::result::Error::DatabaseError(_, info)
+                    if info.message().contains("deadlock"))
+        }
+        _ => false,
+    }
+}
+
 /// Writes `good` (checked rows, one per unique_id) into `users`; see the module docs.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn upsert(
@@ -191,9 +235,78 @@ pub(crate) fn upsert(
     outcome: &mut ChunkOutcome,
     archive: &ArchiveSettings,
 ) -> Result<(), ImportError> {
+    let mut rows: Vec<&UserRow> = good.iter().collect();
+    let mut last_error = None;
+    for _attempt in 0..WRITE_ATTEMPTS {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut lost: Vec<RowFailure> = Vec::new();
+        let mut counts = ChunkOutcome::default();
+        // A savepoint: an attempt that is undone leaves nothing behind.
+        let attempt = conn.transaction::<_, Undone, _>(|conn| {
+            diesel::sql_query(DEFER_CHECKS).execute(conn)?;
+            write(
+                conn,
+                chunk,
+                file,
+                &rows,
+                map,
+                fields_of,
+                &mut lost,
+                &mut counts,
+                archive,
+            )?;
+            let losers = identity::conflicts_after_write(conn, chunk, map, file, &rows, fields_of)?;
+            if !losers.is_empty() {
+                return Err(Undone::Losers(losers));
+            }
+            diesel::sql_query(CHECK_NOW).execute(conn)?;
+            Ok(())
+        });
+        match attempt {
+            Ok(()) => {
+                failures.extend(lost);
+                outcome.inserted += counts.inserted;
+                outcome.updated += counts.updated;
+                outcome.unchanged += counts.unchanged;
+                outcome.archived += counts.archived;
+                outcome.reactivated += counts.reactivated;
+                outcome.permits_released += counts.permits_released;
+                return Ok(());
+            }
+            Err(Undone::Losers(losers)) => {
+                rows.retain(|u| !losers.iter().any(|l| l.row == u.row));
+                failures.extend(losers);
+            }
+            Err(Undone::Failed(e)) if retry_attempt(&e) => last_error = Some(e),
+            Err(Undone::Failed(e)) => return Err(e),
+        }
+    }
+    Err(
+        last_error.unwrap_or(ImportError::Db(mui_shared::db::DbError::Query(
+            diesel::result::Error::RollbackTransaction,
+        ))),
+    )
+}
+
+/// One attempt at writing `good` (see the module docs); `failures` and `outcome` receive what
+/// it found, to be kept only if the attempt is.
+#[allow(clippy::too_many_arguments)]
+fn write(
+    conn: &mut PgConnection,
+    chunk: &Chunk,
+    file: ImportFileId,
+    good: &[&UserRow],
+    map: &HeaderMap,
+    fields_of: &HashMap<u64, &[String]>,
+    failures: &mut Vec<RowFailure>,
+    outcome: &mut ChunkOutcome,
+    archive: &ArchiveSettings,
+) -> Result<(), ImportError> {
     let sql = statements();
     staging::stage(conn, good)?;
-    let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), u)).collect();
+    let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), *u)).collect();
     let tenant = chunk.tenant_id.0;
     let mut pending = good.len();
     let mut release: Vec<String> = Vec::new();
