@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Benchmark: the real pipeline against PostgreSQL's COPY + INSERT … ON CONFLICT baseline, in
-# one run. Arguments go to mui-bench (see `--help`); default 1,000,000 rows.
+# Benchmarks, each measuring both sides in one run (docs/benchmarks.md):
+#   scripts/bench.sh [ARGS]          the pipeline against PostgreSQL's COPY + INSERT … ON
+#                                    CONFLICT baseline (mui-bench; default 1,000,000 rows)
+#   scripts/bench.sh --fair [ARGS]   fair share between tenants (mui-bench-fair): the
+#                                    dispatcher's cost, a small file's latency beside a large
+#                                    one, three tenants' shares
+# ARGS go to the binary (see its `--help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked --bins
+if [[ "${1:-}" == "--fair" ]]; then
+  shift
+  exec target/release/mui-bench-fair "$@"
+fi
 exec target/release/mui-bench "$@"

@@ -119,7 +119,12 @@ pub fn generate(path: &Path, rows: u64, bad_every: u64) -> anyhow::Result<u64> {
 
 /// Starts a release binary from `bin` with `envs`, logging to `<log_dir>/<name>.log`
 /// (`mui-worker-N` runs `mui-worker`).
-pub fn spawn(bin: &Path, name: &str, envs: &[(&str, String)], log_dir: &Path) -> anyhow::Result<Child> {
+pub fn spawn(
+    bin: &Path,
+    name: &str,
+    envs: &[(&str, String)],
+    log_dir: &Path,
+) -> anyhow::Result<Child> {
     let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
     Command::new(bin.join(if name.starts_with("mui-worker") {
         "mui-worker"

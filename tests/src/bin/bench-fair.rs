@@ -1,0 +1,421 @@
+//! `mui-bench-fair`: fair share between tenants, in one run (docs/benchmarks.md).
+//!
+//! The release binaries run as separate processes (ingest, W workers, notifier) against the
+//! machine's PostgreSQL, RabbitMQ and a real SMTP server on loopback. Three measurements:
+//!
+//! - **(c) cost**: tenant A's N-row file alone, drop → last row committed and mail accepted,
+//!   with ingest publishing chunks straight to the broker (`CHUNK_DISPATCH=direct`) and with
+//!   the fair dispatcher (`fair`); the ratio of their rows/s.
+//! - **(a) latency**: tenant B's 100-row file (one bad row) renamed into its folder 3 s into
+//!   A's N-row import; from that rename to B's mail accepted by SMTP, in both modes.
+//! - **(b) share**: three tenants' M-row files dropped together (fair); each tenant's rows/s
+//!   while all three run (until the first finishes), and the largest deviation from their
+//!   mean.
+//!
+//! Run with `scripts/bench.sh --fair [--rows N] [--share-rows M] [--workers W]`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use diesel::prelude::*;
+use mui_shared::schema::import_files;
+use mui_tests::bench::{delete_topology, generate, make_tenant, spawn};
+use mui_tests::{amqp_url, SmtpSink, TestDb};
+
+/// Measures fair share between tenants: cost, latency for a small file, shares.
+#[derive(Debug, Parser)]
+#[command(name = "mui-bench-fair")]
+struct Args {
+    /// Rows of tenant A's large file.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    /// Rows of each of the three files dropped together.
+    #[arg(long, default_value_t = 300_000)]
+    share_rows: u64,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Chunks each worker imports at once.
+    #[arg(long, default_value_t = 2)]
+    worker_concurrency: usize,
+    /// Rows per chunk.
+    #[arg(long, default_value_t = 5000)]
+    chunk_rows: usize,
+    /// Give up on one import after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+}
+
+/// The running services, and where they drop and log.
+struct Pipeline {
+    bin: PathBuf,
+    envs: Vec<(&'static str, String)>,
+    logs: PathBuf,
+    ingest: Option<Child>,
+    others: Vec<(String, Child)>,
+}
+
+impl Pipeline {
+    fn start(
+        bin: &Path,
+        envs: Vec<(&'static str, String)>,
+        logs: &Path,
+        workers: usize,
+    ) -> anyhow::Result<Self> {
+        let mut others = vec![(
+            "mui-notifier".to_owned(),
+            spawn(bin, "mui-notifier", &envs, logs)?,
+        )];
+        for i in 0..workers {
+            let name = format!("mui-worker-{}", i + 1);
+            others.push((name.clone(), spawn(bin, &name, &envs, logs)?));
+        }
+        Ok(Self {
+            bin: bin.to_path_buf(),
+            envs,
+            logs: logs.to_path_buf(),
+            ingest: None,
+            others,
+        })
+    }
+
+    /// (Re)starts ingest with `CHUNK_DISPATCH=mode`.
+    fn ingest(&mut self, mode: &str) -> anyhow::Result<()> {
+        if let Some(mut old) = self.ingest.take() {
+            terminate(&mut old);
+        }
+        let mut envs = self.envs.clone();
+        envs.push(("CHUNK_DISPATCH", mode.to_owned()));
+        self.ingest = Some(spawn(&self.bin, "mui-ingest", &envs, &self.logs)?);
+        std::thread::sleep(Duration::from_secs(3)); // connect, start watching
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (name, child) in self.others.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{name} exited early ({status}); see {}",
+                    self.logs.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(mut self) {
+        if let Some(mut i) = self.ingest.take() {
+            terminate(&mut i);
+        }
+        for (_, c) in self.others.iter_mut() {
+            terminate(c);
+        }
+    }
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+}
+
+/// (state, notify status, rows handled) of a tenant's newest file.
+fn progress(conn: &mut PgConnection, tenant: i64) -> anyhow::Result<Option<(String, String, i64)>> {
+    Ok(import_files::table
+        .filter(import_files::tenant_id.eq(tenant))
+        .order(import_files::id.desc())
+        .select((
+            import_files::state,
+            import_files::notify_status,
+            import_files::rows_inserted
+                + import_files::rows_updated
+                + import_files::rows_unchanged
+                + import_files::rows_failed,
+        ))
+        .first(conn)
+        .optional()?)
+}
+
+fn settled(p: &Option<(String, String, i64)>) -> bool {
+    matches!(p, Some((s, n, _)) if s == "done" && (n == "sent" || n == "not_needed"))
+}
+
+/// Renames `file` into `slug`'s drop folder (an upload completing) and returns when.
+fn drop_into(drop_root: &Path, slug: &str, file: &Path) -> anyhow::Result<Instant> {
+    let dir = mui_shared::tenants::drop_folder(drop_root, slug);
+    std::fs::create_dir_all(&dir)?;
+    let at = Instant::now();
+    std::fs::rename(file, dir.join("users.csv"))?;
+    Ok(at)
+}
+
+/// Waits until every tenant's newest file is done and mailed.
+fn wait_all(
+    conn: &mut PgConnection,
+    p: &mut Pipeline,
+    tenants: &[i64],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut all = true;
+        for &t in tenants {
+            let s = progress(conn, t)?;
+            if matches!(&s, Some((st, _, _)) if st == "failed") {
+                bail!("a file failed; see {}", p.logs.display());
+            }
+            all &= settled(&s);
+        }
+        if all {
+            return Ok(());
+        }
+        p.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("timed out; see {}", p.logs.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (c): A's file alone; seconds from drop to settled.
+fn alone(
+    conn: &mut PgConnection,
+    p: &mut Pipeline,
+    drop_root: &Path,
+    work: &Path,
+    slug: &str,
+    rows: u64,
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    let t = make_tenant(conn, slug)?;
+    let file = work.join(format!(".{slug}.csv"));
+    generate(&file, rows, 1000)?;
+    diesel::sql_query("CHECKPOINT").execute(conn)?;
+    let start = drop_into(drop_root, slug, &file)?;
+    wait_all(conn, p, &[t.id], timeout)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// (a): B's small file 3 s into A's large one; seconds from B's drop to B's mail.
+#[allow(clippy::too_many_arguments)]
+fn latency(
+    conn: &mut PgConnection,
+    p: &mut Pipeline,
+    smtp: &SmtpSink,
+    drop_root: &Path,
+    work: &Path,
+    tag: &str,
+    rows: u64,
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    let (a_slug, b_slug) = (format!("big-{tag}"), format!("small-{tag}"));
+    let a = make_tenant(conn, &a_slug)?;
+    let b = make_tenant(conn, &b_slug)?;
+    let big = work.join(format!(".{a_slug}.csv"));
+    let small = work.join(format!(".{b_slug}.csv"));
+    generate(&big, rows, 1000)?;
+    generate(&small, 100, 50)?;
+    diesel::sql_query("CHECKPOINT").execute(conn)?;
+    // B's report goes to an address of its own.
+    let to = format!("{b_slug}@bench.example.edu");
+    mui_shared::tenants::update(
+        conn,
+        b.tenant_id(),
+        &mui_shared::tenants::SettingsChange {
+            failed_import_emails: Some(vec![to.clone()]),
+            ..Default::default()
+        },
+    )?;
+    drop_into(drop_root, &a_slug, &big)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let b_start = drop_into(drop_root, &b_slug, &small)?;
+    let deadline = b_start + timeout;
+    let took = loop {
+        if !smtp.messages_to(&to).is_empty() {
+            break b_start.elapsed().as_secs_f64();
+        }
+        p.check_alive()?;
+        if Instant::now() > deadline {
+            bail!(
+                "timed out waiting for {b_slug}'s mail; see {}",
+                p.logs.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    wait_all(conn, p, &[a.id, b.id], timeout)?;
+    Ok(took)
+}
+
+/// (b): three files dropped together; each tenant's rows/s while all three run.
+fn share(
+    conn: &mut PgConnection,
+    p: &mut Pipeline,
+    drop_root: &Path,
+    work: &Path,
+    rows: u64,
+    timeout: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    let mut ids = Vec::new();
+    let mut files = Vec::new();
+    for i in 1..=3 {
+        let slug = format!("share-{i}");
+        ids.push(make_tenant(conn, &slug)?.id);
+        let f = work.join(format!(".{slug}.csv"));
+        generate(&f, rows, 1000)?;
+        files.push((slug, f));
+    }
+    diesel::sql_query("CHECKPOINT").execute(conn)?;
+    let start = Instant::now();
+    for (slug, f) in &files {
+        drop_into(drop_root, slug, f)?;
+    }
+    // Until the first finishes: every tenant's rows at that moment.
+    let deadline = start + timeout;
+    let (at, done) = loop {
+        let mut rows_now = Vec::new();
+        let mut any_done = false;
+        for &t in &ids {
+            let s = progress(conn, t)?;
+            any_done |= matches!(&s, Some((st, _, _)) if st == "done");
+            rows_now.push(s.map_or(0, |(_, _, r)| r));
+        }
+        if any_done {
+            break (start.elapsed().as_secs_f64(), rows_now);
+        }
+        p.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("timed out; see {}", p.logs.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    wait_all(conn, p, &ids, timeout)?;
+    Ok(done.into_iter().map(|r| r as f64 / at).collect())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin: PathBuf = std::env::current_exe()?
+        .parent()
+        .context("binary folder")?
+        .to_path_buf();
+    let work = tempfile::tempdir()?;
+    let db = TestDb::new()?;
+    let prefix = format!("mui_bench_fair_{}", std::process::id());
+    let smtp = SmtpSink::start()?;
+    let drop_root = work.path().join("drop");
+    let logs = work.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    std::fs::create_dir_all(&drop_root)?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut conn = db.conn();
+    let envs = vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("AMQP_URL", amqp_url()),
+        ("MUI_QUEUE_PREFIX", prefix.clone()),
+        ("DROP_ROOT", drop_root.display().to_string()),
+        ("SMTP_URL", smtp.url()),
+        ("INGEST_SETTLE_MS", "200".into()),
+        ("INGEST_RESCAN_SECS", "1".into()),
+        ("CHUNK_ROWS", args.chunk_rows.to_string()),
+        ("WORKER_CONCURRENCY", args.worker_concurrency.to_string()),
+    ];
+    let mut p = Pipeline::start(&bin, envs, &logs, args.workers)?;
+    let result = (|| -> anyhow::Result<()> {
+        eprintln!("(c) {} rows alone, direct…", args.rows);
+        p.ingest("direct")?;
+        let direct = alone(
+            &mut conn,
+            &mut p,
+            &drop_root,
+            work.path(),
+            "alone-direct",
+            args.rows,
+            timeout,
+        )?;
+        eprintln!("(c) {} rows alone, fair…", args.rows);
+        p.ingest("fair")?;
+        let fair = alone(
+            &mut conn,
+            &mut p,
+            &drop_root,
+            work.path(),
+            "alone-fair",
+            args.rows,
+            timeout,
+        )?;
+        eprintln!("(a) 100 rows 3 s into {} rows, fair…", args.rows);
+        let lat_fair = latency(
+            &mut conn,
+            &mut p,
+            &smtp,
+            &drop_root,
+            work.path(),
+            "fair",
+            args.rows,
+            timeout,
+        )?;
+        eprintln!("(b) three × {} rows together, fair…", args.share_rows);
+        let shares = share(
+            &mut conn,
+            &mut p,
+            &drop_root,
+            work.path(),
+            args.share_rows,
+            timeout,
+        )?;
+        eprintln!("(a) 100 rows 3 s into {} rows, direct…", args.rows);
+        p.ingest("direct")?;
+        let lat_direct = latency(
+            &mut conn,
+            &mut p,
+            &smtp,
+            &drop_root,
+            work.path(),
+            "direct",
+            args.rows,
+            timeout,
+        )?;
+
+        let rows = args.rows as f64;
+        println!(
+            "workers: {} × {}, {} rows a chunk",
+            args.workers, args.worker_concurrency, args.chunk_rows
+        );
+        println!(
+            "(c) {} rows alone:        direct {:>8.0} rows/s   fair {:>8.0} rows/s   ratio fair/direct {:.3}",
+            args.rows,
+            rows / direct,
+            rows / fair,
+            direct / fair
+        );
+        println!(
+            "(a) 100-row file 3 s into {} rows, drop → mail:   fair {:.2} s   direct {:.2} s",
+            args.rows, lat_fair, lat_direct
+        );
+        let mean = shares.iter().sum::<f64>() / shares.len() as f64;
+        let worst = shares
+            .iter()
+            .map(|s| (s / mean - 1.0).abs())
+            .fold(0.0, f64::max);
+        println!(
+            "(b) three × {} rows, rows/s while all run: {}   largest deviation from the mean {:.1}%",
+            args.share_rows,
+            shares
+                .iter()
+                .map(|s| format!("{s:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            worst * 100.0
+        );
+        Ok(())
+    })();
+    p.stop();
+    delete_topology(&prefix);
+    result
+}
