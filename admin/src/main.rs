@@ -64,6 +64,9 @@ enum Command {
     /// be handled), and replaying them after the cause is fixed.
     #[command(subcommand)]
     DeadLetters(DeadLettersCmd),
+    /// The fair dispatcher: who leads, the live workers, and each file's chunks waiting, in
+    /// flight or dead-lettered.
+    Queue(cmd::queue::QueueCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -103,5 +106,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Users(c) => c.run(conn, out),
         Command::Permit(c) => c.run(conn, out),
         Command::DeadLetters(c) => c.run(conn, out),
+        Command::Queue(c) => c.run(conn, out),
     }
 }

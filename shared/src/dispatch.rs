@@ -295,6 +295,98 @@ pub fn capacity(conn: &mut PgConnection, alive_secs: i64) -> QueryResult<(i64, i
     Ok((c.slots.unwrap_or(0), c.workers))
 }
 
+/// A live worker, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName, serde::Serialize)]
+pub struct WorkerLine {
+    /// `host:pid:start`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub name: String,
+    /// Chunks it imports at once.
+    #[diesel(sql_type = Integer)]
+    pub concurrency: i32,
+    /// Seconds since its last heartbeat.
+    #[diesel(sql_type = BigInt)]
+    pub seen_secs_ago: i64,
+}
+
+/// One file's chunks in the queue, as the operator sees them.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName, serde::Serialize)]
+pub struct QueueLine {
+    /// The tenant's slug.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub tenant: String,
+    /// The file.
+    #[diesel(sql_type = BigInt)]
+    pub file_id: i64,
+    /// Its name.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub file_name: String,
+    /// Chunks not handed out yet.
+    #[diesel(sql_type = BigInt)]
+    pub waiting: i64,
+    /// Chunks handed out, not imported yet.
+    #[diesel(sql_type = BigInt)]
+    pub in_flight: i64,
+    /// Chunks dead-lettered (`muictl dead-letters`).
+    #[diesel(sql_type = BigInt)]
+    pub dead: i64,
+}
+
+/// The dispatcher as the operator sees it (`muictl queue`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Overview {
+    /// The leading dispatcher's session name (`mui-dispatcher <worker>`), if one leads.
+    pub leader: Option<String>,
+    /// Workers seen within the last minute.
+    pub workers: Vec<WorkerLine>,
+    /// Files with chunks in the queue, oldest first.
+    pub files: Vec<QueueLine>,
+}
+
+#[derive(QueryableByName)]
+struct Leader {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+}
+
+/// Who leads, which workers live, what the queue holds.
+pub fn overview(conn: &mut PgConnection) -> QueryResult<Overview> {
+    let leader: Option<Leader> = diesel::sql_query(format!(
+        "SELECT a.application_name AS name FROM pg_locks l \
+         JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.database = \
+           (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid = {} AND l.objid = {} AND l.objsubid = 2",
+        LEADER_LOCK.0, LEADER_LOCK.1
+    ))
+    .get_result(conn)
+    .optional()?;
+    let workers = diesel::sql_query(
+        "SELECT name, concurrency, extract(epoch FROM now() - seen_at)::BIGINT AS seen_secs_ago \
+         FROM workers WHERE seen_at > now() - interval '1 minute' ORDER BY name",
+    )
+    .load(conn)?;
+    let files = diesel::sql_query(
+        "SELECT t.slug AS tenant, q.file_id, f.file_name, \
+           count(*) FILTER (WHERE q.dead_at IS NULL AND q.dispatched_at IS NULL) AS waiting, \
+           count(*) FILTER (WHERE q.dead_at IS NULL AND q.dispatched_at IS NOT NULL) AS in_flight, \
+           count(*) FILTER (WHERE q.dead_at IS NOT NULL) AS dead \
+         FROM chunk_queue q JOIN tenants t ON t.id = q.tenant_id \
+           JOIN import_files f ON f.id = q.file_id \
+         GROUP BY t.slug, q.file_id, f.file_name ORDER BY q.file_id",
+    )
+    .load(conn)?;
+    Ok(Overview {
+        leader: leader.map(|l| l.name),
+        workers,
+        files,
+    })
+}
+
+/// The two keys of the advisory lock whose holder leads the dispatcher (two-int form, apart
+/// from the migration lock's `(7173481, 1)`).
+pub const LEADER_LOCK: (i32, i32) = (7_173_481, 2);
+
 /// Start-time fair queueing by rows, across tenants.
 ///
 /// Each tenant has a tag: the rows handed out to it, in virtual time. The next chunk goes to

@@ -283,6 +283,16 @@ async fn the_dispatching_leader_killed_mid_import_is_replaced_and_nothing_is_los
         .iter()
         .position(|w| w.log_text().contains("DispatcherLeading"))
         .expect("one worker leads");
+    // What `muictl queue` shows: the leader, both workers, the file's chunks.
+    let o = mui_shared::dispatch::overview(&mut env.db.conn()).unwrap();
+    assert!(
+        o.leader
+            .as_deref()
+            .is_some_and(|l| l.starts_with("mui-dispatcher ")),
+        "{o:?}"
+    );
+    assert_eq!(o.workers.len(), 2, "{o:?}");
+    assert!(o.files.iter().any(|f| f.file_name == "big.csv"), "{o:?}");
     workers[leader].kill9().await;
     let other = 1 - leader;
     env.wait_until(60, "the other worker takes the lead", || {

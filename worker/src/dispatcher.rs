@@ -26,9 +26,6 @@ use mui_shared::messages::{self, ChunkRef, WorkMessage};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Key (two-int form, apart from the migration lock's `7173481, 1`) of the advisory lock
-/// whose holder leads.
-const LEADER_LOCK: &str = "7173481, 2";
 /// A worker not seen for this long is not counted.
 pub const ALIVE_SECS: i64 = 15;
 /// How often a worker that does not lead tries to.
@@ -46,6 +43,9 @@ pub struct DispatchSettings {
     pub lease_secs: i64,
     /// How often the leader looks at the queue when nothing wakes it.
     pub poll: Duration,
+    /// This worker's name (the dispatcher's session is `mui-dispatcher <name>`, which
+    /// `muictl queue` shows for the leader).
+    pub worker: String,
 }
 
 /// Runs until `shutdown`, leading whenever it can. `wake` is notified when this process
@@ -65,7 +65,8 @@ pub async fn run(
         }
         let Some(c) = conn.take() else {
             let url = settings.database_url.clone();
-            match tokio::task::spawn_blocking(move || connect(&url)).await {
+            let app = format!("mui-dispatcher {}", settings.worker);
+            match tokio::task::spawn_blocking(move || connect(&url, &app)).await {
                 Ok(Ok(c)) => conn = Some(c),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "DispatcherConnectError");
@@ -142,7 +143,7 @@ async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
 
 /// The dispatcher's own session, set to die soon after its process or network does, so that
 /// the lock it may hold goes with it.
-fn connect(url: &str) -> anyhow::Result<PgConnection> {
+fn connect(url: &str, application_name: &str) -> anyhow::Result<PgConnection> {
     let mut c = PgConnection::establish(url)?;
     diesel::sql_query(
         "SELECT set_config('idle_session_timeout', '20s', false), \
@@ -151,8 +152,9 @@ fn connect(url: &str) -> anyhow::Result<PgConnection> {
                 set_config('tcp_keepalives_interval', '2', false), \
                 set_config('tcp_keepalives_count', '3', false), \
                 set_config('tcp_user_timeout', '15000', false), \
-                set_config('application_name', 'mui-dispatcher', false)",
+                set_config('application_name', $1, false)",
     )
+    .bind::<diesel::sql_types::Text, _>(application_name)
     .execute(&mut c)?;
     Ok(c)
 }
@@ -183,10 +185,9 @@ struct Locked {
 /// Tries to take the leader's lock; on success hands out again what a predecessor marked
 /// without a confirm, and returns how many.
 fn try_lead(c: &mut PgConnection) -> anyhow::Result<Option<usize>> {
-    let l: Locked = diesel::sql_query(format!(
-        "SELECT pg_try_advisory_lock({LEADER_LOCK}) AS locked"
-    ))
-    .get_result(c)?;
+    let (k1, k2) = dispatch::LEADER_LOCK;
+    let l: Locked = diesel::sql_query(format!("SELECT pg_try_advisory_lock({k1}, {k2}) AS locked"))
+        .get_result(c)?;
     if !l.locked {
         return Ok(None);
     }

@@ -143,6 +143,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
             tenant_cap: config.tenant_max_in_flight.map(i64::from),
             lease_secs: i64::from(config.dispatch_lease_secs.max(1)),
             poll: Duration::from_millis(config.dispatch_poll_ms.max(1)),
+            worker: name.clone(),
         };
         Some(tokio::spawn(dispatcher::run(
             settings,

@@ -10,6 +10,7 @@ pub mod files;
 pub mod login_source;
 pub mod migrate;
 pub mod permit;
+pub mod queue;
 pub mod tenant;
 pub mod user_type;
 pub mod users;
