@@ -269,7 +269,7 @@ async fn the_dispatching_leader_killed_mid_import_is_replaced_and_nothing_is_los
         )
     };
     let mut ingest = start(Kind::Ingest, "ingest");
-    let mut workers = vec![
+    let mut workers = [
         start(Kind::Worker, "worker0"),
         start(Kind::Worker, "worker1"),
     ];
