@@ -9,6 +9,7 @@ mod corpus;
 mod dead_letters;
 mod faults;
 mod file_level;
+mod hosts;
 mod isolation;
 mod kills;
 mod outages;
