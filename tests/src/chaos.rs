@@ -25,12 +25,47 @@ pub struct FaultProxy {
     pub port: u16,
     up: tokio::sync::watch::Sender<bool>,
     refused: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
+}
+
+/// TCP keepalive (probes from a third of `after`, every sixth, three unanswered ones kill
+/// it) and a user timeout of `after` (data sent and never acknowledged) on `stream`.
+fn detect_dead_peer(stream: &tokio::net::TcpStream, after: Duration) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(after / 3)
+            .with_interval(after / 6)
+            .with_retries(3),
+    )?;
+    sock.set_tcp_user_timeout(Some(after))
 }
 
 impl FaultProxy {
     /// Starts forwarding `127.0.0.1:<port>` to `target` (`host:port`), up.
     pub fn start(target: &str) -> anyhow::Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Self::spawn("127.0.0.1:0", target, None)
+    }
+
+    /// Starts forwarding `listen` (`ip:port`, port 0 for any) to `target`, up: a forwarder on
+    /// the host side of a link to another network namespace ([`crate::netns::NetNs`]), as a
+    /// router in front of a server would be.
+    ///
+    /// A peer that goes away without a word (its link cut, its host gone) is noticed as the
+    /// server itself would with TCP keepalive and a user timeout (PostgreSQL's
+    /// `tcp_keepalives_*` and `tcp_user_timeout`): after `dead_peer_after` without an answer
+    /// the forwarder drops that connection on both sides, so the server sees it closed (and
+    /// a dead client's transaction, its locks and session advisory locks go with it).
+    pub fn start_on(listen: &str, target: &str, dead_peer_after: Duration) -> anyhow::Result<Self> {
+        Self::spawn(listen, target, Some(dead_peer_after))
+    }
+
+    fn spawn(
+        listen: &str,
+        target: &str,
+        dead_peer_after: Option<Duration>,
+    ) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let (up, _) = tokio::sync::watch::channel(true);
@@ -38,10 +73,12 @@ impl FaultProxy {
             port,
             up,
             refused: Arc::new(AtomicU64::new(0)),
+            open: Arc::new(AtomicU64::new(0)),
         };
         let target = target.to_owned();
         let state = proxy.up.clone();
         let refused = proxy.refused.clone();
+        let open = proxy.open.clone();
         tokio::spawn(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;
@@ -53,15 +90,24 @@ impl FaultProxy {
                     drop(inbound);
                     continue;
                 }
+                if let Some(after) = dead_peer_after {
+                    if detect_dead_peer(&inbound, after).is_err() {
+                        drop(inbound);
+                        continue;
+                    }
+                }
                 let target = target.clone();
+                let open = open.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
+                    open.fetch_add(1, Ordering::SeqCst);
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = watch.wait_for(|up| !*up) => {}
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -78,6 +124,11 @@ impl FaultProxy {
         self.up.send_replace(true);
     }
 
+    /// Connections being forwarded now.
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
+    }
+
     /// Connections refused while down.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
@@ -85,8 +136,13 @@ impl FaultProxy {
 
     /// `url` (a `scheme://user@host:port/...` URL) pointed at this proxy.
     pub fn url_for(&self, url: &str) -> String {
+        self.url_at(url, "127.0.0.1")
+    }
+
+    /// `url` pointed at this proxy reached as `host` (the address it listens on).
+    pub fn url_at(&self, url: &str, host: &str) -> String {
         let mut u = url::Url::parse(url).expect("a URL");
-        let _ = u.set_host(Some("127.0.0.1"));
+        let _ = u.set_host(Some(host));
         let _ = u.set_port(Some(self.port));
         u.to_string()
     }
@@ -171,13 +227,16 @@ pub struct ServiceProcess {
     pub starts: u32,
     /// The user and group it runs as (None: the test's own).
     user: Option<(u32, u32)>,
+    /// A command it is started through (e.g. `ip netns exec <ns>`), the binary and its
+    /// arguments following; empty: started directly.
+    wrapper: Vec<String>,
 }
 
 impl ServiceProcess {
     /// Starts `kind` with `vars`, logging to `log`. `bin` is the `mui-service` binary: an
     /// integration test passes `env!("CARGO_BIN_EXE_mui-service")`.
     pub fn start(bin: &str, kind: Kind, vars: Vec<(String, String)>, log: &Path) -> Self {
-        Self::spawn(bin, kind, vars, log, None)
+        Self::spawn(bin, kind, vars, log, None, Vec::new())
     }
 
     /// [`ServiceProcess::start`] as user `uid` and group `gid` (an unprivileged service, as
@@ -191,7 +250,22 @@ impl ServiceProcess {
         uid: u32,
         gid: u32,
     ) -> Self {
-        Self::spawn(bin, kind, vars, log, Some((uid, gid)))
+        Self::spawn(bin, kind, vars, log, Some((uid, gid)), Vec::new())
+    }
+
+    /// [`ServiceProcess::start`] through `wrapper`, a command that runs the command line it
+    /// is given (the binary, then its arguments): `ip netns exec <ns>` to start it in a
+    /// network namespace, `setpriv --reuid …` to drop to another user there. The process
+    /// started is the wrapper; a wrapper that execs (as these do) leaves the service itself,
+    /// which [`ServiceProcess::kill9`] then kills.
+    pub fn start_wrapped(
+        bin: &str,
+        kind: Kind,
+        vars: Vec<(String, String)>,
+        log: &Path,
+        wrapper: Vec<String>,
+    ) -> Self {
+        Self::spawn(bin, kind, vars, log, None, wrapper)
     }
 
     fn spawn(
@@ -200,6 +274,7 @@ impl ServiceProcess {
         vars: Vec<(String, String)>,
         log: &Path,
         user: Option<(u32, u32)>,
+        wrapper: Vec<String>,
     ) -> Self {
         let mut p = Self {
             bin: PathBuf::from(bin),
@@ -209,6 +284,7 @@ impl ServiceProcess {
             child: None,
             starts: 0,
             user,
+            wrapper,
         };
         p.restart();
         p
@@ -223,7 +299,14 @@ impl ServiceProcess {
             .open(&self.log)
             .expect("service log");
         let err = log.try_clone().expect("service log");
-        let mut cmd = tokio::process::Command::new(&self.bin);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(args).arg(&self.bin);
+                cmd
+            }
+            None => tokio::process::Command::new(&self.bin),
+        };
         cmd.arg(self.kind.arg())
             .env_clear()
             .env("RUST_LOG", "info")

@@ -6,6 +6,7 @@
 //! - [`App`]: ingest, a worker and the notifier running in-process against the test's own
 //!   database, queue prefix, drop folder and SMTP sink ([`spawn_app`]), like zero2prod's
 //!   `spawn_app()`. Tests read as the user story they check.
+//! - [`netns::NetNs`]: another "host": a network namespace joined to this one by a veth pair.
 //!
 //! PostgreSQL and RabbitMQ come from `MUI_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and `MUI_TEST_AMQP_URL` (default
@@ -16,6 +17,7 @@ pub mod bench;
 pub mod chaos;
 mod db;
 mod env;
+pub mod netns;
 mod proxy;
 pub mod sftp;
 mod smtp;

@@ -10,6 +10,7 @@ mod dead_letters;
 mod dispatch;
 mod faults;
 mod file_level;
+mod hosts;
 mod isolation;
 mod kills;
 mod outages;

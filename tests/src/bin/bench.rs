@@ -8,7 +8,9 @@
 //! 3. Pipeline: the release binaries `mui-ingest`, `mui-worker` (×W) and `mui-notifier` run as
 //!    separate processes; the file is renamed into the tenant's drop folder and the clock
 //!    stops when the last row is committed and the email was accepted by the SMTP server.
-//! 4. Prints rows/s of both, their ratio, and each service's peak resident memory (VmHWM).
+//! 4. Prints rows/s of both, their ratio, each service's peak resident memory (VmHWM) and
+//!    CPU time, how busy the machine's CPUs were during the pipeline run, and the most
+//!    database connections the services held at once.
 //!
 //! Run with `scripts/bench.sh [--rows N] [--workers W]`.
 //!
@@ -118,6 +120,49 @@ fn baseline(url: &str, tenant_id: i64, file: &Path) -> anyhow::Result<Duration> 
     Ok(start.elapsed())
 }
 
+/// CPU time a process (all its threads) has used so far: user + system time from
+/// `/proc/<pid>/stat`, in clock ticks of 1/100 s (Linux's USER_HZ).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses: state is the
+    // 3rd field of the line, utime the 14th and stime the 15th.
+    let rest = s.get(s.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// The machine's CPU counters (`/proc/stat`, all CPUs): (busy, total) in clock ticks.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is counted in user already).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// Connections to the benchmark's database other than this one.
+fn db_connections(conn: &mut PgConnection) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .get_result::<Count>(conn)
+    .map_or(0, |c| c.n)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin: PathBuf = std::env::current_exe()?
@@ -178,6 +223,9 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(3)); // connect, declare, start watching
 
     eprintln!("pipeline: drop folder → … → email…");
+    let ticks_before = machine_ticks();
+    let mut peak_connections = db_connections(&mut conn);
+    let mut last_sample = Instant::now();
     let start = Instant::now();
     std::fs::rename(
         &file,
@@ -217,14 +265,22 @@ fn main() -> anyhow::Result<()> {
                 bail!("{name} exited early ({status}); see {}", logs.display());
             }
         }
+        if last_sample.elapsed() > Duration::from_secs(1) {
+            peak_connections = peak_connections.max(db_connections(&mut conn));
+            last_sample = Instant::now();
+        }
         if Instant::now() > deadline {
             bail!("timed out; see {}", logs.display());
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let peaks: Vec<(String, Option<u64>)> = children
+    let busy = match (ticks_before, machine_ticks()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) as f64 / (t1 - t0) as f64),
+        _ => None,
+    };
+    let peaks: Vec<(String, Option<u64>, Option<f64>)> = children
         .iter()
-        .map(|(n, c)| (n.clone(), peak_rss_kib(c.id())))
+        .map(|(n, c)| (n.clone(), peak_rss_kib(c.id()), cpu_secs(c.id())))
         .collect();
     for (_, child) in children.iter_mut() {
         let _ = Command::new("kill")
@@ -264,10 +320,17 @@ fn main() -> anyhow::Result<()> {
         args.rows - bad
     );
     println!("emails received:         {mails}");
-    for (name, kib) in peaks {
+    println!(
+        "machine CPUs busy:       {} (all {} CPUs, every process, during the pipeline run)",
+        busy.map_or("?".into(), |b| format!("{:.0}%", b * 100.0)),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("db connections (peak):   {peak_connections}");
+    for (name, kib, cpu) in peaks {
         println!(
-            "peak memory {name:<13} {}",
-            kib.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+            "{name:<13} peak memory {:>10}  CPU {:>8}",
+            kib.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            cpu.map_or("?".into(), |c| format!("{c:.1} s"))
         );
     }
     if imported as u64 != args.rows - bad || mails != 1 {
