@@ -253,9 +253,11 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let conn = backoff::future::retry_notify(
         backoff_policy(Some(Duration::from_secs(120))),
         || async {
-            Connection::connect(url, props.clone())
-                .await
-                .map_err(backoff::Error::transient)
+            match with_default_heartbeat(url) {
+                Some(uri) => Connection::connect_uri(uri, props.clone()).await,
+                None => Connection::connect(url, props.clone()).await,
+            }
+            .map_err(backoff::Error::transient)
         },
         |err: lapin::Error, wait: Duration| {
             tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "AmqpConnectError");
@@ -263,6 +265,22 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
     )
     .await?;
     Ok(conn)
+}
+
+/// The AMQP heartbeat asked for when `AMQP_URL` names none, in seconds. A worker whose host
+/// vanished (no TCP reset) is noticed by the broker after about two missed heartbeats, and
+/// its unacknowledged chunks go to another worker; the broker's own default, 60 s, would
+/// keep them a few minutes.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// `url` parsed, with [`DEFAULT_HEARTBEAT_SECS`] when it names no heartbeat. `None` if it
+/// does not parse (lapin then reports the error as it reads it).
+fn with_default_heartbeat(url: &str) -> Option<lapin::uri::AMQPUri> {
+    let mut uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+    }
+    Some(uri)
 }
 
 /// A channel in confirm mode: every publish waits for the broker's confirm.

@@ -145,13 +145,10 @@ async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
 /// the lock it may hold goes with it.
 fn connect(url: &str, application_name: &str) -> anyhow::Result<PgConnection> {
     let mut c = PgConnection::establish(url)?;
+    diesel::sql_query(mui_shared::db::DEAD_PEER_SETTINGS).execute(&mut c)?;
     diesel::sql_query(
         "SELECT set_config('idle_session_timeout', '20s', false), \
                 set_config('idle_in_transaction_session_timeout', '20s', false), \
-                set_config('tcp_keepalives_idle', '5', false), \
-                set_config('tcp_keepalives_interval', '2', false), \
-                set_config('tcp_keepalives_count', '3', false), \
-                set_config('tcp_user_timeout', '15000', false), \
                 set_config('application_name', $1, false)",
     )
     .bind::<diesel::sql_types::Text, _>(application_name)

@@ -122,6 +122,8 @@ impl FileLock {
         let url = url.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut conn = PgConnection::establish(&url).context("connecting for the file lock")?;
+            // A vanished ingest host's lock must not outlive it by hours.
+            diesel::sql_query(mui_shared::db::DEAD_PEER_SETTINGS).execute(&mut conn)?;
             #[derive(QueryableByName)]
             struct Locked {
                 #[diesel(sql_type = Bool)]
