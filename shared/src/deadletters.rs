@@ -118,24 +118,14 @@ impl Death {
 
 /// What a payload says about itself: queue, tenant, file, chunk.
 fn describe(payload: &[u8]) -> (Option<QueueKind>, Option<i64>, Option<i64>, Option<i32>) {
-    match messages::decode::<WorkMessage>(payload) {
-        Ok(WorkMessage::ChunkV1(c)) => {
-            return (
-                Some(QueueKind::Chunks),
-                Some(c.tenant_id.0),
-                Some(c.file_id.0),
-                i32::try_from(c.chunk_no).ok(),
-            )
-        }
-        Ok(WorkMessage::QueuedChunkV1(c)) => {
-            return (
-                Some(QueueKind::Chunks),
-                Some(c.tenant_id.0),
-                Some(c.file_id.0),
-                i32::try_from(c.chunk_no).ok(),
-            )
-        }
-        _ => {}
+    if let Ok(m) = messages::decode::<WorkMessage>(payload) {
+        let c = m.chunk_ref();
+        return (
+            Some(QueueKind::Chunks),
+            Some(c.tenant_id.0),
+            Some(c.file_id.0),
+            i32::try_from(c.chunk_no).ok(),
+        );
     }
     match messages::decode::<NotifyMessage>(payload) {
         Ok(NotifyMessage::RowFailuresV1(f)) => (

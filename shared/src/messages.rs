@@ -34,6 +34,20 @@ pub enum WorkMessage {
     QueuedChunkV1(ChunkRef),
 }
 
+impl WorkMessage {
+    /// The chunk the message carries or names.
+    pub fn chunk_ref(&self) -> ChunkRef {
+        match self {
+            WorkMessage::ChunkV1(c) => ChunkRef {
+                file_id: c.file_id,
+                tenant_id: c.tenant_id,
+                chunk_no: c.chunk_no,
+            },
+            WorkMessage::QueuedChunkV1(r) => *r,
+        }
+    }
+}
+
 /// Names a queued chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChunkRef {

@@ -187,3 +187,67 @@ pub fn delete_topology(prefix: &str) {
         }
     });
 }
+
+/// What every benchmark run starts from: the release binaries' folder, a scratch folder, a
+/// database of its own, a queue prefix, an SMTP server on loopback, the drop root and the
+/// logs folder.
+#[derive(Debug)]
+pub struct Setup {
+    /// The folder holding this binary and the services'.
+    pub bin: std::path::PathBuf,
+    /// Scratch space (removed on drop).
+    pub work: tempfile::TempDir,
+    /// The benchmark's database.
+    pub db: crate::TestDb,
+    /// Its queue prefix.
+    pub prefix: String,
+    /// The SMTP server the notifier sends to.
+    pub smtp: crate::SmtpSink,
+    /// `DROP_ROOT`.
+    pub drop_root: std::path::PathBuf,
+    /// Where each service logs.
+    pub logs: std::path::PathBuf,
+}
+
+impl Setup {
+    /// Creates everything; `name` starts the queue prefix.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let bin = std::env::current_exe()?
+            .parent()
+            .context("binary folder")?
+            .to_path_buf();
+        let work = tempfile::tempdir()?;
+        let drop_root = work.path().join("drop");
+        let logs = work.path().join("logs");
+        std::fs::create_dir_all(&logs)?;
+        std::fs::create_dir_all(&drop_root)?;
+        Ok(Self {
+            bin,
+            db: crate::TestDb::new()?,
+            prefix: format!("{name}_{}", std::process::id()),
+            smtp: crate::SmtpSink::start()?,
+            work,
+            drop_root,
+            logs,
+        })
+    }
+
+    /// The services' environment.
+    pub fn envs(
+        &self,
+        chunk_rows: usize,
+        worker_concurrency: usize,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.db.url.clone()),
+            ("AMQP_URL", crate::amqp_url()),
+            ("MUI_QUEUE_PREFIX", self.prefix.clone()),
+            ("DROP_ROOT", self.drop_root.display().to_string()),
+            ("SMTP_URL", self.smtp.url()),
+            ("INGEST_SETTLE_MS", "200".into()),
+            ("INGEST_RESCAN_SECS", "1".into()),
+            ("CHUNK_ROWS", chunk_rows.to_string()),
+            ("WORKER_CONCURRENCY", worker_concurrency.to_string()),
+        ]
+    }
+}

@@ -287,19 +287,6 @@ enum Work {
     Queued(ChunkRef),
 }
 
-impl Work {
-    fn chunk_ref(&self) -> ChunkRef {
-        match self {
-            Work::Inline(c) => ChunkRef {
-                file_id: c.file_id,
-                tenant_id: c.tenant_id,
-                chunk_no: c.chunk_no,
-            },
-            Work::Queued(r) => *r,
-        }
-    }
-}
-
 async fn handle_delivery(
     pool: &PgPool,
     delivery: lapin::message::Delivery,
@@ -315,6 +302,7 @@ async fn handle_delivery(
             return;
         }
     };
+    let r = msg.chunk_ref();
     let work = match msg {
         WorkMessage::ChunkV1(chunk) => Work::Inline(Arc::new(chunk)),
         WorkMessage::QueuedChunkV1(r) => Work::Queued(r),
@@ -326,7 +314,6 @@ async fn handle_delivery(
             return;
         }
     };
-    let r = work.chunk_ref();
     let span = tracing::info_span!(
         "import_chunk",
         tenant_id = r.tenant_id.0,

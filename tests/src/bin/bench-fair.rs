@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use diesel::prelude::*;
 use mui_shared::schema::import_files;
-use mui_tests::bench::{delete_topology, generate, make_tenant, spawn};
-use mui_tests::{amqp_url, SmtpSink, TestDb};
+use mui_tests::bench::{delete_topology, generate, make_tenant, spawn, Setup};
+use mui_tests::SmtpSink;
 
 /// Measures fair share between tenants: cost, latency for a small file, shares.
 #[derive(Debug, Parser)]
@@ -300,31 +300,13 @@ fn share(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin: PathBuf = std::env::current_exe()?
-        .parent()
-        .context("binary folder")?
-        .to_path_buf();
-    let work = tempfile::tempdir()?;
-    let db = TestDb::new()?;
-    let prefix = format!("mui_bench_fair_{}", std::process::id());
-    let smtp = SmtpSink::start()?;
-    let drop_root = work.path().join("drop");
-    let logs = work.path().join("logs");
-    std::fs::create_dir_all(&logs)?;
+    let setup = Setup::new("mui_bench_fair")?;
+    let (bin, db, prefix, smtp) = (&setup.bin, &setup.db, &setup.prefix, &setup.smtp);
+    let (drop_root, logs, work) = (&setup.drop_root, &setup.logs, &setup.work);
     std::fs::create_dir_all(&drop_root)?;
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut conn = db.conn();
-    let envs = vec![
-        ("DATABASE_URL", db.url.clone()),
-        ("AMQP_URL", amqp_url()),
-        ("MUI_QUEUE_PREFIX", prefix.clone()),
-        ("DROP_ROOT", drop_root.display().to_string()),
-        ("SMTP_URL", smtp.url()),
-        ("INGEST_SETTLE_MS", "200".into()),
-        ("INGEST_RESCAN_SECS", "1".into()),
-        ("CHUNK_ROWS", args.chunk_rows.to_string()),
-        ("WORKER_CONCURRENCY", args.worker_concurrency.to_string()),
-    ];
+    let envs = setup.envs(args.chunk_rows, args.worker_concurrency);
     let mut p = Pipeline::start(&bin, envs, &logs, args.workers)?;
     let result = (|| -> anyhow::Result<()> {
         eprintln!("(c) {} rows alone, direct…", args.rows);

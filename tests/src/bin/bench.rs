@@ -18,16 +18,15 @@
 //! data in the same process to give ratios of one run.)
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use diesel::prelude::*;
 use mui_shared::schema::import_files;
-use mui_tests::bench::{generate, make_tenant, peak_rss_kib, spawn, COLUMNS};
-use mui_tests::{amqp_url, SmtpSink, TestDb};
+use mui_tests::bench::{generate, make_tenant, peak_rss_kib, spawn, Setup, COLUMNS};
 
 /// Measures the import pipeline against PostgreSQL's COPY + INSERT … ON CONFLICT baseline.
 #[derive(Debug, Parser)]
@@ -165,17 +164,9 @@ fn db_connections(conn: &mut PgConnection) -> i64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin: PathBuf = std::env::current_exe()?
-        .parent()
-        .context("binary folder")?
-        .to_path_buf();
-    let work = tempfile::tempdir()?;
-    let db = TestDb::new()?;
-    let prefix = format!("mui_bench_{}", std::process::id());
-    let smtp = SmtpSink::start()?;
-    let drop_root = work.path().join("drop");
-    let logs = work.path().join("logs");
-    std::fs::create_dir_all(&logs)?;
+    let setup = Setup::new("mui_bench")?;
+    let (bin, db, prefix, smtp) = (&setup.bin, &setup.db, &setup.prefix, &setup.smtp);
+    let (drop_root, logs) = (&setup.drop_root, &setup.logs);
 
     let mut conn = db.conn();
     let base_tenant = make_tenant(&mut conn, "baseline")?;
@@ -196,17 +187,7 @@ fn main() -> anyhow::Result<()> {
     let base = baseline(&db.url, base_tenant.id, &file)?;
     diesel::sql_query("CHECKPOINT").execute(&mut conn)?;
 
-    let envs = vec![
-        ("DATABASE_URL", db.url.clone()),
-        ("AMQP_URL", amqp_url()),
-        ("MUI_QUEUE_PREFIX", prefix.clone()),
-        ("DROP_ROOT", drop_root.display().to_string()),
-        ("SMTP_URL", smtp.url()),
-        ("INGEST_SETTLE_MS", "200".into()),
-        ("INGEST_RESCAN_SECS", "1".into()),
-        ("CHUNK_ROWS", args.chunk_rows.to_string()),
-        ("WORKER_CONCURRENCY", args.worker_concurrency.to_string()),
-    ];
+    let envs = setup.envs(args.chunk_rows, args.worker_concurrency);
     let mut children: Vec<(String, Child)> = Vec::new();
     children.push((
         "mui-notifier".into(),
