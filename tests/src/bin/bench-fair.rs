@@ -303,18 +303,18 @@ fn main() -> anyhow::Result<()> {
     let setup = Setup::new("mui_bench_fair")?;
     let (bin, db, prefix, smtp) = (&setup.bin, &setup.db, &setup.prefix, &setup.smtp);
     let (drop_root, logs, work) = (&setup.drop_root, &setup.logs, &setup.work);
-    std::fs::create_dir_all(&drop_root)?;
+    std::fs::create_dir_all(drop_root)?;
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut conn = db.conn();
     let envs = setup.envs(args.chunk_rows, args.worker_concurrency);
-    let mut p = Pipeline::start(&bin, envs, &logs, args.workers)?;
+    let mut p = Pipeline::start(bin, envs, logs, args.workers)?;
     let result = (|| -> anyhow::Result<()> {
         eprintln!("(c) {} rows alone, direct…", args.rows);
         p.ingest("direct")?;
         let direct = alone(
             &mut conn,
             &mut p,
-            &drop_root,
+            drop_root,
             work.path(),
             "alone-direct",
             args.rows,
@@ -325,7 +325,7 @@ fn main() -> anyhow::Result<()> {
         let fair = alone(
             &mut conn,
             &mut p,
-            &drop_root,
+            drop_root,
             work.path(),
             "alone-fair",
             args.rows,
@@ -335,8 +335,8 @@ fn main() -> anyhow::Result<()> {
         let lat_fair = latency(
             &mut conn,
             &mut p,
-            &smtp,
-            &drop_root,
+            smtp,
+            drop_root,
             work.path(),
             "fair",
             args.rows,
@@ -346,7 +346,7 @@ fn main() -> anyhow::Result<()> {
         let shares = share(
             &mut conn,
             &mut p,
-            &drop_root,
+            drop_root,
             work.path(),
             args.share_rows,
             timeout,
@@ -356,8 +356,8 @@ fn main() -> anyhow::Result<()> {
         let lat_direct = latency(
             &mut conn,
             &mut p,
-            &smtp,
-            &drop_root,
+            smtp,
+            drop_root,
             work.path(),
             "direct",
             args.rows,
@@ -398,6 +398,6 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     })();
     p.stop();
-    delete_topology(&prefix);
+    delete_topology(prefix);
     result
 }

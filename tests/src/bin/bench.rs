@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
     let mut conn = db.conn();
     let base_tenant = make_tenant(&mut conn, "baseline")?;
     let tenant = make_tenant(&mut conn, "bench")?;
-    std::fs::create_dir_all(mui_shared::tenants::drop_folder(&drop_root, "bench"))?;
+    std::fs::create_dir_all(mui_shared::tenants::drop_folder(drop_root, "bench"))?;
 
     let file = drop_root.join(".users.csv");
     eprintln!("generating {} rows…", args.rows);
@@ -191,16 +191,13 @@ fn main() -> anyhow::Result<()> {
     let mut children: Vec<(String, Child)> = Vec::new();
     children.push((
         "mui-notifier".into(),
-        spawn(&bin, "mui-notifier", &envs, &logs)?,
+        spawn(bin, "mui-notifier", &envs, logs)?,
     ));
     for i in 0..args.workers {
         let name = format!("mui-worker-{}", i + 1);
-        children.push((name.clone(), spawn(&bin, &name, &envs, &logs)?));
+        children.push((name.clone(), spawn(bin, &name, &envs, logs)?));
     }
-    children.push((
-        "mui-ingest".into(),
-        spawn(&bin, "mui-ingest", &envs, &logs)?,
-    ));
+    children.push(("mui-ingest".into(), spawn(bin, "mui-ingest", &envs, logs)?));
     std::thread::sleep(Duration::from_secs(3)); // connect, declare, start watching
 
     eprintln!("pipeline: drop folder → … → email…");
@@ -210,7 +207,7 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     std::fs::rename(
         &file,
-        mui_shared::tenants::drop_folder(&drop_root, "bench").join("users.csv"),
+        mui_shared::tenants::drop_folder(drop_root, "bench").join("users.csv"),
     )?;
     let deadline = start + Duration::from_secs(args.timeout_secs);
     let mut last_report = Instant::now();
@@ -320,6 +317,6 @@ fn main() -> anyhow::Result<()> {
             logs.display()
         );
     }
-    mui_tests::bench::delete_topology(&prefix);
+    mui_tests::bench::delete_topology(prefix);
     Ok(())
 }
