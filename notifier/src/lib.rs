@@ -204,12 +204,21 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> anyhow:
         stop.cancel();
         result
     };
-    let (notify_result, dead_result) = tokio::join!(notify, dead);
+    let watch = async {
+        tokio::select! {
+            _ = amqp::connection_lost(&conn) => {
+                stop.cancel();
+                Err(anyhow::anyhow!("lost the connection to RabbitMQ"))
+            }
+            _ = stop.cancelled() => Ok(()),
+        }
+    };
+    let (notify_result, dead_result, watch_result) = tokio::join!(notify, dead, watch);
     tracing::info!("NotifierStopping");
     drop(consumer);
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
-    notify_result.and(dead_result)
+    watch_result.and(notify_result).and(dead_result)
 }
 
 /// Takes deliveries while fewer than `concurrency` are in hand and handles each in a task of

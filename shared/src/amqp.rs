@@ -267,6 +267,20 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
     Ok(conn)
 }
 
+/// Returns once `conn` is no longer connected (closed, errored, or cut), checking every
+/// second. A service runs it beside its consumers: a consumer waiting for its next delivery
+/// is not always told that its connection died, and a service whose handlers are all busy
+/// is not waiting on its consumer at all; either way the run ends and the supervisor
+/// connects again.
+pub async fn connection_lost(conn: &Connection) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !conn.status().connected() {
+            return;
+        }
+    }
+}
+
 /// The AMQP heartbeat asked for when `AMQP_URL` names none, in seconds. A worker whose host
 /// vanished (no TCP reset) is noticed by the broker after about two missed heartbeats, and
 /// its unacknowledged chunks go to another worker; the broker's own default, 60 s, would

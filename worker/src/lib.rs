@@ -168,9 +168,17 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     tracing::info!("WorkerReady");
+    let lost = amqp::connection_lost(&conn);
+    tokio::pin!(lost);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = &mut lost => {
+                // The supervisor connects again. The chunks in hand cannot be acknowledged
+                // any more: the broker hands them out again, and a transaction that still
+                // commits is recognised then by its marker.
+                anyhow::bail!("lost the connection to RabbitMQ");
+            }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done { tracing::error!(error = %e, "ChunkTaskPanicked"); }
             }
