@@ -298,20 +298,23 @@ fn pick(
     lease: i64,
     tenant_cap: Option<i64>,
 ) -> anyhow::Result<Picks> {
-    let (slots, workers) = dispatch::capacity(c, ALIVE_SECS)?;
-    // Every slot busy plus one chunk waiting at each worker, so a worker finishing a chunk
-    // starts the next at once while the broker's queue stays short.
-    let limit = (slots + workers).max(1);
+    let (slots, _workers) = dispatch::capacity(c, ALIVE_SECS)?;
+    // As many in flight as the live workers import at once: the broker's queue stays empty,
+    // so a chunk handed out is started by the next free slot, whoever's it is.
+    let limit = slots.max(1);
     let cap = tenant_cap.unwrap_or(limit).clamp(1, limit);
     let state = dispatch::queue_state(c, lease)?;
     let in_flight: i64 = state.files.iter().map(|f| f.in_flight).sum();
-    let free = limit - in_flight;
     let current = current_files(&state);
     if current.is_empty() {
         // Nobody has work: every tenant's tag is forgotten.
         fair.pick(&[], 0, cap);
         return Ok(Vec::new());
     }
+    // A tenant with nothing in flight gets one chunk even when every slot is taken: it waits
+    // in the broker's queue for the first slot to free, ahead of anything handed out later.
+    let newcomers = current.values().filter(|(_, n)| *n == 0).count() as i64;
+    let free = (limit - in_flight).max(newcomers);
     if free <= 0 {
         return Ok(Vec::new());
     }

@@ -83,7 +83,7 @@ pub struct WorkerConfig {
     pub dispatch_lease_secs: u32,
     /// How often the leading dispatcher looks at the chunk queue when nothing wakes it, in
     /// milliseconds.
-    #[arg(long, env = "DISPATCH_POLL_MS", default_value_t = 100)]
+    #[arg(long, env = "DISPATCH_POLL_MS", default_value_t = 50)]
     pub dispatch_poll_ms: u64,
 }
 
