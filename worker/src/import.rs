@@ -163,15 +163,7 @@ pub fn import_queued(
     })
 }
 
-/// Plans every statement of the chunk for its own parameters and the tables' current size.
-/// A connection otherwise switches a statement it ran five times to a generic plan, chosen
-/// when the tables were small and never revisited: with the statistics stale during a bulk
-/// load (autovacuum may not keep up, or be off), such a plan read the tenant's every user
-/// through an index for each chunk, and the import went quadratic.
-const CUSTOM_PLANS: &str = "SET LOCAL plan_cache_mode = force_custom_plan";
-
 fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, ImportError> {
-    diesel::sql_query(CUSTOM_PLANS).execute(conn)?;
     let file = chunk.file_id;
     let owner: Option<i64> = import_files::table
         .find(file.0)

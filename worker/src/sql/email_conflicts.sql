@@ -2,15 +2,18 @@
 -- $2 and not archived, whose email, lowercased, another user of the tenant that is not
 -- archived has too (what the constraint users_email_unique forbids), with that other user and
 -- the version that last wrote it.
--- The users are probed by primary key, in a subquery that cannot be flattened: with the
--- filters on email and archived_at beside it, a plan chosen on stale statistics read the
--- tenant's every user through the users_email_unique index instead. The others are found by
--- one probe of the users_email_ci index each (LATERAL, OFFSET 0, as in email_owners.sql), the
--- tenant filtered afterwards.
+-- Each of the chunk's users is one probe of the primary key (LATERAL over the ids, OFFSET 0):
+-- with `unique_id = ANY($3)` and 5,000 ids, a plan chosen on stale statistics (the tenant
+-- thought to hold a few hundred users) read the tenant's every user through an index, twice
+-- per chunk, and a 1,000,000-row import went quadratic. The others are found by one probe of
+-- the users_email_ci index each (LATERAL, OFFSET 0, as in email_owners.sql), the tenant
+-- filtered afterwards.
 SELECT w.unique_id, w.last_row, w.email AS value, o.unique_id AS other,
   o.last_file_id AS other_file, o.last_row AS other_row
-FROM (SELECT unique_id, last_file_id, last_row, email, archived_at FROM users
-      WHERE tenant_id = $1 AND unique_id = ANY($3) OFFSET 0) w
+FROM unnest($3::text[]) AS k(uid)
+CROSS JOIN LATERAL (
+  SELECT unique_id, last_file_id, last_row, email, archived_at FROM users
+  WHERE tenant_id = $1 AND unique_id = k.uid OFFSET 0) w
 CROSS JOIN LATERAL (
   SELECT unique_id, tenant_id, archived_at, last_file_id, last_row FROM users
   WHERE email IS NOT NULL AND lower(email) = lower(w.email) OFFSET 0) o
