@@ -203,7 +203,7 @@ async fn round(
 ) -> (Option<PgConnection>, anyhow::Result<usize>) {
     let lease = settings.lease_secs;
     let cap = settings.tenant_cap;
-    // Fair is not Send across the blocking call's boundary by reference: move it in and out.
+    // The blocking task needs an owned value (it outlives this borrow): move the tags in and out.
     let mut f = std::mem::take(fair);
     let (c, picked) = blocking(c, move |c| {
         let picks = pick(c, &mut f, lease, cap)?;
