@@ -6,8 +6,11 @@
 //!
 //! - [`run`] (this file): the loop. File-system events (inotify through `notify`), a
 //!   periodic rescan and a 200 ms tick drive [`watch::Watch`], which decides what is ready:
-//!   a candidate becomes ready once its size, mtime and inode stayed the same for the settle
-//!   interval and no process holds it open for writing ([`openfiles`]); temporary upload
+//!   a candidate becomes ready once no process holds it open for writing ([`openfiles`]) and
+//!   either a writer just closed it or it was just renamed into place (inotify's
+//!   `IN_CLOSE_WRITE` / `IN_MOVED_TO`: taken at once) or its size, mtime and inode stayed
+//!   the same for the settle interval (a file found by a rescan, a polled folder, a file
+//!   written again after its close); temporary upload
 //!   names (`*.filepart`, `*.part`, `*.tmp`, dot-files) are left alone; files of one tenant
 //!   are handed over one at a time, oldest first, so they take effect in arrival order.
 //! - [`folder`]: a tenant's drop folder through directory handles that follow no link; `bak/`
@@ -51,9 +54,17 @@ pub struct IngestConfig {
     /// Folder holding one folder per tenant; files are dropped into `DROP_ROOT/<tenant>/upload/`.
     #[arg(long, env = "DROP_ROOT", default_value = "/srv/mui/drop")]
     pub drop_root: PathBuf,
-    /// How long a file must stay unchanged (size, mtime) before it is taken, in milliseconds.
+    /// How long a file must stay unchanged (size, mtime) before it is taken, in milliseconds,
+    /// when its writer was not seen to finish (found by a rescan, a polled folder, written
+    /// again after a close). A file renamed into place is taken at once, and one its writer
+    /// closed after INGEST_CLOSED_SETTLE_MS, if no process holds it open for writing.
     #[arg(long, env = "INGEST_SETTLE_MS", default_value_t = 1000)]
     pub settle_ms: u64,
+    /// How long a file its writer closed must stay unchanged before it is taken, in
+    /// milliseconds (0: at once). A dropped connection also closes its partial file: raise
+    /// this to give tenants time to reconnect and resume an upload (`reput`) first.
+    #[arg(long, env = "INGEST_CLOSED_SETTLE_MS", default_value_t = 0)]
+    pub closed_settle_ms: u64,
     /// How often every drop folder is rescanned (the safety net for missed events), seconds.
     #[arg(long, env = "INGEST_RESCAN_SECS", default_value_t = 10)]
     pub rescan_secs: u64,
@@ -137,7 +148,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         dispatch: config.chunk_dispatch,
     });
 
-    let (events_tx, mut events) = mpsc::unbounded_channel::<PathBuf>();
+    // (path, finish): how the event says an upload finished, if it does, so that the file need
+    // not wait out the settle interval.
+    let (events_tx, mut events) = mpsc::unbounded_channel::<(PathBuf, Option<watch::Finish>)>();
     let mut watcher = if config.poll_only {
         None
     } else {
@@ -149,16 +162,19 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                     if ev.need_rescan() {
                         // The kernel's event queue overflowed: events were lost.
                         tracing::warn!("WatchOverflow");
-                        let _ = tx.send(root.clone());
+                        let _ = tx.send((root.clone(), None));
                     }
-                    for p in ev.paths {
-                        let _ = tx.send(p);
+                    let finish = upload_finished(&ev.kind);
+                    let last = ev.paths.len().saturating_sub(1);
+                    for (i, p) in ev.paths.into_iter().enumerate() {
+                        // A rename's paths are (from, to): only the new name was finished.
+                        let _ = tx.send((p, finish.filter(|_| i == last)));
                     }
                 }
                 // Overflow or watch errors: rescan everything.
                 Err(e) => {
                     tracing::warn!(error = %e, "WatchError");
-                    let _ = tx.send(root.clone());
+                    let _ = tx.send((root.clone(), None));
                 }
             }
         })
@@ -168,7 +184,10 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         Some(w)
     };
 
-    let settle = Duration::from_millis(config.settle_ms);
+    let settle = watch::Settle {
+        unfinished: Duration::from_millis(config.settle_ms),
+        closed: Duration::from_millis(config.closed_settle_ms),
+    };
     let mut st = watch::Watch::default();
     // Watched folders and the inode each was watched at: a folder deleted and made again is
     // a new inode, and needs a new watch.
@@ -217,9 +236,16 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                     }
                 }
             }
-            Some(path) = events.recv() => {
+            Some((path, finish)) = events.recv() => {
                 if let Some((slug, name)) = tenant_of(&config.drop_root, &path) {
-                    st.observe(&slug, name);
+                    if let Some(how) = finish {
+                        // Closed after writing or renamed into place: taken now if no
+                        // process still holds it open for writing, not at the next tick.
+                        st.observe_finished(&slug, name, how);
+                        st.settle(Instant::now(), settle, openfiles::open_for_write);
+                    } else {
+                        st.observe(&slug, name);
+                    }
                 } else if path == config.drop_root
                     || path.parent() == Some(config.drop_root.as_path())
                     || path.parent().and_then(Path::parent) == Some(config.drop_root.as_path())
@@ -272,6 +298,19 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
     ctx.publisher.close().await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
+}
+
+/// Whether a file-system event says an upload finished: a writer closed the file, or it was
+/// renamed into place (clients that upload under a temporary name and rename at the end).
+fn upload_finished(kind: &notify::EventKind) -> Option<watch::Finish> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(watch::Finish::Closed),
+        EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
+            Some(watch::Finish::Renamed)
+        }
+        _ => None,
+    }
 }
 
 /// Device and inode of a folder (not followed if it is a link), if it is one.

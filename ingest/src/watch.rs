@@ -19,6 +19,29 @@ use crate::pipeline;
 pub(crate) struct Candidate {
     sig: Signature,
     since: Instant,
+    /// How the writer said it was done, if it did ([`Watch::observe_finished`]), and the
+    /// file has not changed since.
+    finished: Option<Finish>,
+}
+
+/// How an upload was seen to finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Its writer closed it (`IN_CLOSE_WRITE`): a whole upload, or a dropped connection's
+    /// partial file. It waits the closed-settle interval (0 by default: taken at once).
+    Closed,
+    /// It was renamed into place (`IN_MOVED_TO`): clients that upload under a temporary
+    /// name rename only once the upload is whole. Taken at once.
+    Renamed,
+}
+
+/// How long a candidate must stay unchanged before it is taken.
+#[derive(Debug, Clone, Copy)]
+pub struct Settle {
+    /// A file no writer was seen to finish (found by a rescan, polled, written again).
+    pub unfinished: Duration,
+    /// A file its writer closed.
+    pub closed: Duration,
 }
 
 /// A directory entry of one tenant's drop folder.
@@ -41,18 +64,43 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// A directory entry appeared or changed: it becomes a candidate, taken once it stayed
+    /// unchanged for the settle interval and no process holds it open for writing.
     pub fn observe(&mut self, slug: &str, name: OsString) {
+        self.note(slug, name, None);
+    }
+
+    /// A file was closed after writing, or renamed into place (an upload under a temporary
+    /// name finished): it is taken at a [`Watch::settle`] once unchanged for the shorter
+    /// interval `how` allows ([`Settle`]) and no process holds it open for writing. A file
+    /// written again later loses that and settles as usual.
+    pub fn observe_finished(&mut self, slug: &str, name: OsString, how: Finish) {
+        self.note(slug, name, Some(how));
+    }
+
+    fn note(&mut self, slug: &str, name: OsString, finished: Option<Finish>) {
         let display = folder::display_name(&name).0;
         if display == folder::BAK || pipeline::is_temporary(&display) {
             return;
         }
         let key = (slug.to_owned(), name);
-        if self.in_flight.contains(&key) || self.candidates.contains_key(&key) {
-            return; // the tick notices a change itself
+        if self.in_flight.contains(&key) {
+            return; // looked at again when it is finished
         }
         let Some(folder) = self.folders.get(slug) else {
             return;
         };
+        if let Some(cand) = self.candidates.get_mut(&key) {
+            if finished.is_some() {
+                // Its state as of the close: settle takes it if nothing changed since.
+                if let Ok(sig) = folder.stat(&key.1) {
+                    cand.sig = sig;
+                    cand.since = Instant::now();
+                    cand.finished = finished;
+                }
+            }
+            return; // otherwise the tick notices a change itself
+        }
         if let Ok(sig) = folder.stat(&key.1) {
             if !sig.regular() && display.starts_with(folder::BAK_ASIDE) {
                 return; // a bad bak/ we set aside ourselves: the tenant was told already
@@ -62,6 +110,7 @@ impl Watch {
                 Candidate {
                     sig,
                     since: Instant::now(),
+                    finished,
                 },
             );
         }
@@ -95,13 +144,13 @@ impl Watch {
         folder.check_writable().err().map(|e| e.to_string())
     }
 
-    /// Moves the candidates that stayed unchanged for `settle` and that no process holds
-    /// open for writing (`open_for_write(dev, ino)`) to the ready lists; forgets entries
-    /// that went away.
+    /// Moves the candidates that stayed unchanged for `settle` (or since they were closed
+    /// after writing or renamed into place) and that no process holds open for writing
+    /// (`open_for_write(dev, ino)`) to the ready lists; forgets entries that went away.
     pub fn settle(
         &mut self,
         now: Instant,
-        settle: Duration,
+        settle: Settle,
         open_for_write: impl Fn(u64, u64) -> bool,
     ) {
         let mut became_ready = Vec::new();
@@ -113,13 +162,21 @@ impl Watch {
             if sig != cand.sig {
                 cand.sig = sig;
                 cand.since = now;
+                cand.finished = None; // written again since it was closed
                 return true;
             }
-            if sig.regular() && now.duration_since(cand.since) < settle {
+            let wait = match cand.finished {
+                None => settle.unfinished,
+                Some(Finish::Closed) => settle.closed,
+                Some(Finish::Renamed) => Duration::ZERO,
+            };
+            if sig.regular() && now.duration_since(cand.since) < wait {
                 return true;
             }
             if sig.regular() && open_for_write(sig.dev, sig.ino) {
-                cand.since = now; // still being written; look again after settle
+                // Still being written (another writer, or reopened): look again after settle.
+                cand.since = now;
+                cand.finished = None;
                 return true;
             }
             became_ready.push((slug.clone(), name.clone(), sig.mtime_ns));
@@ -183,6 +240,11 @@ impl Watch {
 mod tests {
     use super::*;
 
+    const ONE_S: Settle = Settle {
+        unfinished: Duration::from_secs(1),
+        closed: Duration::ZERO,
+    };
+
     fn tenant(id: i64, slug: &str) -> Tenant {
         Tenant {
             id,
@@ -223,7 +285,10 @@ mod tests {
         write(root.path(), "acme", "a.csv", "x");
         w.observe("acme", "a.csv".into());
         let t0 = Instant::now();
-        let settle = Duration::from_secs(1);
+        let settle = Settle {
+            unfinished: Duration::from_secs(1),
+            closed: Duration::ZERO,
+        };
         w.settle(t0, settle, |_, _| false);
         assert!(w.next_ready(4).is_empty(), "not settled yet");
         // Held open for writing: not taken, however long it stays unchanged.
@@ -231,6 +296,61 @@ mod tests {
         assert!(w.next_ready(4).is_empty());
         w.settle(t0 + Duration::from_secs(4), settle, |_, _| false);
         assert_eq!(names(&w.next_ready(4)), [("acme".into(), "a.csv".into())]);
+    }
+
+    #[test]
+    fn a_file_closed_or_renamed_into_place_is_taken_at_once_unless_still_written() {
+        let (root, mut w) = setup(&["a", "b", "c", "d"]);
+        let settle = Settle {
+            unfinished: Duration::from_secs(1),
+            closed: Duration::ZERO,
+        };
+        // Closed after writing, nobody writing: ready at once.
+        write(root.path(), "a", "u.csv", "x");
+        w.observe("a", "u.csv".into());
+        w.observe_finished("a", "u.csv".into(), Finish::Closed);
+        w.settle(Instant::now(), settle, |_, _| false);
+        assert_eq!(names(&w.next_ready(4)), [("a".into(), "u.csv".into())]);
+
+        // Closed, but another process still holds it open for writing: it settles as usual.
+        write(root.path(), "b", "u.csv", "x");
+        w.observe_finished("b", "u.csv".into(), Finish::Renamed);
+        let t0 = Instant::now();
+        w.settle(t0, settle, |_, _| true);
+        w.settle(t0, settle, |_, _| false);
+        assert!(w.next_ready(4).is_empty(), "taken although still written");
+        w.settle(t0 + Duration::from_secs(2), settle, |_, _| false);
+        assert_eq!(names(&w.next_ready(4)), [("b".into(), "u.csv".into())]);
+
+        // Closed, then written again (reopened to append) before the check: settles as usual.
+        write(root.path(), "c", "u.csv", "x");
+        w.observe_finished("c", "u.csv".into(), Finish::Closed);
+        write(root.path(), "c", "u.csv", "xy");
+        let t1 = Instant::now();
+        w.settle(t1, settle, |_, _| false);
+        assert!(
+            w.next_ready(4).is_empty(),
+            "taken although written after its close"
+        );
+        w.settle(t1 + Duration::from_secs(2), settle, |_, _| false);
+        assert_eq!(names(&w.next_ready(4)), [("c".into(), "u.csv".into())]);
+
+        // An operator giving dropped connections time to resume (a closed-settle interval):
+        // a closed file waits that long.
+        let patient = Settle {
+            unfinished: Duration::from_secs(1),
+            closed: Duration::from_secs(5),
+        };
+        write(root.path(), "d", "u.csv", "x");
+        w.observe_finished("d", "u.csv".into(), Finish::Closed);
+        let t2 = Instant::now();
+        w.settle(t2 + Duration::from_secs(2), patient, |_, _| false);
+        assert!(
+            w.next_ready(4).is_empty(),
+            "taken before the closed-settle interval"
+        );
+        w.settle(t2 + Duration::from_secs(6), patient, |_, _| false);
+        assert_eq!(names(&w.next_ready(4)), [("d".into(), "u.csv".into())]);
     }
 
     #[test]
@@ -254,7 +374,7 @@ mod tests {
         assert_eq!(w.scan(root.path(), "acme"), None);
         assert_eq!(w.scan(root.path(), "globex"), None);
         let later = Instant::now() + Duration::from_secs(5);
-        w.settle(later, Duration::from_secs(1), |_, _| false);
+        w.settle(later, ONE_S, |_, _| false);
         let first = names(&w.next_ready(4));
         assert_eq!(first.len(), 2, "{first:?}");
         assert!(first.contains(&("acme".into(), "old.csv".into())));
@@ -273,11 +393,7 @@ mod tests {
         let (root, mut w) = setup(&["acme"]);
         write(root.path(), "acme", "u.csv", "1");
         w.observe("acme", "u.csv".into());
-        w.settle(
-            Instant::now() + Duration::from_secs(5),
-            Duration::from_secs(1),
-            |_, _| false,
-        );
+        w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
         assert_eq!(w.next_ready(1).len(), 1);
         // While it was handled, a new upload took the same name.
         write(root.path(), "acme", "u.csv", "2");

@@ -19,6 +19,8 @@ pub struct AppOptions {
     pub chunk_rows: usize,
     /// ingest's settle interval.
     pub settle_ms: u64,
+    /// ingest's settle interval for a file its writer closed.
+    pub closed_settle_ms: u64,
     /// Workers to run.
     pub workers: usize,
     /// Most rows a file may have.
@@ -43,6 +45,7 @@ impl Default for AppOptions {
         Self {
             chunk_rows: 3,
             settle_ms: 400,
+            closed_settle_ms: 0,
             workers: 2,
             max_file_rows: 5_000_000,
             broker_proxy: false,
@@ -123,6 +126,7 @@ impl TestEnv {
             common: self.common(),
             drop_root: self.drop_root.path().to_path_buf(),
             settle_ms: self.options.settle_ms,
+            closed_settle_ms: self.options.closed_settle_ms,
             rescan_secs: self.options.rescan_secs,
             poll_only: false,
             chunk_rows: self.options.chunk_rows,

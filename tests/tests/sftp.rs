@@ -17,9 +17,18 @@ use mui_tests::sftp::{chroot_ready_tempdir, Account, SftpServer};
 use mui_tests::{spawn_app_with, App, AppOptions};
 
 async fn setup(tenants: &[&str], settle_ms: u64) -> (App, SftpServer, Vec<(Tenant, Account)>) {
+    setup_with(tenants, settle_ms, 0).await
+}
+
+async fn setup_with(
+    tenants: &[&str],
+    settle_ms: u64,
+    closed_settle_ms: u64,
+) -> (App, SftpServer, Vec<(Tenant, Account)>) {
     let app = spawn_app_with(AppOptions {
         chroot_ready: true,
         settle_ms,
+        closed_settle_ms,
         ..AppOptions::default()
     })
     .await;
@@ -464,8 +473,9 @@ async fn rotating_a_tenants_key_locks_the_old_one_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upload_resumed_after_a_dropped_connection_is_imported_once_whole() {
-    // A settle interval long enough for the tenant to reconnect and resume.
-    let (mut app, server, accounts) = setup(&["acme"], 15_000).await;
+    // A settle interval long enough for the tenant to reconnect and resume, also for a file
+    // its writer closed (the dropped connection closes the partial file).
+    let (mut app, server, accounts) = setup_with(&["acme"], 15_000, 15_000).await;
     let (t, a) = &accounts[0];
     let local = tempfile::tempdir().unwrap();
     let content = users_csv("m", 4000, false);

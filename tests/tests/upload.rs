@@ -141,3 +141,35 @@ async fn files_whose_events_overflowed_the_kernel_queue_are_still_found() {
     assert_eq!(app.env.users(&t).len(), 41);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_closed_by_its_writer_or_renamed_into_place_does_not_wait_out_the_settle_interval() {
+    // A settle interval far longer than the test may take: only the close and the rename
+    // seen by inotify can make these files ready in time (a file a rescan finds waits the
+    // settle interval).
+    let mut app = mui_tests::spawn_app_with(mui_tests::AppOptions {
+        settle_ms: 3_600_000,
+        ..mui_tests::AppOptions::default()
+    })
+    .await;
+    let acme = app.env.tenant("acme").unwrap();
+    let globex = app.env.tenant("globex").unwrap();
+    // Let the rescans that the folders' creation triggers install their watches first.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Written and closed in place.
+    std::fs::write(
+        app.env.folder("acme").join("closed.csv"),
+        "unique_id,login_source\nc1,sso\nc2,sso\n",
+    )
+    .unwrap();
+    // Uploaded under a temporary name, then renamed into place.
+    let part = app.env.folder("globex").join("renamed.csv.filepart");
+    std::fs::write(&part, "unique_id,login_source\nr1,sso\n").unwrap();
+    std::fs::rename(&part, app.env.folder("globex").join("renamed.csv")).unwrap();
+    let a = app.wait_files_settled(&acme, 1).await;
+    let g = app.wait_files_settled(&globex, 1).await;
+    assert_eq!((a[0].rows_total, g[0].rows_total), (Some(2), Some(1)));
+    assert_eq!(app.env.users(&acme).len(), 2);
+    assert_eq!(app.env.users(&globex).len(), 1);
+    app.stop().await;
+}
