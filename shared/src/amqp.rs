@@ -64,6 +64,11 @@ pub enum AmqpError {
 pub enum QueueKind {
     /// Chunks of rows for the workers.
     Chunks,
+    /// The express lane: a tenant's first chunk while it had nothing in flight and every
+    /// worker's slots were taken (the fair dispatcher's newcomer). Each worker imports one
+    /// express chunk at a time beside its usual slots, so a small file does not wait for a
+    /// large import's chunks to finish. Dead letters and replays go to [`QueueKind::Chunks`].
+    Express,
     /// Failure records and "file finished" events for the notifier.
     Notify,
 }
@@ -73,6 +78,7 @@ impl QueueKind {
     pub fn as_str(self) -> &'static str {
         match self {
             QueueKind::Chunks => "chunks",
+            QueueKind::Express => "express",
             QueueKind::Notify => "notify",
         }
     }
@@ -81,6 +87,7 @@ impl QueueKind {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "chunks" => Some(QueueKind::Chunks),
+            "express" => Some(QueueKind::Express),
             "notify" => Some(QueueKind::Notify),
             _ => None,
         }
@@ -144,7 +151,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        for kind in [QueueKind::Chunks, QueueKind::Notify] {
+        for kind in [QueueKind::Chunks, QueueKind::Express, QueueKind::Notify] {
             let mut args = FieldTable::default();
             args.insert("x-queue-type".into(), long_string("quorum"));
             args.insert(
@@ -173,6 +180,7 @@ impl Topology {
     pub async fn delete(&self, channel: &Channel) -> Result<(), AmqpError> {
         for q in [
             self.queue(QueueKind::Chunks),
+            self.queue(QueueKind::Express),
             self.queue(QueueKind::Notify),
             self.dead_queue(),
         ] {

@@ -207,9 +207,14 @@ pub fn record(
 ) -> QueryResult<Option<i64>> {
     let death = Death::from_headers(headers);
     let (decoded_kind, tenant_id, file_id, chunk_no) = describe(payload);
-    let kind = [QueueKind::Chunks, QueueKind::Notify]
+    // A chunk dead in the express lane is a chunk like any other: replayed to the chunks queue.
+    let kind = [QueueKind::Chunks, QueueKind::Express, QueueKind::Notify]
         .into_iter()
         .find(|k| topology.queue(*k) == death.source_queue)
+        .map(|k| match k {
+            QueueKind::Express => QueueKind::Chunks,
+            k => k,
+        })
         .or(decoded_kind);
     conn.transaction(|conn| {
         let inserted: Option<Id> = diesel::sql_query(

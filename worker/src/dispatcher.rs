@@ -14,7 +14,7 @@
 //! its cap and only from its oldest open file; mark them, publish their references with
 //! confirms, record the confirms.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -194,6 +194,9 @@ fn try_lead(c: &mut PgConnection) -> anyhow::Result<Option<usize>> {
 /// What a round decided: per (tenant, file), the chunks to hand out.
 type Picks = Vec<(TenantId, ImportFileId, Vec<i32>)>;
 
+/// The chunks (tenant, chunk_no) of a round that go to the express lane.
+type Express = HashSet<(i64, i32)>;
+
 /// One round; returns how many chunks it handed out.
 async fn round(
     c: PgConnection,
@@ -206,7 +209,7 @@ async fn round(
     // The blocking task needs an owned value (it outlives this borrow): move the tags in and out.
     let mut f = std::mem::take(fair);
     let (c, picked) = blocking(c, move |c| {
-        let picks = pick(c, &mut f, lease, cap)?;
+        let (picks, express) = pick(c, &mut f, lease, cap)?;
         let mut marked: Picks = Vec::new();
         if !picks.is_empty() {
             c.transaction(|c| {
@@ -219,13 +222,13 @@ async fn round(
                 diesel::QueryResult::Ok(())
             })?;
         }
-        Ok((f, marked))
+        Ok((f, marked, express))
     })
     .await;
-    let marked = match picked {
-        Ok((f, marked)) => {
+    let (marked, express) = match picked {
+        Ok((f, marked, express)) => {
             *fair = f;
-            marked
+            (marked, express)
         }
         Err(e) => return (c, Err(e)),
     };
@@ -246,8 +249,13 @@ async fn round(
                 tenant_id: tenant,
                 chunk_no: chunk_no as u32,
             });
+            let lane = if express.contains(&(tenant.0, chunk_no)) {
+                QueueKind::Express
+            } else {
+                QueueKind::Chunks
+            };
             let sent = match messages::encode(&msg) {
-                Ok(bytes) => publisher.send(QueueKind::Chunks, &bytes).await.ok(),
+                Ok(bytes) => publisher.send(lane, &bytes).await.ok(),
                 Err(_) => None,
             };
             pending.push((chunk_no, sent));
@@ -291,13 +299,13 @@ async fn round(
     }
 }
 
-/// Decides what to hand out now.
+/// Decides what to hand out now, and which of it goes to the express lane.
 fn pick(
     c: &mut PgConnection,
     fair: &mut Fair,
     lease: i64,
     tenant_cap: Option<i64>,
-) -> anyhow::Result<Picks> {
+) -> anyhow::Result<(Picks, Express)> {
     let (slots, _workers) = dispatch::capacity(c, ALIVE_SECS)?;
     // As many in flight as the live workers import at once: the broker's queue stays empty,
     // so a chunk handed out is started by the next free slot, whoever's it is.
@@ -309,14 +317,16 @@ fn pick(
     if current.is_empty() {
         // Nobody has work: every tenant's tag is forgotten.
         fair.pick(&[], 0, cap);
-        return Ok(Vec::new());
+        return Ok(Default::default());
     }
-    // A tenant with nothing in flight gets one chunk even when every slot is taken: it waits
-    // in the broker's queue for the first slot to free, ahead of anything handed out later.
+    // A tenant with nothing in flight gets one chunk even when every slot is taken: it goes
+    // to the express lane, which every worker serves beside its usual slots, one chunk at a
+    // time, so it starts at once instead of waiting for a large import's chunk to finish.
     let newcomers = current.values().filter(|(_, n)| *n == 0).count() as i64;
-    let free = (limit - in_flight).max(newcomers);
+    let slots_free = (limit - in_flight).max(0);
+    let free = slots_free.max(newcomers);
     if free <= 0 {
-        return Ok(Vec::new());
+        return Ok(Default::default());
     }
     let mut candidates = Vec::new();
     let mut chunk_nos: HashMap<i64, (ImportFileId, Vec<i32>)> = HashMap::new();
@@ -340,7 +350,7 @@ fn pick(
         chunk_nos.insert(tenant, (file, waiting.iter().map(|w| w.chunk_no).collect()));
     }
     let picked = fair.pick(&candidates, free, cap);
-    Ok(picked
+    let picks: Picks = picked
         .into_iter()
         .filter_map(|(tenant, n)| {
             let (file, nos) = chunk_nos.get(&tenant)?;
@@ -350,7 +360,28 @@ fn pick(
                 nos.iter().take(n).copied().collect(),
             ))
         })
-        .collect())
+        .collect();
+    let newcomer: HashSet<i64> = candidates
+        .iter()
+        .filter(|c| c.in_flight == 0)
+        .map(|c| c.tenant_id)
+        .collect();
+    let express = express_lane(&picks, slots_free, &newcomer);
+    Ok((picks, express))
+}
+
+/// Which picked chunks go to the express lane: as many as were picked beyond the free slots,
+/// each the first chunk of a tenant that had nothing in flight (those are the picks the
+/// slots did not pay for).
+fn express_lane(picks: &Picks, slots_free: i64, newcomer: &HashSet<i64>) -> Express {
+    let picked: usize = picks.iter().map(|(_, _, nos)| nos.len()).sum();
+    let beyond = picked.saturating_sub(usize::try_from(slots_free).unwrap_or(0));
+    picks
+        .iter()
+        .filter(|(t, _, nos)| newcomer.contains(&t.0) && !nos.is_empty())
+        .filter_map(|(t, _, nos)| nos.first().map(|n| (t.0, *n)))
+        .take(beyond)
+        .collect()
 }
 
 /// Per tenant with work: the file it may hand out from (its oldest open file with live
@@ -392,6 +423,27 @@ mod tests {
             in_flight,
             waiting,
         }
+    }
+
+    #[test]
+    fn only_picks_beyond_the_free_slots_go_express_each_a_newcomers_first_chunk() {
+        let picks: Picks = vec![
+            (TenantId(1), ImportFileId(10), vec![4]),
+            (TenantId(2), ImportFileId(20), vec![0]),
+            (TenantId(3), ImportFileId(30), vec![0, 1]),
+        ];
+        let newcomers = HashSet::from([2, 3]);
+        // Slots for everything: nothing goes express.
+        assert!(express_lane(&picks, 4, &newcomers).is_empty());
+        // Two picked beyond the slots: the newcomers' first chunks.
+        assert_eq!(
+            express_lane(&picks, 2, &newcomers),
+            HashSet::from([(2, 0), (3, 0)])
+        );
+        // One beyond: one newcomer's first chunk, never a busy tenant's.
+        let one = express_lane(&picks, 3, &newcomers);
+        assert_eq!(one.len(), 1);
+        assert!(one.is_subset(&HashSet::from([(2, 0), (3, 0)])), "{one:?}");
     }
 
     #[test]

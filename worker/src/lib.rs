@@ -101,7 +101,8 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         "WorkerConfigured"
     );
     let concurrency = config.concurrency.max(1);
-    let pool = db::pool(&config.common.database_url, concurrency as u32 + 2);
+    // A connection per slot, one for the express lane, two for the relay and the heartbeat.
+    let pool = db::pool(&config.common.database_url, concurrency as u32 + 3);
     let Some((conn, topology)) =
         mui_shared::service::start(&config.common, "mui-worker", &pool, &shutdown).await?
     else {
@@ -165,7 +166,23 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
             FieldTable::default(),
         )
         .await?;
+    // The express lane (a newcomer tenant's first chunk while every slot is taken): a
+    // channel of its own with a prefetch of one, imported beside the usual slots.
+    let express_channel = conn.create_channel().await?;
+    express_channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await?;
+    let express_tag = format!("{tag}-express");
+    let mut express = express_channel
+        .basic_consume(
+            topology.queue(QueueKind::Express).as_str().into(),
+            express_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     let slots = Arc::new(Semaphore::new(concurrency));
+    let express_slot = Arc::new(Semaphore::new(1));
     let mut tasks = JoinSet::new();
     tracing::info!("WorkerReady");
     let lost = amqp::connection_lost(&conn);
@@ -200,11 +217,32 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
                     drop(permit);
                 });
             }
+            next = express.next() => {
+                let delivery = match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(e).context("consuming express chunks"),
+                    None => anyhow::bail!("the broker cancelled the express consumer"),
+                };
+                let permit = express_slot.clone().acquire_owned().await?;
+                let pool = pool.clone();
+                let kick = kick.clone();
+                let wake = wake.clone();
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    handle_delivery(&pool, delivery, &stop).await;
+                    kick.kick();
+                    wake.notify_one();
+                    drop(permit);
+                });
+            }
         }
     }
     tracing::info!(in_flight = tasks.len(), "WorkerStopping");
     let _ = channel
         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    let _ = express_channel
+        .basic_cancel(express_tag.as_str().into(), BasicCancelOptions::default())
         .await;
     dispatch_stop.cancel();
     while tasks.join_next().await.is_some() {}
@@ -220,6 +258,8 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     relay_stop.cancel();
     let _ = relay_task.await;
     drop(consumer);
+    drop(express);
+    let _ = express_channel.close(200, "shutdown".into()).await;
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
