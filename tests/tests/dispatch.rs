@@ -1,7 +1,8 @@
 //! Fair dispatch: a tenant's files take effect in arrival order even when the first one's
 //! chunks are held back; a small file of one tenant is served while another tenant imports a
 //! large one, and no tenant has more chunks in flight than its cap; the dispatching leader
-//! killed with SIGKILL mid-import is replaced, and nothing is lost or doubled.
+//! killed with SIGKILL mid-import is replaced, and nothing is lost or doubled; a newcomer's
+//! first chunk is imported through the express lane while every slot is held.
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -247,6 +248,78 @@ async fn a_small_file_is_served_while_another_tenant_imports_a_large_one_under_i
         .find(|m| m.subject().contains("small.csv"))
         .expect("beta's email");
     assert_eq!(reported_rows(&beta_mail.attachments()[0].1), bad);
+    services.stop().await;
+}
+
+/// Chunks of the file named `big.csv` wait, when they are imported, for an advisory lock the
+/// test holds: they keep every slot of every worker busy for as long as the test wants.
+const HOLD_BIG: &str = r#"
+CREATE FUNCTION hold_big() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM import_files WHERE id = NEW.file_id AND file_name = 'big.csv') THEN
+    PERFORM pg_advisory_xact_lock_shared(4343);
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER hold_big BEFORE INSERT ON file_chunks
+  FOR EACH ROW EXECUTE FUNCTION hold_big();
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_newcomers_first_chunk_is_imported_while_every_slot_is_held_by_another_tenant() {
+    let env = TestEnv::new(AppOptions {
+        chunk_rows: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let a = env.tenant("acme").unwrap();
+    let b = env.tenant("beta").unwrap();
+    let workers = vec![env.worker_config(), env.worker_config()];
+    let slots: usize = workers.iter().map(|w| w.concurrency).sum();
+    let services = Services::start(
+        vec![env.ingest_config()],
+        workers,
+        Some(env.notifier_config()),
+    );
+    let mut holder = env.db.conn();
+    holder.batch_execute(HOLD_BIG).unwrap();
+    diesel::sql_query("SELECT pg_advisory_lock(4343)")
+        .execute(&mut holder)
+        .unwrap();
+    let (big, big_bad) = users_csv(40, 1_000_000, "big");
+    env.drop_file("acme", "big.csv", big.as_bytes()).unwrap();
+    // Every slot of both workers is importing one of acme's chunks, each held.
+    env.wait_until(60, "every slot held by acme", || {
+        let c: Count = diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .get_result(&mut env.db.conn())
+        .unwrap();
+        c.n as usize >= slots
+    })
+    .await;
+    let (small, bad) = users_csv(2, 2, "small");
+    env.drop_file("beta", "small.csv", small.as_bytes())
+        .unwrap();
+    // beta's only chunk goes through the express lane: it is imported and mailed while
+    // every one of acme's chunks is still held (nothing of acme's is committed).
+    let fb = &wait_settled(&env, &b, 1, 60).await[0];
+    assert_eq!(fb.state, FileState::Done);
+    assert_eq!(fb.rows_inserted + fb.rows_failed, 2);
+    assert_eq!(fb.rows_failed, bad.len() as i64);
+    let fa = &env.files(&a)[0];
+    assert_eq!(
+        (fa.chunks_done, fa.rows_inserted),
+        (0, 0),
+        "acme's chunks were all still held: {fa:?}"
+    );
+    diesel::sql_query("SELECT pg_advisory_unlock(4343)")
+        .execute(&mut holder)
+        .unwrap();
+    let fa = &wait_settled(&env, &a, 1, 120).await[0];
+    assert_eq!(fa.rows_inserted + fa.rows_failed, 40);
+    assert_eq!(env.users(&a).len(), 40 - big_bad.len());
+    assert_eq!(env.users(&b).len(), 2 - bad.len());
     services.stop().await;
 }
 
