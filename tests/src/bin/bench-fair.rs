@@ -428,6 +428,7 @@ fn main() -> anyhow::Result<()> {
                 direct += took / 2.0;
             }
         }
+        p.ingest("fair")?;
         eprintln!(
             "(d) {} small files on an idle pipeline, fair…",
             args.idle_files
