@@ -32,11 +32,9 @@ use mui_shared::schema::{file_chunks, import_files, tenants};
 
 use crate::duplicate::duplicate_failure;
 use crate::identity::check_identities;
+use crate::sql::COUNT_CHUNK;
 use crate::upsert::{upsert, ArchiveSettings};
 use crate::validate::{self, TenantRules, UserRow};
-
-/// Adds a chunk's counts to its file and returns the file's progress.
-const COUNT_CHUNK: &str = include_str!("sql/count_chunk.sql");
 
 /// Why a chunk could not be imported.
 #[derive(Debug, thiserror::Error)]

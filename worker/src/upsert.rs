@@ -32,13 +32,9 @@ use mui_shared::messages::{Chunk, RowFailure};
 use crate::duplicate::{duplicate_failure, stored_fields};
 use crate::identity::{self, CHECK_NOW, DEFER_CHECKS};
 use crate::import::{ChunkOutcome, ImportError};
+use crate::sql::{LOCK_EXISTING, RELEASE_PERMITS};
 use crate::staging::{self, TEXT_COLUMNS};
 use crate::validate::UserRow;
-
-/// Locks the existing users among the staged rows ($1 tenant, $2 file).
-const LOCK_EXISTING: &str = include_str!("sql/lock_existing.sql");
-/// Releases the active permits of users ($1 tenant, $2 unique ids).
-const RELEASE_PERMITS: &str = include_str!("sql/release_permits.sql");
 
 /// A tenant's archive-on-inactive settings.
 #[derive(Debug, Clone)]
