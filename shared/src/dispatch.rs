@@ -26,6 +26,13 @@ use crate::schema::{chunk_queue, workers};
 /// on `chunk_queue` and `import_files`, public so that tests can check their plans
 /// (`tests/tests/plans.rs`).
 pub mod sql {
+    /// Set on the dispatcher's session: its statements probe the queue by file and chunk
+    /// (and the files by the index of open files), and a sequential scan chosen while the
+    /// queue or the file history was tiny would read them whole every round in any plan that
+    /// outlives it. No JIT (a plan that must still scan sequentially would cost enough to be
+    /// compiled, every round).
+    pub const PLANNER_SETTINGS: &str =
+        "SELECT set_config('enable_seqscan', 'off', false), set_config('jit', 'off', false)";
     /// Queues a chunk: $1 tenant, $2 file (bigint), $3 chunk, $4 rows (integer), $5 payload
     /// (bytea).
     pub const ENQUEUE: &str =

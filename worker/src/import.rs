@@ -114,7 +114,10 @@ struct Progress {
 
 /// Imports a chunk (see the module docs). Runs its own transaction.
 pub fn import_chunk(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, ImportError> {
-    conn.transaction(|conn| import_in_tx(conn, chunk))
+    conn.transaction(|conn| {
+        diesel::sql_query(crate::sql::PLANNER_SETTINGS).execute(conn)?;
+        import_in_tx(conn, chunk)
+    })
 }
 
 /// Imports a chunk waiting in the database's chunk queue: its row is taken (deleted) in the
@@ -125,6 +128,7 @@ pub fn import_queued(
     chunk_ref: ChunkRef,
 ) -> Result<ChunkOutcome, ImportError> {
     conn.transaction(|conn| {
+        diesel::sql_query(crate::sql::PLANNER_SETTINGS).execute(conn)?;
         let Some(payload) = dispatch::take(conn, chunk_ref)? else {
             let imported: bool = diesel::select(diesel::dsl::exists(
                 file_chunks::table.find((chunk_ref.file_id.0, chunk_ref.chunk_no as i32)),

@@ -5,6 +5,18 @@
 //! Parameters are given with each statement; `users_stage` is the chunk's staging table
 //! ([`create_staging`]).
 
+/// Run first in every chunk's transaction. The hot statements are written so that their only
+/// cheap plan probes the key (see each one); this takes away the one alternative that no way
+/// of writing a statement can: a sequential scan of a table while it is tiny. Cheap then, it
+/// is a trap in any plan that outlives it (a cached statement's generic plan is kept until the
+/// next ANALYZE, which with autovacuum off may never come), and the plan test forbids it.
+/// (diesel does not cache `sql_query` statements, so these are planned for their parameters
+/// at every execution today.) And no JIT: with sequential scans off, a plan that must still
+/// scan the staging table costs more than `jit_above_cost`, and compiling the generated update
+/// took one to two seconds per chunk.
+pub const PLANNER_SETTINGS: &str =
+    "SELECT set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)";
+
 /// Locks the existing users among the staged rows: $1 tenant (bigint), $2 file (bigint).
 pub const LOCK_EXISTING: &str = include_str!("lock_existing.sql");
 /// Releases the active permits of users: $1 tenant (bigint), $2 unique ids (text[]).
