@@ -22,6 +22,68 @@ use crate::domain::{ImportFileId, TenantId};
 use crate::messages::ChunkRef;
 use crate::schema::{chunk_queue, workers};
 
+/// The statements the dispatcher (every `DISPATCH_POLL_MS`) and the workers (every chunk) run
+/// on `chunk_queue` and `import_files`, public so that tests can check their plans
+/// (`tests/tests/plans.rs`).
+pub mod sql {
+    /// Set on the dispatcher's session: its statements probe the queue by file and chunk
+    /// (and the files by the index of open files), and a sequential scan chosen while the
+    /// queue or the file history was tiny would read them whole every round in any plan that
+    /// outlives it. No JIT (a plan that must still scan sequentially would cost enough to be
+    /// compiled, every round).
+    pub const PLANNER_SETTINGS: &str =
+        "SELECT set_config('enable_seqscan', 'off', false), set_config('jit', 'off', false)";
+    /// Queues a chunk: $1 tenant, $2 file (bigint), $3 chunk, $4 rows (integer), $5 payload
+    /// (bytea).
+    pub const ENQUEUE: &str =
+        "INSERT INTO chunk_queue (tenant_id, file_id, chunk_no, rows, payload) \
+         SELECT $1, $2, $3, $4, $5 \
+         WHERE NOT EXISTS (SELECT 1 FROM file_chunks WHERE file_id = $2 AND chunk_no = $3) \
+         ON CONFLICT DO NOTHING";
+    /// Takes a queued chunk's payload: $1 tenant, $2 file (bigint), $3 chunk (integer).
+    pub const TAKE: &str = "DELETE FROM chunk_queue \
+         WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = $3 RETURNING payload";
+    /// Live chunks in flight and waiting, by file: $1 lease (bigint seconds).
+    pub const QUEUED_FILES: &str = "SELECT tenant_id, file_id, \
+           count(*) FILTER (WHERE dispatched_at > now() - make_interval(secs => $1)) AS in_flight, \
+           count(*) FILTER (WHERE dispatched_at IS NULL \
+                              OR dispatched_at <= now() - make_interval(secs => $1)) AS waiting \
+         FROM chunk_queue WHERE dead_at IS NULL GROUP BY tenant_id, file_id";
+    /// Per tenant, its oldest open file not fully queued yet.
+    pub const READING_FILES: &str = "SELECT tenant_id, min(id) AS file_id FROM import_files \
+         WHERE state IN ('received', 'importing') AND total_chunks IS NULL \
+         GROUP BY tenant_id";
+    /// Up to $4 (bigint) chunks of tenant $1, file $2 (bigint) waiting to be handed out, with
+    /// the lease $3 (bigint seconds).
+    pub const WAITING_CHUNKS: &str = "SELECT chunk_no, rows FROM chunk_queue \
+         WHERE tenant_id = $1 AND file_id = $2 AND dead_at IS NULL \
+           AND (dispatched_at IS NULL OR dispatched_at <= now() - make_interval(secs => $3)) \
+         ORDER BY chunk_no LIMIT $4";
+    /// Marks chunks $3 (integer[]) of tenant $1, file $2 (bigint) dispatched.
+    pub const MARK_DISPATCHED: &str =
+        "UPDATE chunk_queue SET dispatched_at = now(), confirmed = false \
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
+           WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = ANY ($3) \
+           FOR UPDATE SKIP LOCKED)) \
+         RETURNING chunk_no";
+    /// Records the broker's answer $4 (boolean) for chunks $3 (integer[]) of tenant $1, file $2
+    /// (bigint).
+    pub const MARK_CONFIRMED: &str = "UPDATE chunk_queue SET confirmed = $4, \
+           dispatched_at = CASE WHEN $4 THEN dispatched_at END \
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
+           WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = ANY ($3) \
+           FOR UPDATE SKIP LOCKED))";
+    /// A new leader's hand-out of what its predecessor marked without a confirm (once per
+    /// leadership, not per round).
+    pub const RECLAIM_UNCONFIRMED: &str = "UPDATE chunk_queue SET dispatched_at = NULL \
+         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
+           WHERE dispatched_at IS NOT NULL AND NOT confirmed FOR UPDATE SKIP LOCKED))";
+    /// Chunks the live workers import at once, and how many workers: $1 (bigint seconds).
+    pub const CAPACITY: &str =
+        "SELECT sum(concurrency)::BIGINT AS slots, count(*) AS workers FROM workers \
+         WHERE seen_at > now() - make_interval(secs => $1)";
+}
+
 /// Puts one chunk of a file in the queue (a retry of the same chunk changes nothing; a chunk
 /// already imported is not queued again).
 pub fn enqueue(
@@ -30,32 +92,31 @@ pub fn enqueue(
     rows: i32,
     payload: &[u8],
 ) -> QueryResult<()> {
-    diesel::sql_query(
-        "INSERT INTO chunk_queue (tenant_id, file_id, chunk_no, rows, payload) \
-         SELECT $1, $2, $3, $4, $5 \
-         WHERE NOT EXISTS (SELECT 1 FROM file_chunks WHERE file_id = $2 AND chunk_no = $3) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind::<BigInt, _>(chunk.tenant_id.0)
-    .bind::<BigInt, _>(chunk.file_id.0)
-    .bind::<Int4, _>(chunk.chunk_no as i32)
-    .bind::<Int4, _>(rows)
-    .bind::<diesel::sql_types::Bytea, _>(payload)
-    .execute(conn)?;
+    diesel::sql_query(sql::ENQUEUE)
+        .bind::<BigInt, _>(chunk.tenant_id.0)
+        .bind::<BigInt, _>(chunk.file_id.0)
+        .bind::<Int4, _>(chunk.chunk_no as i32)
+        .bind::<Int4, _>(rows)
+        .bind::<diesel::sql_types::Bytea, _>(payload)
+        .execute(conn)?;
     Ok(())
 }
 
 /// Takes a queued chunk's payload, deleting its row (inside the caller's transaction: a
 /// rollback puts it back). `None`: it is not queued (imported already, or never queued).
 pub fn take(conn: &mut PgConnection, chunk: ChunkRef) -> QueryResult<Option<Vec<u8>>> {
-    diesel::delete(chunk_queue::table.find((
-        chunk.tenant_id.0,
-        chunk.file_id.0,
-        chunk.chunk_no as i32,
-    )))
-    .returning(chunk_queue::payload)
-    .get_result(conn)
-    .optional()
+    #[derive(QueryableByName)]
+    struct Payload {
+        #[diesel(sql_type = diesel::sql_types::Bytea)]
+        payload: Vec<u8>,
+    }
+    let taken: Option<Payload> = diesel::sql_query(sql::TAKE)
+        .bind::<BigInt, _>(chunk.tenant_id.0)
+        .bind::<BigInt, _>(chunk.file_id.0)
+        .bind::<Int4, _>(chunk.chunk_no as i32)
+        .get_result(conn)
+        .optional()?;
+    Ok(taken.map(|p| p.payload))
 }
 
 /// The chunk was dead-lettered: it no longer counts as in flight and no longer holds back
@@ -126,21 +187,10 @@ struct Reading {
 /// counted as waiting again (its message was lost, e.g. a purged queue; a duplicate is
 /// harmless: the worker recognises a chunk already imported).
 pub fn queue_state(conn: &mut PgConnection, lease_secs: i64) -> QueryResult<QueueState> {
-    let files: Vec<QueuedFile> = diesel::sql_query(
-        "SELECT tenant_id, file_id, \
-           count(*) FILTER (WHERE dispatched_at > now() - make_interval(secs => $1)) AS in_flight, \
-           count(*) FILTER (WHERE dispatched_at IS NULL \
-                              OR dispatched_at <= now() - make_interval(secs => $1)) AS waiting \
-         FROM chunk_queue WHERE dead_at IS NULL GROUP BY tenant_id, file_id",
-    )
-    .bind::<BigInt, _>(lease_secs)
-    .load(conn)?;
-    let reading: Vec<Reading> = diesel::sql_query(
-        "SELECT tenant_id, min(id) AS file_id FROM import_files \
-         WHERE state IN ('received', 'importing') AND total_chunks IS NULL \
-         GROUP BY tenant_id",
-    )
-    .load(conn)?;
+    let files: Vec<QueuedFile> = diesel::sql_query(sql::QUEUED_FILES)
+        .bind::<BigInt, _>(lease_secs)
+        .load(conn)?;
+    let reading: Vec<Reading> = diesel::sql_query(sql::READING_FILES).load(conn)?;
     Ok(QueueState {
         files,
         reading: reading
@@ -169,17 +219,12 @@ pub fn waiting_chunks(
     lease_secs: i64,
     limit: i64,
 ) -> QueryResult<Vec<Waiting>> {
-    diesel::sql_query(
-        "SELECT chunk_no, rows FROM chunk_queue \
-         WHERE tenant_id = $1 AND file_id = $2 AND dead_at IS NULL \
-           AND (dispatched_at IS NULL OR dispatched_at <= now() - make_interval(secs => $3)) \
-         ORDER BY chunk_no LIMIT $4",
-    )
-    .bind::<BigInt, _>(tenant.0)
-    .bind::<BigInt, _>(file.0)
-    .bind::<BigInt, _>(lease_secs)
-    .bind::<BigInt, _>(limit)
-    .load(conn)
+    diesel::sql_query(sql::WAITING_CHUNKS)
+        .bind::<BigInt, _>(tenant.0)
+        .bind::<BigInt, _>(file.0)
+        .bind::<BigInt, _>(lease_secs)
+        .bind::<BigInt, _>(limit)
+        .load(conn)
 }
 
 #[derive(QueryableByName)]
@@ -196,17 +241,11 @@ pub fn mark_dispatched(
     file: ImportFileId,
     chunks: &[i32],
 ) -> QueryResult<Vec<i32>> {
-    let marked: Vec<ChunkNo> = diesel::sql_query(
-        "UPDATE chunk_queue SET dispatched_at = now(), confirmed = false \
-         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
-           WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = ANY ($3) \
-           FOR UPDATE SKIP LOCKED)) \
-         RETURNING chunk_no",
-    )
-    .bind::<BigInt, _>(tenant.0)
-    .bind::<BigInt, _>(file.0)
-    .bind::<Array<Integer>, _>(chunks)
-    .load(conn)?;
+    let marked: Vec<ChunkNo> = diesel::sql_query(sql::MARK_DISPATCHED)
+        .bind::<BigInt, _>(tenant.0)
+        .bind::<BigInt, _>(file.0)
+        .bind::<Array<Integer>, _>(chunks)
+        .load(conn)?;
     Ok(marked.into_iter().map(|c| c.chunk_no).collect())
 }
 
@@ -219,30 +258,19 @@ pub fn mark_confirmed(
     chunks: &[i32],
     confirmed: bool,
 ) -> QueryResult<()> {
-    diesel::sql_query(
-        "UPDATE chunk_queue SET confirmed = $4, \
-           dispatched_at = CASE WHEN $4 THEN dispatched_at END \
-         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
-           WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = ANY ($3) \
-           FOR UPDATE SKIP LOCKED))",
-    )
-    .bind::<BigInt, _>(tenant.0)
-    .bind::<BigInt, _>(file.0)
-    .bind::<Array<Integer>, _>(chunks)
-    .bind::<Bool, _>(confirmed)
-    .execute(conn)?;
+    diesel::sql_query(sql::MARK_CONFIRMED)
+        .bind::<BigInt, _>(tenant.0)
+        .bind::<BigInt, _>(file.0)
+        .bind::<Array<Integer>, _>(chunks)
+        .bind::<Bool, _>(confirmed)
+        .execute(conn)?;
     Ok(())
 }
 
 /// A new leader hands out again every chunk its predecessor marked but had no confirmation
 /// for (it may have died before publishing). Returns how many.
 pub fn reclaim_unconfirmed(conn: &mut PgConnection) -> QueryResult<usize> {
-    diesel::sql_query(
-        "UPDATE chunk_queue SET dispatched_at = NULL \
-         WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
-           WHERE dispatched_at IS NOT NULL AND NOT confirmed FOR UPDATE SKIP LOCKED))",
-    )
-    .execute(conn)
+    diesel::sql_query(sql::RECLAIM_UNCONFIRMED).execute(conn)
 }
 
 /// A worker says it is alive, and how many chunks it imports at once.
@@ -286,12 +314,9 @@ struct Capacity {
 /// Chunks the live workers import at once, and how many workers there are (seen within
 /// `alive_secs`).
 pub fn capacity(conn: &mut PgConnection, alive_secs: i64) -> QueryResult<(i64, i64)> {
-    let c: Capacity = diesel::sql_query(
-        "SELECT sum(concurrency)::BIGINT AS slots, count(*) AS workers FROM workers \
-         WHERE seen_at > now() - make_interval(secs => $1)",
-    )
-    .bind::<BigInt, _>(alive_secs)
-    .get_result(conn)?;
+    let c: Capacity = diesel::sql_query(sql::CAPACITY)
+        .bind::<BigInt, _>(alive_secs)
+        .get_result(conn)?;
     Ok((c.slots.unwrap_or(0), c.workers))
 }
 

@@ -15,6 +15,7 @@ mod isolation;
 mod kills;
 mod outages;
 mod pipeline;
+mod plans;
 mod redelivery;
 mod reports;
 mod roundtrip;

@@ -146,6 +146,7 @@ async fn pause(shutdown: &CancellationToken, d: Duration) -> bool {
 fn connect(url: &str, application_name: &str) -> anyhow::Result<PgConnection> {
     let mut c = PgConnection::establish(url)?;
     diesel::sql_query(mui_shared::db::DEAD_PEER_SETTINGS).execute(&mut c)?;
+    diesel::sql_query(dispatch::sql::PLANNER_SETTINGS).execute(&mut c)?;
     diesel::sql_query(
         "SELECT set_config('idle_session_timeout', '20s', false), \
                 set_config('idle_in_transaction_session_timeout', '20s', false), \

@@ -43,15 +43,15 @@ const IDENTITIES: [(Column, RowErrorCode, &str, &str, &str); 2] = [
         Column::Email,
         RowErrorCode::EmailTaken,
         "email",
-        include_str!("sql/email_owners.sql"),
-        include_str!("sql/email_conflicts.sql"),
+        crate::sql::EMAIL_OWNERS,
+        crate::sql::EMAIL_CONFLICTS,
     ),
     (
         Column::UserName,
         RowErrorCode::UserNameTaken,
         "user name",
-        include_str!("sql/user_name_owners.sql"),
-        include_str!("sql/user_name_conflicts.sql"),
+        crate::sql::USER_NAME_OWNERS,
+        crate::sql::USER_NAME_CONFLICTS,
     ),
 ];
 

@@ -32,11 +32,9 @@ use mui_shared::schema::{file_chunks, import_files, tenants};
 
 use crate::duplicate::duplicate_failure;
 use crate::identity::check_identities;
+use crate::sql::COUNT_CHUNK;
 use crate::upsert::{upsert, ArchiveSettings};
 use crate::validate::{self, TenantRules, UserRow};
-
-/// Adds a chunk's counts to its file and returns the file's progress.
-const COUNT_CHUNK: &str = include_str!("sql/count_chunk.sql");
 
 /// Why a chunk could not be imported.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +114,10 @@ struct Progress {
 
 /// Imports a chunk (see the module docs). Runs its own transaction.
 pub fn import_chunk(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, ImportError> {
-    conn.transaction(|conn| import_in_tx(conn, chunk))
+    conn.transaction(|conn| {
+        diesel::sql_query(crate::sql::PLANNER_SETTINGS).execute(conn)?;
+        import_in_tx(conn, chunk)
+    })
 }
 
 /// Imports a chunk waiting in the database's chunk queue: its row is taken (deleted) in the
@@ -127,6 +128,7 @@ pub fn import_queued(
     chunk_ref: ChunkRef,
 ) -> Result<ChunkOutcome, ImportError> {
     conn.transaction(|conn| {
+        diesel::sql_query(crate::sql::PLANNER_SETTINGS).execute(conn)?;
         let Some(payload) = dispatch::take(conn, chunk_ref)? else {
             let imported: bool = diesel::select(diesel::dsl::exists(
                 file_chunks::table.find((chunk_ref.file_id.0, chunk_ref.chunk_no as i32)),

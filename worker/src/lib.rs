@@ -22,12 +22,13 @@
 //!   - `duplicate`: reporting a row that lost to a later row of the same `unique_id`;
 //!   - `staging`: the staging table, declared once, and copying the good rows into it;
 //!   - `upsert`: the set-based lock / update / insert statements (the fixed ones in
-//!     `src/sql/`, the generated ones pinned in `src/sql/generated/`).
+//!     `src/sql/`, the generated ones pinned in `src/sql/generated/`; [`sql`] has them all).
 
 pub mod dispatcher;
 mod duplicate;
 mod identity;
 pub mod import;
+pub mod sql;
 mod staging;
 mod upsert;
 pub mod validate;

@@ -135,7 +135,7 @@ pub(crate) fn stage(conn: &mut PgConnection, rows: &[&UserRow]) -> QueryResult<(
 /// table, so the next statement of the upsert sees only the rows still to be written.
 pub(crate) fn unstage(conn: &mut PgConnection, rows: &[i64]) -> QueryResult<()> {
     if !rows.is_empty() {
-        diesel::sql_query(include_str!("sql/unstage.sql"))
+        diesel::sql_query(crate::sql::UNSTAGE)
             .bind::<Array<BigInt>, _>(rows)
             .execute(conn)?;
     }

@@ -32,13 +32,9 @@ use mui_shared::messages::{Chunk, RowFailure};
 use crate::duplicate::{duplicate_failure, stored_fields};
 use crate::identity::{self, CHECK_NOW, DEFER_CHECKS};
 use crate::import::{ChunkOutcome, ImportError};
+use crate::sql::{LOCK_EXISTING, RELEASE_PERMITS};
 use crate::staging::{self, TEXT_COLUMNS};
 use crate::validate::UserRow;
-
-/// Locks the existing users among the staged rows ($1 tenant, $2 file).
-const LOCK_EXISTING: &str = include_str!("sql/lock_existing.sql");
-/// Releases the active permits of users ($1 tenant, $2 unique ids).
-const RELEASE_PERMITS: &str = include_str!("sql/release_permits.sql");
 
 /// A tenant's archive-on-inactive settings.
 #[derive(Debug, Clone)]
@@ -114,6 +110,16 @@ pub(crate) fn statements() -> &'static Statements {
 /// Updates the locked users whose version is older than their staged row's. Suffixed fields
 /// hold their value plus the archive suffix exactly once: the stored value is un-suffixed
 /// first, so a repeat adds nothing and reactivation (active=1) takes the suffix off.
+///
+/// The users are found by one probe of the primary key per locked id (LATERAL over $5,
+/// OFFSET 0) and updated by their row address (a TID scan); the tenant is in the probe. With
+/// `u.tenant_id = $1 AND u.unique_id = ANY($5)` joined to the staging table, the planner read
+/// the tenant's every user per chunk whenever it thought the tenant small (a table never
+/// analyzed, a new tenant after the last ANALYZE); and for a chunk of new users only (`$5`
+/// empty, so `unique_id = ANY('{}')` is false and implies any index predicate) it read them
+/// through `users_user_name_unique`, the smallest index led by the tenant: that was the one
+/// range scan of that index per chunk that made a first import quadratic. The address is
+/// stable: these users were locked by this transaction's [`LOCK_EXISTING`].
 fn update_statement() -> String {
     let final_suffix =
         format!("(CASE WHEN {ARCHIVED} THEN COALESCE(u.archive_suffix, {NEW_SUFFIX}) END)");
@@ -145,7 +151,11 @@ fn update_statement() -> String {
         "UPDATE users u SET {},\n  last_file_id = $2, last_row = s.row_no,\n  \
          updated_at = CASE WHEN {}\n  THEN now() ELSE u.updated_at END\n\
          FROM users_stage s\n\
-         WHERE u.tenant_id = $1 AND u.unique_id = ANY($5) AND u.unique_id = s.unique_id\n  \
+         WHERE u.ctid = ANY (ARRAY(\n    \
+             SELECT p.ctid FROM unnest($5::text[]) AS k(uid)\n    \
+             CROSS JOIN LATERAL (\n      \
+               SELECT ctid FROM users WHERE tenant_id = $1 AND unique_id = k.uid OFFSET 0) p))\n  \
+           AND u.unique_id = s.unique_id\n  \
            AND (u.last_file_id, u.last_row) < ($2, s.row_no)\n\
          RETURNING s.row_no, (u.updated_at = now()) AS changed,\n  \
            (u.archived_at IS NOT NULL) AS archived, (u.archived_at = now()) AS newly_archived\n",

@@ -50,7 +50,11 @@ UPDATE users u SET login_source = s.login_source,
   OR (u.archived_at IS NOT NULL) IS DISTINCT FROM ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL))
   THEN now() ELSE u.updated_at END
 FROM users_stage s
-WHERE u.tenant_id = $1 AND u.unique_id = ANY($5) AND u.unique_id = s.unique_id
+WHERE u.ctid = ANY (ARRAY(
+    SELECT p.ctid FROM unnest($5::text[]) AS k(uid)
+    CROSS JOIN LATERAL (
+      SELECT ctid FROM users WHERE tenant_id = $1 AND unique_id = k.uid OFFSET 0) p))
+  AND u.unique_id = s.unique_id
   AND (u.last_file_id, u.last_row) < ($2, s.row_no)
 RETURNING s.row_no, (u.updated_at = now()) AS changed,
   (u.archived_at IS NOT NULL) AS archived, (u.archived_at = now()) AS newly_archived
