@@ -201,40 +201,14 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
                 if let Err(e) = done { tracing::error!(error = %e, "ChunkTaskPanicked"); }
             }
             next = consumer.next() => {
-                let delivery = match next {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => return Err(e).context("consuming chunks"),
-                    None => anyhow::bail!("the broker cancelled the chunk consumer"),
-                };
+                let delivery = delivered(next, "chunk")?;
                 let permit = slots.clone().acquire_owned().await?;
-                let pool = pool.clone();
-                let kick = kick.clone();
-                let wake = wake.clone();
-                let stop = shutdown.clone();
-                tasks.spawn(async move {
-                    handle_delivery(&pool, delivery, &stop).await;
-                    kick.kick();
-                    wake.notify_one();
-                    drop(permit);
-                });
+                spawn_import(&mut tasks, delivery, permit, &pool, &kick, &wake, &shutdown);
             }
             next = express.next() => {
-                let delivery = match next {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => return Err(e).context("consuming express chunks"),
-                    None => anyhow::bail!("the broker cancelled the express consumer"),
-                };
+                let delivery = delivered(next, "express")?;
                 let permit = express_slot.clone().acquire_owned().await?;
-                let pool = pool.clone();
-                let kick = kick.clone();
-                let wake = wake.clone();
-                let stop = shutdown.clone();
-                tasks.spawn(async move {
-                    handle_delivery(&pool, delivery, &stop).await;
-                    kick.kick();
-                    wake.notify_one();
-                    drop(permit);
-                });
+                spawn_import(&mut tasks, delivery, permit, &pool, &kick, &wake, &shutdown);
             }
         }
     }
@@ -264,6 +238,38 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())
+}
+
+/// The next delivery of a consumer (`what`: which), or why there is none.
+fn delivered(
+    next: Option<Result<lapin::message::Delivery, lapin::Error>>,
+    what: &str,
+) -> anyhow::Result<lapin::message::Delivery> {
+    match next {
+        Some(Ok(d)) => Ok(d),
+        Some(Err(e)) => Err(e).with_context(|| format!("consuming {what} chunks")),
+        None => anyhow::bail!("the broker cancelled the {what} consumer"),
+    }
+}
+
+/// Imports one delivered chunk in its own task, holding `permit` (its slot) until done; then
+/// wakes the outbox relay and the dispatcher (a slot is free).
+fn spawn_import(
+    tasks: &mut JoinSet<()>,
+    delivery: lapin::message::Delivery,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    pool: &PgPool,
+    kick: &Kick,
+    wake: &Arc<Notify>,
+    shutdown: &CancellationToken,
+) {
+    let (pool, kick, wake, stop) = (pool.clone(), kick.clone(), wake.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        handle_delivery(&pool, delivery, &stop).await;
+        kick.kick();
+        wake.notify_one();
+        drop(permit);
+    });
 }
 
 /// How often a worker says it is alive.

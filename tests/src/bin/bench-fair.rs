@@ -213,6 +213,25 @@ fn alone(
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// A tenant whose reports go to an address of its own (returned), so that its mail can be
+/// told from the others'.
+fn tenant_mailed_alone(
+    conn: &mut PgConnection,
+    slug: &str,
+) -> anyhow::Result<(mui_shared::tenants::Tenant, String)> {
+    let t = make_tenant(conn, slug)?;
+    let to = format!("{slug}@bench.example.edu");
+    let t = mui_shared::tenants::update(
+        conn,
+        t.tenant_id(),
+        &mui_shared::tenants::SettingsChange {
+            failed_import_emails: Some(vec![to.clone()]),
+            ..Default::default()
+        },
+    )?;
+    Ok((t, to))
+}
+
 /// (a): B's small file 3 s into A's large one; seconds from B's drop to B's mail.
 #[allow(clippy::too_many_arguments)]
 fn latency(
@@ -227,22 +246,12 @@ fn latency(
 ) -> anyhow::Result<f64> {
     let (a_slug, b_slug) = (format!("big-{tag}"), format!("small-{tag}"));
     let a = make_tenant(conn, &a_slug)?;
-    let b = make_tenant(conn, &b_slug)?;
+    let (b, to) = tenant_mailed_alone(conn, &b_slug)?;
     let big = work.join(format!(".{a_slug}.csv"));
     let small = work.join(format!(".{b_slug}.csv"));
     generate(&big, rows, 1000)?;
     generate(&small, 100, 50)?;
     diesel::sql_query("CHECKPOINT").execute(conn)?;
-    // B's report goes to an address of its own.
-    let to = format!("{b_slug}@bench.example.edu");
-    mui_shared::tenants::update(
-        conn,
-        b.tenant_id(),
-        &mui_shared::tenants::SettingsChange {
-            failed_import_emails: Some(vec![to.clone()]),
-            ..Default::default()
-        },
-    )?;
     drop_into(drop_root, &a_slug, &big)?;
     std::thread::sleep(Duration::from_secs(3));
     let b_start = drop_into(drop_root, &b_slug, &small)?;
@@ -278,16 +287,7 @@ fn idle_latency(
     let mut took = Vec::with_capacity(count);
     for i in 0..count {
         let slug = format!("idle-{i}");
-        let t = make_tenant(conn, &slug)?;
-        let to = format!("{slug}@bench.example.edu");
-        mui_shared::tenants::update(
-            conn,
-            t.tenant_id(),
-            &mui_shared::tenants::SettingsChange {
-                failed_import_emails: Some(vec![to.clone()]),
-                ..Default::default()
-            },
-        )?;
+        let (t, to) = tenant_mailed_alone(conn, &slug)?;
         let file = work.join(format!(".{slug}.csv"));
         generate(&file, 100, 2)?;
         std::thread::sleep(Duration::from_millis(300)); // idle: nothing else in flight
