@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks, each measuring both sides in one run (docs/benchmarks.md):
 #   scripts/bench.sh [ARGS]          the pipeline against PostgreSQL's COPY + INSERT … ON
-#                                    CONFLICT baseline (mui-bench; default 1,000,000 rows)
+#                                    CONFLICT baseline (mui-bench; default 1,000,000 rows),
+#                                    then a new tenant's first import, 50,000 vs 200,000 rows
 #   scripts/bench.sh --fair [ARGS]   fair share between tenants (mui-bench-fair): the
 #                                    dispatcher's cost, a small file's latency beside a large
-#                                    one, three tenants' shares
+#                                    one, three tenants' shares, a small file's latency idle
 # ARGS go to the binary (see its `--help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."

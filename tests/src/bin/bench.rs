@@ -11,6 +11,10 @@
 //! 4. Prints rows/s of both, their ratio, each service's peak resident memory (VmHWM) and
 //!    CPU time, how busy the machine's CPUs were during the pipeline run, and the most
 //!    database connections the services held at once.
+//! 5. Onboarding (`--onboarding-rows S,L`, default 50,000 and 200,000; 0 skips it): two new
+//!    tenants each send a 10-row test file, then `ANALYZE users` (as autovacuum would after
+//!    it), then their real export of S and L rows; the ratio of the two imports' times, which
+//!    is L/S (4 for the defaults) when a chunk's cost does not grow with the tenant.
 //!
 //! Run with `scripts/bench.sh [--rows N] [--workers W]`.
 //!
@@ -47,6 +51,72 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
+    /// The onboarding scenario's two first imports (rows, small and large); 0 skips it.
+    #[arg(long, value_delimiter = ',', default_values_t = [50_000u64, 200_000])]
+    onboarding_rows: Vec<u64>,
+}
+
+/// Waits until `tenant` has `files` files done and mailed (or needing no mail).
+fn wait_files(
+    conn: &mut PgConnection,
+    tenant: i64,
+    files: i64,
+    children: &mut [(String, Child)],
+    deadline: Instant,
+    logs: &Path,
+) -> anyhow::Result<()> {
+    loop {
+        let states: Vec<(String, String)> = import_files::table
+            .filter(import_files::tenant_id.eq(tenant))
+            .select((import_files::state, import_files::notify_status))
+            .load(conn)?;
+        if states.iter().any(|(s, _)| s == "failed") {
+            bail!("a file failed: see {}", logs.display());
+        }
+        let done = states
+            .iter()
+            .filter(|(s, n)| s == "done" && (n == "sent" || n == "not_needed"))
+            .count() as i64;
+        if done >= files {
+            return Ok(());
+        }
+        for (name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited early ({status}); see {}", logs.display());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("timed out; see {}", logs.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The onboarding scenario for one new tenant: a 10-row test file, `ANALYZE users`, then a
+/// `rows`-row export; seconds the export took, drop → settled.
+fn onboard(
+    conn: &mut PgConnection,
+    setup: &Setup,
+    slug: &str,
+    rows: u64,
+    children: &mut [(String, Child)],
+    deadline: Instant,
+) -> anyhow::Result<f64> {
+    let t = make_tenant(conn, slug)?;
+    let folder = mui_shared::tenants::drop_folder(&setup.drop_root, slug);
+    std::fs::create_dir_all(&folder)?;
+    let first = setup.drop_root.join(format!(".{slug}-first.csv"));
+    generate(&first, 10, 1000)?;
+    std::fs::rename(&first, folder.join("first.csv"))?;
+    wait_files(conn, t.id, 1, children, deadline, &setup.logs)?;
+    diesel::sql_query("ANALYZE users").execute(conn)?;
+    let export = setup.drop_root.join(format!(".{slug}-export.csv"));
+    generate(&export, rows, 1000)?;
+    diesel::sql_query("CHECKPOINT").execute(conn)?;
+    let start = Instant::now();
+    std::fs::rename(&export, folder.join("export.csv"))?;
+    wait_files(conn, t.id, 2, children, deadline, &setup.logs)?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 diesel::table! {
@@ -260,6 +330,31 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(n, c)| (n.clone(), peak_rss_kib(c.id()), cpu_secs(c.id())))
         .collect();
+    // After the peaks and CPU times of the main run were read.
+    let onboarding = match args.onboarding_rows.as_slice() {
+        [small, large] if *small > 0 && *large > 0 => {
+            eprintln!("onboarding: {small} and {large} rows after a 10-row first file…");
+            let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+            let s = onboard(
+                &mut conn,
+                &setup,
+                "onboard-s",
+                *small,
+                &mut children,
+                deadline,
+            )?;
+            let l = onboard(
+                &mut conn,
+                &setup,
+                "onboard-l",
+                *large,
+                &mut children,
+                deadline,
+            )?;
+            Some((*small, s, *large, l))
+        }
+        _ => None,
+    };
     for (_, child) in children.iter_mut() {
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -269,7 +364,11 @@ fn main() -> anyhow::Result<()> {
     for (_, child) in children.iter_mut() {
         let _ = child.wait();
     }
-    let mails = smtp.messages().len();
+    let mails = smtp
+        .messages()
+        .iter()
+        .filter(|m| !m.subject().contains("export.csv") && !m.subject().contains("first.csv"))
+        .count();
     let imported: i64 = mui_shared::schema::users::table
         .filter(mui_shared::schema::users::tenant_id.eq(tenant.id))
         .count()
@@ -304,6 +403,13 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("db connections (peak):   {peak_connections}");
+    if let Some((small, s, large, l)) = onboarding {
+        println!(
+            "onboarding (new tenant, 10-row file, ANALYZE, export): {small} rows {s:.2} s, {large} rows {l:.2} s, ratio {:.2} (linear: {:.2})",
+            l / s,
+            large as f64 / small as f64
+        );
+    }
     for (name, kib, cpu) in peaks {
         println!(
             "{name:<13} peak memory {:>10}  CPU {:>8}",
