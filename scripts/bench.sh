@@ -2,7 +2,9 @@
 # Benchmarks, each measuring both sides in one run (docs/benchmarks.md):
 #   scripts/bench.sh [ARGS]          the pipeline against PostgreSQL's COPY + INSERT … ON
 #                                    CONFLICT baseline (mui-bench; default 1,000,000 rows),
-#                                    then a new tenant's first import, 50,000 vs 200,000 rows
+#                                    then the same file again unchanged (against an upsert
+#                                    that skips unchanged rows), then a new tenant's first
+#                                    import, 50,000 vs 200,000 rows
 #   scripts/bench.sh --fair [ARGS]   fair share between tenants (mui-bench-fair): the
 #                                    dispatcher's cost, a small file's latency beside a large
 #                                    one, three tenants' shares, a small file's latency idle

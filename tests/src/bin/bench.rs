@@ -16,6 +16,10 @@
 //!    it), then their real export of S and L rows; the ratio of the two imports' times, which
 //!    is L/S (4 for the defaults) when a chunk's cost does not grow with the tenant.
 //!
+//! 6. Re-import (`--reimport true`, the default): the same file again, unchanged; the
+//!    baseline's upsert skips rows whose values are all the same (`WHERE (stored) IS DISTINCT
+//!    FROM (new)`), the pipeline counts them unchanged; the ratio of their times.
+//!
 //! Run with `scripts/bench.sh [--rows N] [--workers W]`.
 //!
 //! (Over 400 lines: the generator, the pipeline run and the baseline must run on the same
@@ -51,6 +55,10 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
+    /// Import the same file again, unchanged, and compare with a baseline that skips
+    /// unchanged rows.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    reimport: bool,
     /// The onboarding scenario's two first imports (rows, small and large); 0 skips it.
     #[arg(long, value_delimiter = ',', default_values_t = [50_000u64, 200_000])]
     onboarding_rows: Vec<u64>,
@@ -142,7 +150,14 @@ diesel::table! {
     }
 }
 
-fn baseline(url: &str, tenant_id: i64, file: &Path) -> anyhow::Result<Duration> {
+/// `skip_unchanged`: the upsert leaves alone the rows whose values are all the same
+/// (`… DO UPDATE … WHERE (stored) IS DISTINCT FROM (new)`), as a re-import's baseline.
+fn baseline(
+    url: &str,
+    tenant_id: i64,
+    file: &Path,
+    skip_unchanged: bool,
+) -> anyhow::Result<Duration> {
     let mut conn = PgConnection::establish(url)?;
     let text_cols: Vec<String> = COLUMNS.iter().map(|c| format!("{c} TEXT")).collect();
     let select: Vec<String> = COLUMNS
@@ -158,6 +173,20 @@ fn baseline(url: &str, tenant_id: i64, file: &Path) -> anyhow::Result<Duration> 
         .skip(1)
         .map(|c| format!("{c} = EXCLUDED.{c}"))
         .collect();
+    let only_changed = if skip_unchanged {
+        let stored: Vec<String> = COLUMNS[1..].iter().map(|c| format!("users.{c}")).collect();
+        let new: Vec<String> = COLUMNS[1..]
+            .iter()
+            .map(|c| format!("EXCLUDED.{c}"))
+            .collect();
+        format!(
+            " WHERE ({}) IS DISTINCT FROM ({})",
+            stored.join(", "),
+            new.join(", ")
+        )
+    } else {
+        String::new()
+    };
     let start = Instant::now();
     conn.transaction(|conn| {
         diesel::sql_query(format!(
@@ -178,7 +207,7 @@ fn baseline(url: &str, tenant_id: i64, file: &Path) -> anyhow::Result<Duration> 
         diesel::sql_query(format!(
             "INSERT INTO users (tenant_id, {cols}, last_file_id, last_row) \
              SELECT {tenant_id}, {sel}, 0, 0 FROM bench_stage \
-             ON CONFLICT (tenant_id, unique_id) DO UPDATE SET {upd}",
+             ON CONFLICT (tenant_id, unique_id) DO UPDATE SET {upd}{only_changed}",
             cols = COLUMNS.join(", "),
             sel = select.join(", "),
             upd = updates.join(", ")
@@ -254,7 +283,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     eprintln!("baseline: COPY + INSERT … ON CONFLICT…");
-    let base = baseline(&db.url, base_tenant.id, &file)?;
+    let base = baseline(&db.url, base_tenant.id, &file, false)?;
     diesel::sql_query("CHECKPOINT").execute(&mut conn)?;
 
     let envs = setup.envs(args.chunk_rows, args.worker_concurrency);
@@ -330,6 +359,8 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(n, c)| (n.clone(), peak_rss_kib(c.id()), cpu_secs(c.id())))
         .collect();
+    // The main run's mail (it was accepted before the clock stopped).
+    let main_mails = smtp.messages().len();
     // After the peaks and CPU times of the main run were read.
     let onboarding = match args.onboarding_rows.as_slice() {
         [small, large] if *small > 0 && *large > 0 => {
@@ -355,6 +386,31 @@ fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // The same file again, unchanged: the baseline skips unchanged rows, the pipeline counts
+    // them "unchanged".
+    let reimport = if args.reimport {
+        eprintln!("re-import of the unchanged file…");
+        let again = drop_root.join(".again.csv");
+        generate(&again, args.rows, 1000)?;
+        let base = baseline(&db.url, base_tenant.id, &again, true)?;
+        diesel::sql_query("CHECKPOINT").execute(&mut conn)?;
+        let start = Instant::now();
+        std::fs::rename(
+            &again,
+            mui_shared::tenants::drop_folder(drop_root, "bench").join("users.csv"),
+        )?;
+        let deadline = start + Duration::from_secs(args.timeout_secs);
+        wait_files(&mut conn, tenant.id, 2, &mut children, deadline, logs)?;
+        let took = start.elapsed();
+        let unchanged: i64 = import_files::table
+            .filter(import_files::tenant_id.eq(tenant.id))
+            .order(import_files::id.desc())
+            .select(import_files::rows_unchanged)
+            .first(&mut conn)?;
+        Some((base, took, unchanged))
+    } else {
+        None
+    };
     for (_, child) in children.iter_mut() {
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -364,11 +420,7 @@ fn main() -> anyhow::Result<()> {
     for (_, child) in children.iter_mut() {
         let _ = child.wait();
     }
-    let mails = smtp
-        .messages()
-        .iter()
-        .filter(|m| !m.subject().contains("export.csv") && !m.subject().contains("first.csv"))
-        .count();
+    let mails = main_mails;
     let imported: i64 = mui_shared::schema::users::table
         .filter(mui_shared::schema::users::tenant_id.eq(tenant.id))
         .count()
@@ -403,6 +455,14 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!("db connections (peak):   {peak_connections}");
+    if let Some((base, took, unchanged)) = reimport {
+        println!(
+            "re-import unchanged:     baseline (skips unchanged) {:.2} s, pipeline {:.2} s ({unchanged} rows counted unchanged), ratio pipeline/baseline {:.2}",
+            base.as_secs_f64(),
+            took.as_secs_f64(),
+            base.as_secs_f64() / took.as_secs_f64()
+        );
+    }
     if let Some((small, s, large, l)) = onboarding {
         println!(
             "onboarding (new tenant, 10-row file, ANALYZE, export): {small} rows {s:.2} s, {large} rows {l:.2} s, ratio {:.2} (linear: {:.2})",
