@@ -241,8 +241,8 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                     if let Some(how) = finish {
                         // Closed after writing or renamed into place: taken now if no
                         // process still holds it open for writing, not at the next tick.
-                        st.observe_finished(&slug, name, how);
-                        st.settle(Instant::now(), settle, openfiles::open_for_write);
+                        st.observe_finished(&slug, name.clone(), how);
+                        st.settle_one(&slug, &name, Instant::now(), settle, openfiles::open_for_write);
                     } else {
                         st.observe(&slug, name);
                     }

@@ -156,38 +156,58 @@ impl Watch {
         let mut became_ready = Vec::new();
         let folders = &self.folders;
         self.candidates.retain(|(slug, name), cand| {
-            let Some(sig) = folders.get(slug).and_then(|f| f.stat(name).ok()) else {
-                return false;
-            };
-            if sig != cand.sig {
-                cand.sig = sig;
-                cand.since = now;
-                cand.finished = None; // written again since it was closed
-                return true;
+            match look(folders.get(slug), name, cand, now, settle, &open_for_write) {
+                Look::Gone => false,
+                Look::Wait => true,
+                Look::Ready(mtime) => {
+                    became_ready.push((slug.clone(), name.clone(), mtime));
+                    false
+                }
             }
-            let wait = match cand.finished {
-                None => settle.unfinished,
-                Some(Finish::Closed) => settle.closed,
-                Some(Finish::Renamed) => Duration::ZERO,
-            };
-            if sig.regular() && now.duration_since(cand.since) < wait {
-                return true;
-            }
-            if sig.regular() && open_for_write(sig.dev, sig.ino) {
-                // Still being written (another writer, or reopened): look again after settle.
-                cand.since = now;
-                cand.finished = None;
-                return true;
-            }
-            became_ready.push((slug.clone(), name.clone(), sig.mtime_ns));
-            false
         });
         for (slug, name, mtime) in became_ready {
-            self.ready
-                .entry(slug)
-                .or_default()
-                .insert((mtime, name), ());
+            self.make_ready(slug, name, mtime);
         }
+    }
+
+    /// [`Watch::settle`] for one entry only (the one an event just said was finished), so
+    /// that a burst of uploads costs one look per file, not one per file and candidate.
+    pub fn settle_one(
+        &mut self,
+        slug: &str,
+        name: &OsString,
+        now: Instant,
+        settle: Settle,
+        open_for_write: impl Fn(u64, u64) -> bool,
+    ) {
+        let key = (slug.to_owned(), name.clone());
+        let Some(cand) = self.candidates.get_mut(&key) else {
+            return;
+        };
+        match look(
+            self.folders.get(slug),
+            name,
+            cand,
+            now,
+            settle,
+            &open_for_write,
+        ) {
+            Look::Wait => {}
+            Look::Gone => {
+                self.candidates.remove(&key);
+            }
+            Look::Ready(mtime) => {
+                self.candidates.remove(&key);
+                self.make_ready(key.0, key.1, mtime);
+            }
+        }
+    }
+
+    fn make_ready(&mut self, slug: String, name: OsString, mtime: i64) {
+        self.ready
+            .entry(slug)
+            .or_default()
+            .insert((mtime, name), ());
     }
 
     /// The files to hand over now, at most `free`: one per tenant at a time (a tenant's
@@ -234,6 +254,51 @@ impl Watch {
         self.in_flight.remove(&(slug.to_owned(), name.clone()));
         self.observe(slug, name);
     }
+}
+
+/// What a look at a candidate found.
+enum Look {
+    /// It went away (or its folder did).
+    Gone,
+    /// Not yet: changed, still settling, or still open for writing.
+    Wait,
+    /// Ready, with its mtime (the tenant's files are taken oldest first).
+    Ready(i64),
+}
+
+/// Looks at one candidate now, updating what it remembers of it.
+fn look(
+    folder: Option<&Arc<TenantFolder>>,
+    name: &OsString,
+    cand: &mut Candidate,
+    now: Instant,
+    settle: Settle,
+    open_for_write: &impl Fn(u64, u64) -> bool,
+) -> Look {
+    let Some(sig) = folder.and_then(|f| f.stat(name).ok()) else {
+        return Look::Gone;
+    };
+    if sig != cand.sig {
+        cand.sig = sig;
+        cand.since = now;
+        cand.finished = None; // written again since it was closed
+        return Look::Wait;
+    }
+    let wait = match cand.finished {
+        None => settle.unfinished,
+        Some(Finish::Closed) => settle.closed,
+        Some(Finish::Renamed) => Duration::ZERO,
+    };
+    if sig.regular() && now.duration_since(cand.since) < wait {
+        return Look::Wait;
+    }
+    if sig.regular() && open_for_write(sig.dev, sig.ino) {
+        // Still being written (another writer, or reopened): look again after settle.
+        cand.since = now;
+        cand.finished = None;
+        return Look::Wait;
+    }
+    Look::Ready(sig.mtime_ns)
 }
 
 #[cfg(test)]
@@ -309,8 +374,24 @@ mod tests {
         write(root.path(), "a", "u.csv", "x");
         w.observe("a", "u.csv".into());
         w.observe_finished("a", "u.csv".into(), Finish::Closed);
-        w.settle(Instant::now(), settle, |_, _| false);
+        // Only that entry is looked at (b's file, not finished, is left to the tick).
+        write(root.path(), "b", "early.csv", "x");
+        w.observe("b", "early.csv".into());
+        w.settle_one(
+            "a",
+            &"u.csv".into(),
+            Instant::now() + Duration::from_secs(5),
+            settle,
+            |_, _| false,
+        );
         assert_eq!(names(&w.next_ready(4)), [("a".into(), "u.csv".into())]);
+
+        std::fs::remove_file(root.path().join("b/upload/early.csv")).unwrap();
+        w.settle(Instant::now(), settle, |_, _| false);
+        assert!(
+            w.next_ready(4).is_empty(),
+            "a file that went away is forgotten"
+        );
 
         // Closed, but another process still holds it open for writing: it settles as usual.
         write(root.path(), "b", "u.csv", "x");
