@@ -78,9 +78,8 @@ pub mod sql {
     pub const RECLAIM_UNCONFIRMED: &str = "UPDATE chunk_queue SET dispatched_at = NULL \
          WHERE ctid = ANY (ARRAY(SELECT ctid FROM chunk_queue \
            WHERE dispatched_at IS NOT NULL AND NOT confirmed FOR UPDATE SKIP LOCKED))";
-    /// Chunks the live workers import at once, and how many workers: $1 (bigint seconds).
-    pub const CAPACITY: &str =
-        "SELECT sum(concurrency)::BIGINT AS slots, count(*) AS workers FROM workers \
+    /// Chunks the live workers import at once: $1 (bigint seconds).
+    pub const CAPACITY: &str = "SELECT sum(concurrency)::BIGINT AS slots FROM workers \
          WHERE seen_at > now() - make_interval(secs => $1)";
 }
 
@@ -307,17 +306,14 @@ pub fn worker_gone(conn: &mut PgConnection, name: &str) -> QueryResult<()> {
 struct Capacity {
     #[diesel(sql_type = Nullable<BigInt>)]
     slots: Option<i64>,
-    #[diesel(sql_type = BigInt)]
-    workers: i64,
 }
 
-/// Chunks the live workers import at once, and how many workers there are (seen within
-/// `alive_secs`).
-pub fn capacity(conn: &mut PgConnection, alive_secs: i64) -> QueryResult<(i64, i64)> {
+/// Chunks the live workers (seen within `alive_secs`) import at once.
+pub fn capacity(conn: &mut PgConnection, alive_secs: i64) -> QueryResult<i64> {
     let c: Capacity = diesel::sql_query(sql::CAPACITY)
         .bind::<BigInt, _>(alive_secs)
         .get_result(conn)?;
-    Ok((c.slots.unwrap_or(0), c.workers))
+    Ok(c.slots.unwrap_or(0))
 }
 
 /// A live worker, as the operator sees it.

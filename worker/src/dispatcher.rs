@@ -307,7 +307,7 @@ fn pick(
     lease: i64,
     tenant_cap: Option<i64>,
 ) -> anyhow::Result<(Picks, Express)> {
-    let (slots, _workers) = dispatch::capacity(c, ALIVE_SECS)?;
+    let slots = dispatch::capacity(c, ALIVE_SECS)?;
     // As many in flight as the live workers import at once: the broker's queue stays empty,
     // so a chunk handed out is started by the next free slot, whoever's it is.
     let limit = slots.max(1);
@@ -379,7 +379,7 @@ fn express_lane(picks: &Picks, slots_free: i64, newcomer: &HashSet<i64>) -> Expr
     let beyond = picked.saturating_sub(usize::try_from(slots_free).unwrap_or(0));
     picks
         .iter()
-        .filter(|(t, _, nos)| newcomer.contains(&t.0) && !nos.is_empty())
+        .filter(|(t, _, _)| newcomer.contains(&t.0))
         .filter_map(|(t, _, nos)| nos.first().map(|n| (t.0, *n)))
         .take(beyond)
         .collect()
