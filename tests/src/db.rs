@@ -71,3 +71,32 @@ fn replace_db(url: &str, db: &str) -> String {
         _ => format!("{url}/{db}"),
     }
 }
+
+/// Registers a file of `chunks` chunks and `rows` rows with header `header` for tenant
+/// `tenant`, as ingest leaves it for the workers (`importing`), and returns its id: for tests
+/// that hand chunks to the worker's import directly.
+pub fn register_file(
+    conn: &mut PgConnection,
+    tenant: i64,
+    name: &str,
+    header: &[impl AsRef<str>],
+    chunks: i32,
+    rows: i64,
+) -> QueryResult<i64> {
+    use mui_shared::schema::import_files;
+    let header: Vec<&str> = header.iter().map(AsRef::as_ref).collect();
+    diesel::insert_into(import_files::table)
+        .values((
+            import_files::tenant_id.eq(tenant),
+            import_files::file_name.eq(name),
+            import_files::arrival_key.eq(format!("test:{tenant}:{name}")),
+            import_files::size_bytes.eq(10),
+            import_files::sha256.eq("x"),
+            import_files::state.eq("importing"),
+            import_files::total_chunks.eq(chunks),
+            import_files::rows_total.eq(rows),
+            import_files::header.eq(serde_json::json!(header)),
+        ))
+        .returning(import_files::id)
+        .get_result(conn)
+}

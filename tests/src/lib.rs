@@ -23,7 +23,7 @@ pub mod sftp;
 mod smtp;
 
 pub use app::{spawn_app, spawn_app_with, App};
-pub use db::{amqp_url, base_database_url, TestDb};
+pub use db::{amqp_url, base_database_url, register_file, TestDb};
 pub use env::{AppOptions, FileRow, TestEnv, UserRow};
 pub use proxy::TcpProxy;
 pub use smtp::{ReceivedMail, SinkRules, SmtpSink};

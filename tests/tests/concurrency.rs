@@ -9,6 +9,7 @@ use diesel::prelude::*;
 use mui_shared::domain::ImportFileId;
 use mui_shared::messages::{self, Chunk, NotifyMessage, RawRow, RowErrorCode};
 use mui_shared::schema::{import_files, outbox};
+use mui_tests::register_file;
 use mui_tests::{AppOptions, TestEnv};
 
 const CHUNKS: u64 = 8;
@@ -41,21 +42,15 @@ async fn concurrent_chunks_sharing_users_keep_the_last_row_and_report_every_othe
         .to_vec();
     for round in 0..ROUNDS {
         let mut conn = env.db.conn();
-        let file_id: i64 = diesel::insert_into(import_files::table)
-            .values((
-                import_files::tenant_id.eq(t.id),
-                import_files::file_name.eq(format!("c{round}.csv")),
-                import_files::arrival_key.eq(format!("test:c{round}")),
-                import_files::size_bytes.eq(10),
-                import_files::sha256.eq("x"),
-                import_files::state.eq("importing"),
-                import_files::total_chunks.eq(CHUNKS as i32),
-                import_files::rows_total.eq((CHUNKS * ROWS_PER_CHUNK) as i64),
-                import_files::header.eq(serde_json::json!(header)),
-            ))
-            .returning(import_files::id)
-            .get_result(&mut conn)
-            .unwrap();
+        let file_id = register_file(
+            &mut conn,
+            t.id,
+            &format!("c{round}.csv"),
+            &header,
+            CHUNKS as i32,
+            (CHUNKS * ROWS_PER_CHUNK) as i64,
+        )
+        .unwrap();
         // Row r names user (r * 7) % USERS: every user appears in most chunks, and some twice
         // in one chunk. Odd rounds update the users of the round before; even rounds bring
         // new users, whom several chunks race to insert.

@@ -25,7 +25,7 @@ use diesel::sql_types::{BigInt, Json, Text};
 use mui_shared::dispatch::sql as dispatch_sql;
 use mui_shared::domain::ImportFileId;
 use mui_shared::messages::{Chunk, RawRow};
-use mui_shared::schema::import_files;
+use mui_tests::register_file;
 use mui_tests::TestDb;
 use mui_worker::sql;
 
@@ -658,21 +658,8 @@ fn new_file(
     header: &[String],
     chunks: usize,
 ) -> i64 {
-    diesel::insert_into(import_files::table)
-        .values((
-            import_files::tenant_id.eq(tenant),
-            import_files::file_name.eq(name),
-            import_files::arrival_key.eq(format!("test:{name}")),
-            import_files::size_bytes.eq(10),
-            import_files::sha256.eq("x"),
-            import_files::state.eq("importing"),
-            import_files::total_chunks.eq(chunks as i32),
-            import_files::rows_total.eq((chunks * CHUNK) as i64),
-            import_files::header.eq(serde_json::json!(header)),
-        ))
-        .returning(import_files::id)
-        .get_result(conn)
-        .unwrap()
+    let rows = (chunks * CHUNK) as i64;
+    register_file(conn, tenant, name, header, chunks as i32, rows).unwrap()
 }
 
 /// A chunk's index reads do not grow with the tenant. One connection imports a generated file

@@ -6,6 +6,7 @@ use diesel::prelude::*;
 use mui_shared::domain::ImportFileId;
 use mui_shared::messages::{self, Chunk, NotifyMessage, RawRow};
 use mui_shared::schema::{import_files, outbox};
+use mui_tests::register_file;
 use mui_tests::{AppOptions, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -13,21 +14,15 @@ async fn a_redelivered_chunk_and_repeated_notifications_change_nothing() {
     let env = TestEnv::new(AppOptions::default()).unwrap();
     let t = env.tenant("acme").unwrap();
     let mut conn = env.db.conn();
-    let file_id: i64 = diesel::insert_into(import_files::table)
-        .values((
-            import_files::tenant_id.eq(t.id),
-            import_files::file_name.eq("r.csv"),
-            import_files::arrival_key.eq("test:r"),
-            import_files::size_bytes.eq(10),
-            import_files::sha256.eq("x"),
-            import_files::state.eq("importing"),
-            import_files::total_chunks.eq(1),
-            import_files::rows_total.eq(3),
-            import_files::header.eq(serde_json::json!(["unique_id", "login_source"])),
-        ))
-        .returning(import_files::id)
-        .get_result(&mut conn)
-        .unwrap();
+    let file_id = register_file(
+        &mut conn,
+        t.id,
+        "r.csv",
+        &["unique_id", "login_source"],
+        1,
+        3,
+    )
+    .unwrap();
     let chunk = Chunk {
         file_id: ImportFileId(file_id),
         tenant_id: t.tenant_id(),

@@ -15,6 +15,7 @@ use mui_shared::domain::{ImportFileId, TenantId};
 use mui_shared::messages::{self, Chunk, NotifyMessage, RawRow, RowErrorCode};
 use mui_shared::schema::{import_files, outbox, tenants, users};
 use mui_shared::tenants::Tenant;
+use mui_tests::register_file;
 use mui_tests::{AppOptions, TestEnv};
 
 const HEADER: [&str; 5] = ["unique_id", "login_source", "email", "user_name", "active"];
@@ -25,21 +26,7 @@ type Row = (String, String, String, String);
 
 /// Registers a file of `chunks` chunks for tenant `t`, as ingest leaves it for the workers.
 fn new_file(conn: &mut PgConnection, t: &Tenant, name: &str, chunks: i32, rows: i64) -> i64 {
-    diesel::insert_into(import_files::table)
-        .values((
-            import_files::tenant_id.eq(t.id),
-            import_files::file_name.eq(name),
-            import_files::arrival_key.eq(format!("test:{}:{name}", t.id)),
-            import_files::size_bytes.eq(10),
-            import_files::sha256.eq("x"),
-            import_files::state.eq("importing"),
-            import_files::total_chunks.eq(chunks),
-            import_files::rows_total.eq(rows),
-            import_files::header.eq(serde_json::json!(HEADER)),
-        ))
-        .returning(import_files::id)
-        .get_result(conn)
-        .unwrap()
+    register_file(conn, t.id, name, &HEADER, chunks, rows).unwrap()
 }
 
 /// A chunk whose rows (unique_id, email, user_name, active) are numbered from `first_row`.
