@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# Benchmarks, each measuring both sides in one run (docs/benchmarks.md):
-#   scripts/bench.sh [ARGS]          the pipeline against PostgreSQL's COPY + INSERT … ON
-#                                    CONFLICT baseline (mui-bench; default 1,000,000 rows),
-#                                    then the same file again unchanged (against an upsert
-#                                    that skips unchanged rows), then a new tenant's first
-#                                    import, 50,000 vs 200,000 rows
-#   scripts/bench.sh --fair [ARGS]   fair share between tenants (mui-bench-fair): the
-#                                    dispatcher's cost, a small file's latency beside a large
-#                                    one, three tenants' shares, a small file's latency idle
-# ARGS go to the binary (see its `--help`).
+# Every benchmark in one run (docs/benchmarks.md), ending with one table of what was measured
+# against its goal; each ratio compares two sides measured in this same run:
+#   - mui-bench: the pipeline against PostgreSQL's COPY + INSERT … ON CONFLICT baseline on the
+#     same schema and the same file (default 1,000,000 rows), then the same file again
+#     unchanged (against an upsert that skips unchanged rows), then a new tenant's first
+#     import, 50,000 vs 200,000 rows; peak memory and CPU of each service;
+#   - mui-bench-fair: fair share between tenants: the dispatcher's cost against direct
+#     publishing, a small file's latency beside a large import, three tenants' shares, and
+#     a small file's latency on an idle pipeline.
+#
+#   scripts/bench.sh [--rows N]          everything; N rows for the large files (both benches)
+#   scripts/bench.sh --main [ARGS]       mui-bench only, ARGS to it (see its --help)
+#   scripts/bench.sh --fair [ARGS]       mui-bench-fair only, ARGS to it (see its --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked --bins
-if [[ "${1:-}" == "--fair" ]]; then
-  shift
-  exec target/release/mui-bench-fair "$@"
-fi
-exec target/release/mui-bench "$@"
+summary=$(mktemp)
+trap 'rm -f "$summary"' EXIT
+export MUI_BENCH_SUMMARY=$summary
+status=0
+case "${1:-}" in
+  --main) shift; target/release/mui-bench "$@" || status=$? ;;
+  --fair) shift; target/release/mui-bench-fair "$@" || status=$? ;;
+  *)
+    target/release/mui-bench "$@" || status=$?
+    target/release/mui-bench-fair "$@" || status=$?
+    ;;
+esac
+echo
+echo "| measure | this run | goal | |"
+echo "|---|---|---|---|"
+awk -F '\t' '{ printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4 }' "$summary"
+exit "$status"

@@ -73,6 +73,13 @@ pub struct Chunk {
     pub header: Vec<String>,
     /// The rows, already decoded to UTF-8 and split into fields.
     pub rows: Vec<RawRow>,
+    /// The rows of this chunk whose `unique_id` cell (trimmed) is also another row's in the
+    /// same file, as ingest found reading the whole file before publishing; `None` when
+    /// not known (a message from an older ingest). A worker leaves alone an existing user
+    /// whose row changes nothing only for a row known to be its user's one row in the file
+    /// (see `worker/src/upsert.rs`), so that a duplicate elsewhere in the file is still found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeated: Option<Vec<u64>>,
 }
 
 /// One uploaded row, as uploaded.

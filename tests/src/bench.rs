@@ -251,3 +251,27 @@ impl Setup {
         ]
     }
 }
+
+/// Adds one line to the table `scripts/bench.sh` prints at the end of a run (the file named
+/// by `MUI_BENCH_SUMMARY`; nothing when it is unset): the measure, what was measured, the
+/// goal, and whether it is met.
+pub fn summary(measure: &str, value: &str, goal: &str, met: bool) {
+    let Some(path) = std::env::var_os("MUI_BENCH_SUMMARY") else {
+        return;
+    };
+    let line = format!(
+        "{measure}\t{value}\t{goal}\t{}\n",
+        if met { "met" } else { "NOT met" }
+    );
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!(
+            "cannot write the summary to {}: {e}",
+            Path::new(&path).display()
+        );
+    }
+}

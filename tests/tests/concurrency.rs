@@ -61,6 +61,7 @@ async fn concurrent_chunks_sharing_users_keep_the_last_row_and_report_every_othe
                 tenant_id: t.tenant_id(),
                 chunk_no: c as u32,
                 header: header.clone(),
+                repeated: None,
                 rows: (0..ROWS_PER_CHUNK)
                     .map(|i| {
                         let row = 2 + c * ROWS_PER_CHUNK + i;

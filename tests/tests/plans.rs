@@ -197,6 +197,27 @@ fn hot_statements() -> Vec<Hot> {
             true,
         ),
         hot(
+            "skip_unchanged",
+            sql::skip_unchanged(),
+            "bigint, bigint, boolean, text[], bigint[]",
+            Box::new(move |a| format!("{}, {}, {archive}, '{{}}'::bigint[]", a.tenant, a.file)),
+            true,
+        ),
+        Hot {
+            allowed: vec![
+                open_files("Index Scan"),
+                open_files("Index Only Scan"),
+                open_files("Bitmap Heap Scan"),
+            ],
+            ..hot(
+                "older_open",
+                sql::OLDER_OPEN,
+                "bigint, bigint",
+                Box::new(|a| format!("{}, {}", a.tenant, a.file)),
+                false,
+            )
+        },
+        hot(
             "unstage",
             sql::UNSTAGE,
             "bigint[]",
@@ -698,6 +719,7 @@ fn a_chunk_reads_the_indexes_per_row_not_per_user_of_the_tenant() {
             tenant_id: t.tenant_id(),
             chunk_no: n as u32,
             header: header.clone(),
+            repeated: None,
             rows: part
                 .iter()
                 .enumerate()

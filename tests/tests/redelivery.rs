@@ -28,6 +28,7 @@ async fn a_redelivered_chunk_and_repeated_notifications_change_nothing() {
         tenant_id: t.tenant_id(),
         chunk_no: 0,
         header: vec!["unique_id".into(), "login_source".into()],
+        repeated: None,
         rows: vec![
             RawRow {
                 row: 2,
@@ -120,6 +121,7 @@ async fn a_chunk_naming_another_tenants_file_is_refused() {
         tenant_id: b.tenant_id(),
         chunk_no: 0,
         header: vec!["unique_id".into(), "login_source".into()],
+        repeated: None,
         rows: vec![RawRow {
             row: 2,
             fields: vec!["x".into(), "sso".into()],

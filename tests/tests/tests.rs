@@ -17,6 +17,7 @@ mod outages;
 mod pipeline;
 mod plans;
 mod redelivery;
+mod reimport;
 mod reports;
 mod roundtrip;
 mod sftp;

@@ -36,6 +36,7 @@ fn chunk(file: i64, tenant: TenantId, chunk_no: u32, first_row: u64, rows: &[Row
         tenant_id: tenant,
         chunk_no,
         header: HEADER.map(String::from).to_vec(),
+        repeated: None,
         rows: rows
             .iter()
             .enumerate()

@@ -250,8 +250,15 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
         rows: chunk.rows.len() as i64,
         ..ChunkOutcome::default()
     };
-    // 3. Stage the good rows and write them into `users`.
+    // 3. Stage the good rows and write them into `users`; rows that change nothing are left
+    // alone when no older row can follow them (see `upsert::skip_unchanged_statement`).
     if !good.is_empty() {
+        let repeated: Option<Vec<i64>> = match &chunk.repeated {
+            Some(rows) if !older_open(conn, chunk.tenant_id, file)? => {
+                Some(rows.iter().map(|&r| r as i64).collect())
+            }
+            _ => None,
+        };
         upsert(
             conn,
             chunk,
@@ -262,6 +269,7 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
             &mut failures,
             &mut outcome,
             &archive,
+            repeated.as_deref(),
         )?;
     }
     // 4. Count, and hand the failure records (and "file finished") to the outbox.
@@ -296,6 +304,24 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
         outcome.finished_file = true;
     }
     Ok(outcome)
+}
+
+/// Whether the tenant has an unfinished file older than `file` ([`crate::sql::OLDER_OPEN`]).
+fn older_open(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    file: ImportFileId,
+) -> Result<bool, ImportError> {
+    #[derive(QueryableByName)]
+    struct Open {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        open: bool,
+    }
+    let o: Open = diesel::sql_query(crate::sql::OLDER_OPEN)
+        .bind::<BigInt, _>(tenant.0)
+        .bind::<BigInt, _>(file.0)
+        .get_result(conn)?;
+    Ok(o.open)
 }
 
 fn encode(msg: &NotifyMessage) -> Result<Vec<u8>, diesel::result::Error> {

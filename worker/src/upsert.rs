@@ -21,7 +21,7 @@
 //! (constants of the schema) are written into the text, and a test pins the result against
 //! `sql/generated/*.sql`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use diesel::prelude::*;
@@ -72,6 +72,12 @@ struct Updated {
 }
 
 #[derive(QueryableByName)]
+struct Skipped {
+    #[diesel(sql_type = BigInt)]
+    row_no: i64,
+}
+
+#[derive(QueryableByName)]
 struct Inserted {
     #[diesel(sql_type = BigInt)]
     last_row: i64,
@@ -96,6 +102,7 @@ const ARCHIVE_NEW: &str = "(s.active IS FALSE AND $3)";
 pub(crate) struct Statements {
     pub(crate) update: String,
     pub(crate) insert: String,
+    pub(crate) skip_unchanged: String,
 }
 
 /// The generated statements, built once per process.
@@ -104,6 +111,7 @@ pub(crate) fn statements() -> &'static Statements {
     SQL.get_or_init(|| Statements {
         update: update_statement(),
         insert: insert_statement(),
+        skip_unchanged: skip_unchanged_statement(),
     })
 }
 
@@ -121,6 +129,29 @@ pub(crate) fn statements() -> &'static Statements {
 /// range scan of that index per chunk that made a first import quadratic. The address is
 /// stable: these users were locked by this transaction's [`LOCK_EXISTING`].
 fn update_statement() -> String {
+    let (sets, differs) = assignments();
+    // One item a line, so the pinned text reads (and diffs) column by column.
+    format!(
+        "UPDATE users u SET {},\n  last_file_id = $2, last_row = s.row_no,\n  \
+         updated_at = CASE WHEN {}\n  THEN now() ELSE u.updated_at END\n\
+         FROM users_stage s\n\
+         WHERE u.ctid = ANY (ARRAY(\n    \
+             SELECT p.ctid FROM unnest($5::text[]) AS k(uid)\n    \
+             CROSS JOIN LATERAL (\n      \
+               SELECT ctid FROM users WHERE tenant_id = $1 AND unique_id = k.uid OFFSET 0) p))\n  \
+           AND u.unique_id = s.unique_id\n  \
+           AND (u.last_file_id, u.last_row) < ($2, s.row_no)\n\
+         RETURNING s.row_no, (u.updated_at = now()) AS changed,\n  \
+           (u.archived_at IS NOT NULL) AS archived, (u.archived_at = now()) AS newly_archived\n",
+        sets.join(",\n  "),
+        differs.join("\n  OR ")
+    )
+}
+
+/// What the update writes, for an existing user `u` and its staged row `s`: the `SET` items
+/// for the values, and the conditions under which each differs from what is stored (any of
+/// them true: the row changes the user).
+fn assignments() -> (Vec<String>, Vec<String>) {
     let final_suffix =
         format!("(CASE WHEN {ARCHIVED} THEN COALESCE(u.archive_suffix, {NEW_SUFFIX}) END)");
     let mut sets = vec!["login_source = s.login_source".to_owned()];
@@ -146,21 +177,40 @@ fn update_statement() -> String {
     differs.push(format!(
         "(u.archived_at IS NOT NULL) IS DISTINCT FROM {ARCHIVED}"
     ));
-    // One item a line, so the pinned text reads (and diffs) column by column.
+    (sets, differs)
+}
+
+/// Takes out of the staging table the rows that would change nothing, before anything is
+/// locked or written: a re-import of an unchanged export then reads each user once and
+/// writes none (rewriting them, and their version, cost ten times the database's own
+/// upsert that skips unchanged rows).
+///
+/// Leaving a user alone leaves its version `(file, row)` as it was, so a row is taken out
+/// only where no other row can need that version to lose to it. The caller runs this only
+/// when no older file of the tenant is unfinished (`sql/older_open.sql`: no older row can
+/// come later); and here a row is kept when:
+/// - another row of the same file has its unique_id ($5, found by ingest over the whole
+///   file): whichever of the two comes second must see the first's version to report it as
+///   the duplicate;
+/// - the user was last written by this file or a newer one (`last_file_id < $2` fails): the
+///   usual path decides who wins and counts it;
+/// - the row says `active=0`: it releases the user's permits, whatever else it changes.
+///
+/// Each staged row is one probe of the primary key (LATERAL, OFFSET 0), as in
+/// `sql/lock_existing.sql`. The rows taken out are counted as unchanged.
+fn skip_unchanged_statement() -> String {
+    let (_, differs) = assignments();
     format!(
-        "UPDATE users u SET {},\n  last_file_id = $2, last_row = s.row_no,\n  \
-         updated_at = CASE WHEN {}\n  THEN now() ELSE u.updated_at END\n\
-         FROM users_stage s\n\
-         WHERE u.ctid = ANY (ARRAY(\n    \
-             SELECT p.ctid FROM unnest($5::text[]) AS k(uid)\n    \
-             CROSS JOIN LATERAL (\n      \
-               SELECT ctid FROM users WHERE tenant_id = $1 AND unique_id = k.uid OFFSET 0) p))\n  \
-           AND u.unique_id = s.unique_id\n  \
-           AND (u.last_file_id, u.last_row) < ($2, s.row_no)\n\
-         RETURNING s.row_no, (u.updated_at = now()) AS changed,\n  \
-           (u.archived_at IS NOT NULL) AS archived, (u.archived_at = now()) AS newly_archived\n",
-        sets.join(",\n  "),
-        differs.join("\n  OR ")
+        "WITH same AS (\n  \
+           SELECT s.row_no FROM users_stage s\n  \
+           CROSS JOIN LATERAL (\n    \
+             SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u\n  \
+           WHERE s.active IS NOT FALSE AND s.row_no <> ALL ($5::bigint[])\n    \
+             AND u.last_file_id < $2\n    \
+             AND NOT ({}))\n\
+         DELETE FROM users_stage t USING same WHERE t.row_no = same.row_no\n\
+         RETURNING t.row_no\n",
+        differs.join("\n      OR ")
     )
 }
 
@@ -233,6 +283,9 @@ fn retry_attempt(e: &ImportError) -> bool {
 }
 
 /// Writes `good` (checked rows, one per unique_id) into `users`; see the module docs.
+/// `skip`: when rows that change nothing may be left alone (no older file of the tenant is
+/// unfinished), the rows that must be written anyway (their unique_id is another row's in
+/// the file); see [`skip_unchanged_statement`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn upsert(
     conn: &mut PgConnection,
@@ -244,6 +297,7 @@ pub(crate) fn upsert(
     failures: &mut Vec<RowFailure>,
     outcome: &mut ChunkOutcome,
     archive: &ArchiveSettings,
+    skip: Option<&[i64]>,
 ) -> Result<(), ImportError> {
     let mut rows: Vec<&UserRow> = good.iter().collect();
     let mut last_error = None;
@@ -256,7 +310,7 @@ pub(crate) fn upsert(
         // A savepoint: an attempt that is undone leaves nothing behind.
         let attempt = conn.transaction::<_, Undone, _>(|conn| {
             diesel::sql_query(DEFER_CHECKS).execute(conn)?;
-            write(
+            let skipped = write(
                 conn,
                 chunk,
                 file,
@@ -266,8 +320,16 @@ pub(crate) fn upsert(
                 &mut lost,
                 &mut counts,
                 archive,
+                skip,
             )?;
-            let losers = identity::conflicts_after_write(conn, chunk, map, file, &rows, fields_of)?;
+            // A user left alone keeps what it held; the rows written are checked.
+            let written: Vec<&UserRow> = rows
+                .iter()
+                .filter(|u| !skipped.contains(&(u.row as i64)))
+                .copied()
+                .collect();
+            let losers =
+                identity::conflicts_after_write(conn, chunk, map, file, &written, fields_of)?;
             if !losers.is_empty() {
                 return Err(Undone::Losers(losers));
             }
@@ -301,7 +363,8 @@ pub(crate) fn upsert(
 }
 
 /// One attempt at writing `good` (see the module docs); `failures` and `outcome` receive what
-/// it found, to be kept only if the attempt is.
+/// it found, to be kept only if the attempt is. Returns the rows left alone because they
+/// change nothing (`skip`, see [`upsert`]).
 #[allow(clippy::too_many_arguments)]
 fn write(
     conn: &mut PgConnection,
@@ -313,12 +376,31 @@ fn write(
     failures: &mut Vec<RowFailure>,
     outcome: &mut ChunkOutcome,
     archive: &ArchiveSettings,
-) -> Result<(), ImportError> {
+    skip: Option<&[i64]>,
+) -> Result<HashSet<i64>, ImportError> {
     let sql = statements();
     staging::stage(conn, good)?;
     let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), *u)).collect();
     let tenant = chunk.tenant_id.0;
     let mut pending = good.len();
+    let mut skipped: HashSet<i64> = HashSet::new();
+    if let Some(repeated) = skip {
+        skipped = diesel::sql_query(&sql.skip_unchanged)
+            .bind::<BigInt, _>(tenant)
+            .bind::<BigInt, _>(file.0)
+            .bind::<Bool, _>(archive.on)
+            .bind::<Array<Text>, _>(&archive.fields)
+            .bind::<Array<BigInt>, _>(repeated)
+            .load::<Skipped>(conn)?
+            .into_iter()
+            .map(|s| s.row_no)
+            .collect();
+        outcome.unchanged += skipped.len() as i64;
+        pending -= skipped.len();
+        if pending == 0 {
+            return Ok(skipped);
+        }
+    }
     let mut release: Vec<String> = Vec::new();
     // Each round: lock and update the users that exist, drop them from the staging table,
     // insert the rest. A concurrent transaction may insert one of our new users first; such
@@ -421,7 +503,7 @@ fn write(
                     .bind::<Array<Text>, _>(&release)
                     .execute(conn)? as i64;
             }
-            return Ok(());
+            return Ok(skipped);
         }
     }
     Err(ImportError::Db(mui_shared::db::DbError::Query(
@@ -455,6 +537,11 @@ mod tests {
     #[test]
     fn the_insert_is_pinned() {
         pinned("insert.sql", &statements().insert);
+    }
+
+    #[test]
+    fn the_skip_is_pinned() {
+        pinned("skip_unchanged.sql", &statements().skip_unchanged);
     }
 
     /// Every staged text column is written by both statements, under its own name.

@@ -41,6 +41,7 @@ use crate::folder::{self, Signature, TenantFolder};
 use crate::reader::{self, Chunking, FileProblem, Sniff};
 
 mod publish;
+mod repeats;
 mod state;
 
 use publish::{publish_rows, validate_whole, Validated};
@@ -247,10 +248,12 @@ pub async fn handle(
                         lock.release().await;
                         return Ok(());
                     }
-                    Validated::Good => {
+                    Validated::Good(repeats) => {
                         ctx.hooks.pause("ingest.before_publish", &display).await;
-                        publish_rows(ctx, tenant, file_id, &file, &sniff, chunking, &display)
-                            .await?;
+                        publish_rows(
+                            ctx, tenant, file_id, &file, &sniff, chunking, &display, repeats,
+                        )
+                        .await?;
                     }
                 }
             }

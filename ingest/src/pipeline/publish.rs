@@ -1,6 +1,7 @@
 //! Reading a registered file whole without publishing (every file-level problem decided
 //! first), then publishing its chunks with confirms and recording the totals.
 
+use super::repeats::{Collect, Repeats};
 use super::*;
 
 /// Chunks in flight (published, confirm not yet awaited) per file.
@@ -8,8 +9,8 @@ const CONFIRM_WINDOW: usize = 8;
 
 /// What the validating pass found.
 pub(super) enum Validated {
-    /// Nothing stops the import.
-    Good,
+    /// Nothing stops the import; which rows share their unique_id with another.
+    Good(Repeats),
     /// A file-level problem: nothing is published.
     Problem(FileProblem),
     /// The content is not what was registered (someone is writing to it).
@@ -17,7 +18,8 @@ pub(super) enum Validated {
 }
 
 /// Reads the whole file once without publishing anything, so that every file-level problem
-/// (header, unclosed quote, row limit…) is decided before the first row is handed over.
+/// (header, unclosed quote, row limit…) is decided before the first row is handed over, and
+/// the rows whose unique_id another row of the file has too are known ([`Repeats`]).
 pub(super) async fn validate_whole(
     file: &File,
     sniff: &Sniff,
@@ -32,13 +34,17 @@ pub(super) async fn validate_whole(
             inner: f,
             hasher: Sha256::new(),
         };
+        let mut ids = Collect::default();
         let outcome = reader::read_chunks(
             &mut hashing,
             &sniff,
             limits,
             chunking,
             |_, _, _| {},
-            |_, _, _, _| Ok(()),
+            |_, _, map, rows| {
+                ids.observe(map, &rows);
+                Ok(())
+            },
         );
         io::copy(&mut hashing, &mut io::sink())?;
         let outcome = outcome?;
@@ -46,7 +52,7 @@ pub(super) async fn validate_whole(
             return Ok(Validated::Changed);
         }
         Ok(match outcome {
-            Ok(_) => Validated::Good,
+            Ok(_) => Validated::Good(ids.finish()),
             Err(problem) => Validated::Problem(problem),
         })
     })
@@ -56,7 +62,9 @@ pub(super) async fn validate_whole(
 /// Reads the file's rows and hands them on as chunks (queued in the database for the fair
 /// dispatcher, or published straight to the broker), then records the totals. The file was validated
 /// whole before, so a problem found now means its content changed since: the rows already
-/// published are imported, and the report says exactly which.
+/// published are imported, and the report says exactly which. (`repeats` is from the
+/// validating pass: rows of changed content are listed as that pass found them.)
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn publish_rows(
     ctx: &Context,
     tenant: &Tenant,
@@ -65,6 +73,7 @@ pub(super) async fn publish_rows(
     sniff: &Sniff,
     chunking: Chunking,
     name: &str,
+    repeats: Repeats,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, i32, Vec<u8>)>(4);
     let tenant_id = tenant.tenant_id();
@@ -88,13 +97,14 @@ pub(super) async fn publish_rows(
             |cells, map, delimiter| {
                 header_seen = Some((cells.to_vec(), map.ignored.clone(), delimiter));
             },
-            |chunk_no, header, _, rows| {
+            |chunk_no, header, map, rows| {
                 let n = rows.len() as u64;
                 let msg = WorkMessage::ChunkV1(Chunk {
                     file_id,
                     tenant_id,
                     chunk_no,
                     header: header.to_vec(),
+                    repeated: Some(repeats.rows_of(map, &rows)),
                     rows,
                 });
                 let bytes = messages::encode(&msg).map_err(io::Error::other)?;

@@ -492,6 +492,40 @@ fn main() -> anyhow::Result<()> {
             args.rows, lat_fair, lat_direct
         );
         print_shares(args.share_rows, &shares);
+        let summary = mui_tests::bench::summary;
+        summary(
+            &format!("(c) {} rows alone, fair dispatch vs direct", args.rows),
+            &format!("{:.3}", direct / fair),
+            "≥ 0.95",
+            direct / fair >= 0.95,
+        );
+        summary(
+            &format!("(a) 100-row file 3 s into {} rows, drop → mail", args.rows),
+            &format!("{lat_fair:.2} s (direct {lat_direct:.2} s)"),
+            "≤ 1.5 s",
+            lat_fair <= 1.5,
+        );
+        let mean = shares.iter().sum::<f64>() / shares.len() as f64;
+        let worst = shares
+            .iter()
+            .map(|s| (s / mean - 1.0).abs())
+            .fold(0.0, f64::max);
+        summary(
+            &format!(
+                "(b) three × {} rows at once, largest deviation from the mean share",
+                args.share_rows
+            ),
+            &format!("{:.1} %", worst * 100.0),
+            "≤ 20 %",
+            worst <= 0.2,
+        );
+        let (p50, max) = (idle[idle.len() / 2], idle[idle.len() - 1]);
+        summary(
+            "(d) 100-row file on an idle pipeline, drop → mail",
+            &format!("p50 {p50:.2} s, max {max:.2} s"),
+            "p50 ≤ 1 s, max ≤ 2 s",
+            p50 <= 1.0 && max <= 2.0,
+        );
         println!(
             "(d) 100-row file on an idle pipeline, drop → mail, {} files:   p50 {:.2} s   max {:.2} s",
             idle.len(),

@@ -444,6 +444,17 @@ fn main() -> anyhow::Result<()> {
         args.worker_concurrency
     );
     println!("ratio pipeline/baseline: {:.2}", pipe_rps / base_rps);
+    let ratio = pipe_rps / base_rps;
+    mui_tests::bench::summary(
+        &format!("{} rows, drop → mail, vs COPY + upsert", args.rows),
+        &format!(
+            "{ratio:.2} ({:.1} s vs {:.1} s)",
+            elapsed.as_secs_f64(),
+            base.as_secs_f64()
+        ),
+        "≥ 0.8",
+        ratio >= 0.8,
+    );
     println!(
         "users imported:          {imported} (expected {})",
         args.rows - bad
@@ -462,12 +473,40 @@ fn main() -> anyhow::Result<()> {
             took.as_secs_f64(),
             base.as_secs_f64() / took.as_secs_f64()
         );
+        let ratio = base.as_secs_f64() / took.as_secs_f64();
+        mui_tests::bench::summary(
+            "re-import of the unchanged file vs an upsert skipping unchanged rows",
+            &format!(
+                "{ratio:.2} ({:.1} s vs {:.1} s)",
+                took.as_secs_f64(),
+                base.as_secs_f64()
+            ),
+            "≥ 0.9",
+            ratio >= 0.9,
+        );
     }
     if let Some((small, s, large, l)) = onboarding {
         println!(
             "onboarding (new tenant, 10-row file, ANALYZE, export): {small} rows {s:.2} s, {large} rows {l:.2} s, ratio {:.2} (linear: {:.2})",
             l / s,
             large as f64 / small as f64
+        );
+        let linear = large as f64 / small as f64 * 1.1;
+        mui_tests::bench::summary(
+            &format!("new tenant's first import, {large} vs {small} rows"),
+            &format!("{:.2}× ({l:.1} s vs {s:.1} s)", l / s),
+            &format!("≤ {linear:.1}× (linear)"),
+            l / s <= linear,
+        );
+    }
+    let worst = peaks.iter().filter_map(|(_, kib, _)| *kib).max();
+    if let Some(kib) = worst {
+        let mib = kib as f64 / 1024.0;
+        mui_tests::bench::summary(
+            "peak memory of the largest service process",
+            &format!("{mib:.0} MiB"),
+            "≤ 150 MB",
+            mib * 1.048_576 <= 150.0,
         );
     }
     for (name, kib, cpu) in peaks {

@@ -1,0 +1,195 @@
+//! Re-importing an export that changed little: a user whose row changes nothing is read and
+//! left alone (not rewritten, so its row version `xmin` stays), counted as unchanged, while
+//! everything a full write guarantees still holds: a unique_id given twice in the file is
+//! still reported as a duplicate, and while an older file of the tenant is unfinished every
+//! row is written with its version (an older row may still come, and must lose).
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use mui_shared::domain::ImportFileId;
+use mui_shared::files::{FileState, NotifyStatus};
+use mui_shared::messages::RowErrorCode;
+use mui_shared::tenants::Tenant;
+use mui_tests::{register_file, spawn_app, spawn_app_with, AppOptions, FileRow, TestEnv};
+
+const EXPORT: &str = "\
+unique_id,login_source,first_name,email
+u1,sso,Ada,ada@example.org
+u2,sso,Alan,alan@example.org
+u3,sso,Grace,grace@example.org
+u4,sso,Edsger,edsger@example.org
+u5,sso,Barbara,barbara@example.org
+u6,sso,Donald,don@example.org
+u7,sso,Ken,ken@example.org
+";
+
+/// Each user's unique_id and row version (`xmin`: changes whenever the row is written).
+fn versions(env: &TestEnv, t: &Tenant) -> Vec<(String, String)> {
+    #[derive(QueryableByName)]
+    struct V {
+        #[diesel(sql_type = Text)]
+        unique_id: String,
+        #[diesel(sql_type = Text)]
+        xmin: String,
+    }
+    diesel::sql_query(
+        "SELECT unique_id, xmin::text AS xmin FROM users WHERE tenant_id = $1 ORDER BY unique_id",
+    )
+    .bind::<BigInt, _>(t.id)
+    .load::<V>(&mut env.db.conn())
+    .unwrap()
+    .into_iter()
+    .map(|v| (v.unique_id, v.xmin))
+    .collect()
+}
+
+fn counts(f: &FileRow) -> (i64, i64, i64, i64) {
+    (
+        f.rows_inserted,
+        f.rows_updated,
+        f.rows_unchanged,
+        f.rows_failed,
+    )
+}
+
+/// Waits until the file named `name` is done and its report settled, and returns it.
+async fn wait_done(env: &TestEnv, t: &Tenant, name: &str) -> FileRow {
+    let settled = |f: &FileRow| {
+        f.file_name == name
+            && f.state == FileState::Done
+            && f.archived_name.is_some()
+            && !matches!(
+                f.notify_status,
+                NotifyStatus::Pending | NotifyStatus::Sending
+            )
+    };
+    env.wait_until(120, name, || env.files(t).iter().any(settled))
+        .await;
+    env.files(t).into_iter().find(settled).unwrap()
+}
+
+/// The unique_ids whose version differs between two snapshots.
+fn rewritten(before: &[(String, String)], after: &[(String, String)]) -> Vec<String> {
+    assert_eq!(before.len(), after.len());
+    before
+        .iter()
+        .zip(after)
+        .filter(|(b, a)| b.1 != a.1)
+        .map(|(b, _)| b.0.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unchanged_re_import_rewrites_no_user_and_a_repeated_unique_id_is_still_reported() {
+    let app = spawn_app().await; // three rows a chunk: the export spans three chunks
+    let env = &app.env;
+    let t = env.tenant("acme").unwrap();
+    env.drop_file("acme", "export.csv", EXPORT.as_bytes())
+        .unwrap();
+    let first = app.wait_files_settled(&t, 1).await;
+    assert_eq!(counts(&first[0]), (7, 0, 0, 0));
+    let v1 = versions(env, &t);
+
+    // The same export again: nothing to write.
+    env.drop_file("acme", "export-again.csv", EXPORT.as_bytes())
+        .unwrap();
+    let files = app.wait_files_settled(&t, 2).await;
+    assert_eq!(files[1].state, FileState::Done);
+    assert_eq!(
+        counts(&files[1]),
+        (0, 0, 7, 0),
+        "inserted, updated, unchanged, failed"
+    );
+    let v2 = versions(env, &t);
+    assert_eq!(
+        rewritten(&v1, &v2),
+        Vec::<String>::new(),
+        "no user rewritten"
+    );
+
+    // u1 changes; u2's row 3 is as stored, but row 9 (another chunk) gives u2 again with a
+    // new first name: row 3 is the duplicate, whichever chunk is imported first.
+    let third = "\
+unique_id,login_source,first_name,email
+u1,sso,Augusta,ada@example.org
+u2,sso,Alan,alan@example.org
+u3,sso,Grace,grace@example.org
+u4,sso,Edsger,edsger@example.org
+u5,sso,Barbara,barbara@example.org
+u6,sso,Donald,don@example.org
+u7,sso,Ken,ken@example.org
+u2,sso,Alan M.,alan@example.org
+";
+    env.drop_file("acme", "export-3.csv", third.as_bytes())
+        .unwrap();
+    let files = app.wait_files_settled(&t, 3).await;
+    let f = &files[2];
+    assert_eq!(f.rows_failed, 1, "the earlier row of u2 is reported");
+    assert_eq!(
+        f.rows_inserted + f.rows_updated + f.rows_unchanged + f.rows_failed,
+        8,
+        "every row counted once"
+    );
+    let failures =
+        mui_shared::failures::load_failures(&mut env.db.conn(), ImportFileId(f.id), 100).unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].row, 3, "{failures:?}");
+    assert_eq!(failures[0].errors[0].code, RowErrorCode::DuplicateUniqueId);
+    let users = env.users(&t);
+    let u2 = users.iter().find(|u| u.0 == "u2").unwrap();
+    assert_eq!(u2.2.as_deref(), Some("Alan M."), "the later row wins");
+    let v3 = versions(env, &t);
+    assert_eq!(rewritten(&v2, &v3), ["u1", "u2"], "only the changed users");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_an_older_file_is_unfinished_every_row_is_written_with_its_version() {
+    // Chunks straight to the broker: the fair dispatcher would (rightly) hold the newer file
+    // back behind the unfinished one.
+    let app = spawn_app_with(AppOptions {
+        chunk_dispatch: mui_ingest::pipeline::ChunkDispatch::Direct,
+        ..AppOptions::default()
+    })
+    .await;
+    let env = &app.env;
+    let t = env.tenant("acme").unwrap();
+    env.drop_file("acme", "export.csv", EXPORT.as_bytes())
+        .unwrap();
+    app.wait_files_settled(&t, 1).await;
+    let v1 = versions(env, &t);
+
+    // An older file still importing (its last chunk not in yet): its rows could still come,
+    // and the newer file's rows must win over them, so each carries its version.
+    let mut conn = env.db.conn();
+    let stuck = register_file(
+        &mut conn,
+        t.id,
+        "stuck.csv",
+        &["unique_id", "login_source"],
+        1,
+        1,
+    )
+    .unwrap();
+    env.drop_file("acme", "export-again.csv", EXPORT.as_bytes())
+        .unwrap();
+    let again = wait_done(env, &t, "export-again.csv").await;
+    assert_eq!(counts(&again), (0, 0, 7, 0));
+    let v2 = versions(env, &t);
+    assert_eq!(rewritten(&v1, &v2).len(), 7, "every user written");
+
+    // Once it is finished, the next unchanged export writes nothing.
+    diesel::sql_query("UPDATE import_files SET state = 'failed' WHERE id = $1")
+        .bind::<BigInt, _>(stuck)
+        .execute(&mut conn)
+        .unwrap();
+    env.drop_file("acme", "export-3.csv", EXPORT.as_bytes())
+        .unwrap();
+    let third = wait_done(env, &t, "export-3.csv").await;
+    assert_eq!(counts(&third), (0, 0, 7, 0));
+    let v3 = versions(env, &t);
+    assert_eq!(
+        rewritten(&v2, &v3),
+        Vec::<String>::new(),
+        "no user rewritten"
+    );
+}
