@@ -12,7 +12,10 @@
 //!    `upsert.rs`), finds every user this chunk wrote whose stored value another user holds:
 //!    the stored value is what counts (an empty cell keeps the old one, a reactivation takes
 //!    the archive suffix off), and a swap whose other half did not apply is caught here. The
-//!    upsert reports those rows and writes the chunk again without them.
+//!    upsert reports those rows and writes the chunk again without them. (A chunk's first
+//!    attempt checks the users it updated; the users it inserted hold exactly what layer 1
+//!    checked, and a conflict they have all the same breaks layer 3, after which every
+//!    attempt checks every user written.)
 //! 3. The constraints `users_email_unique` and `users_user_name_unique` (migration 000008,
 //!    deferred, among users not archived), forced with [`CHECK_NOW`] before the savepoint is
 //!    released: a concurrent transaction writing the same value is waited for, and if it

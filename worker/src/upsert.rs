@@ -71,6 +71,14 @@ struct Updated {
     newly_archived: Option<bool>,
 }
 
+/// What one attempt at writing did besides updating: the rows left alone (they change
+/// nothing) and the rows inserted (new users).
+#[derive(Debug, Default)]
+struct Written {
+    skipped: HashSet<i64>,
+    inserted: HashSet<i64>,
+}
+
 #[derive(QueryableByName)]
 struct Skipped {
     #[diesel(sql_type = BigInt)]
@@ -301,7 +309,7 @@ pub(crate) fn upsert(
 ) -> Result<(), ImportError> {
     let mut rows: Vec<&UserRow> = good.iter().collect();
     let mut last_error = None;
-    for _attempt in 0..WRITE_ATTEMPTS {
+    for attempt in 0..WRITE_ATTEMPTS {
         if rows.is_empty() {
             return Ok(());
         }
@@ -310,7 +318,7 @@ pub(crate) fn upsert(
         // A savepoint: an attempt that is undone leaves nothing behind.
         let attempt = conn.transaction::<_, Undone, _>(|conn| {
             diesel::sql_query(DEFER_CHECKS).execute(conn)?;
-            let skipped = write(
+            let done = write(
                 conn,
                 chunk,
                 file,
@@ -322,10 +330,18 @@ pub(crate) fn upsert(
                 archive,
                 skip,
             )?;
-            // A user left alone keeps what it held; the rows written are checked.
+            // A user left alone keeps what it held; the rows written are checked. In the first
+            // attempt a user this chunk inserted is not: it holds exactly the value its row
+            // gives, which `check_identities` checked against the committed users and the
+            // chunk's other rows. A conflict it has all the same (a concurrent writer of the
+            // value, or a swap whose other half did not apply) breaks the constraint at
+            // CHECK_NOW, and the next attempt checks every user written.
             let written: Vec<&UserRow> = rows
                 .iter()
-                .filter(|u| !skipped.contains(&(u.row as i64)))
+                .filter(|u| {
+                    let row = u.row as i64;
+                    !done.skipped.contains(&row) && (attempt > 0 || !done.inserted.contains(&row))
+                })
                 .copied()
                 .collect();
             let losers =
@@ -363,8 +379,8 @@ pub(crate) fn upsert(
 }
 
 /// One attempt at writing `good` (see the module docs); `failures` and `outcome` receive what
-/// it found, to be kept only if the attempt is. Returns the rows left alone because they
-/// change nothing (`skip`, see [`upsert`]).
+/// it found, to be kept only if the attempt is. Returns which rows were left alone and which
+/// inserted.
 #[allow(clippy::too_many_arguments)]
 fn write(
     conn: &mut PgConnection,
@@ -377,15 +393,15 @@ fn write(
     outcome: &mut ChunkOutcome,
     archive: &ArchiveSettings,
     skip: Option<&[i64]>,
-) -> Result<HashSet<i64>, ImportError> {
+) -> Result<Written, ImportError> {
     let sql = statements();
     staging::stage(conn, good)?;
     let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), *u)).collect();
     let tenant = chunk.tenant_id.0;
     let mut pending = good.len();
-    let mut skipped: HashSet<i64> = HashSet::new();
+    let mut done = Written::default();
     if let Some(repeated) = skip {
-        skipped = diesel::sql_query(&sql.skip_unchanged)
+        done.skipped = diesel::sql_query(&sql.skip_unchanged)
             .bind::<BigInt, _>(tenant)
             .bind::<BigInt, _>(file.0)
             .bind::<Bool, _>(archive.on)
@@ -395,10 +411,10 @@ fn write(
             .into_iter()
             .map(|s| s.row_no)
             .collect();
-        outcome.unchanged += skipped.len() as i64;
-        pending -= skipped.len();
+        outcome.unchanged += done.skipped.len() as i64;
+        pending -= done.skipped.len();
         if pending == 0 {
-            return Ok(skipped);
+            return Ok(done);
         }
     }
     let mut release: Vec<String> = Vec::new();
@@ -495,6 +511,7 @@ fn write(
             .collect();
         outcome.inserted += inserted.len() as i64;
         staging::unstage(conn, &inserted)?;
+        done.inserted.extend(&inserted);
         pending = pending.saturating_sub(resolved.len() + inserted.len());
         if pending == 0 {
             if !release.is_empty() {
@@ -503,7 +520,7 @@ fn write(
                     .bind::<Array<Text>, _>(&release)
                     .execute(conn)? as i64;
             }
-            return Ok(skipped);
+            return Ok(done);
         }
     }
     Err(ImportError::Db(mui_shared::db::DbError::Query(
