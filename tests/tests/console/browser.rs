@@ -69,7 +69,7 @@ impl Chromedriver {
         panic!("chromedriver did not listen on port {port} within 10 s");
     }
 
-    async fn browser(&self) -> Client {
+    async fn browser(&self, downloads: &std::path::Path) -> Client {
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".to_owned(),
@@ -77,6 +77,10 @@ impl Chromedriver {
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                          "--disable-dev-shm-usage", "--window-size=1400,1000"],
+                "prefs": {
+                    "download.default_directory": downloads.to_str().unwrap(),
+                    "download.prompt_for_download": false,
+                },
             }),
         );
         ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
@@ -161,7 +165,8 @@ async fn an_operator_watches_an_import_gets_its_report_and_replays_a_dead_letter
     ));
 
     let driver = Chromedriver::start().await;
-    let b = driver.browser().await;
+    let downloads = tempfile::tempdir().unwrap();
+    let b = driver.browser(downloads.path()).await;
 
     // Logging in.
     b.goto(&format!("{base}/")).await.unwrap();
@@ -289,6 +294,34 @@ async fn an_operator_watches_an_import_gets_its_report_and_replays_a_dead_letter
     assert_eq!(name, format!("{HOSTILE_NAME}.failures.csv"));
     assert_eq!(downloaded, mailed, "downloaded CSV = mailed CSV");
     assert_eq!(mui_tests::parse_csv(&downloaded).len(), 1 + ROWS / 1000);
+    // And as a download, by a click on the link.
+    b.find(Locator::Css("#download-csv"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let mut saved = None;
+    for _ in 0..100 {
+        let done: Vec<PathBuf> = std::fs::read_dir(downloads.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| !p.to_string_lossy().ends_with(".crdownload"))
+            .collect();
+        if let [one] = done.as_slice() {
+            saved = Some(one.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let saved = saved.expect("the failures CSV downloaded within 10 s");
+    let name = saved.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.ends_with(".failures.csv"), "{name}");
+    assert_eq!(
+        std::fs::read(&saved).unwrap(),
+        mailed,
+        "downloaded file = mailed CSV"
+    );
 
     // The pages an operator walks through.
     b.goto(&format!("{base}/tenants")).await.unwrap();
