@@ -98,7 +98,7 @@ fn files_table(files: &[FileView], with_tenant: bool, live: bool) -> Markup {
                 th { "id" }
                 @if with_tenant { th { "tenant" } }
                 th { "file" } th { "state" } th { "rows done / total" } th { "progress" }
-                th { "rows/s" } th { "imported" } th { "failed" } th { "email" } th { "received" }
+                th title="rows handled per second since the file was received" { "rows/s (mean)" } th { "imported" } th { "failed" } th { "email" } th { "received" }
             } }
             tbody {
                 @for f in files {

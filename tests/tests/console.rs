@@ -415,6 +415,24 @@ async fn every_page_needs_a_session_every_action_its_csrf_token_and_tenant_text_
     assert!(!r.body.contains("<img src=x"));
     let held = console.json("/held?format=json", &cookie).await;
     assert_eq!(held, serde_json::json!([]));
+    // A report held (as the notifier records it), with a reason quoting a hostile address.
+    mui_shared::files::report_status(
+        &mut conn,
+        ImportFileId(beta_file),
+        mui_shared::files::NotifyStatus::Held,
+        Some("the server refused <it@beta.example.org>"),
+    )
+    .unwrap();
+    let held = console.json("/held?format=json", &cookie).await;
+    assert_eq!(held.as_array().unwrap().len(), 1);
+    assert_eq!(held[0]["file"]["id"], beta_file);
+    assert_eq!(held[0]["file"]["tenant"], "beta");
+    assert_eq!(held[0]["why"], "the server refused <it@beta.example.org>");
+    let r = console.get("/held", &cookie).await;
+    assert!(r
+        .body
+        .contains("the server refused &lt;it@beta.example.org&gt;"));
+    assert_eq!(console.json("/?format=json", &cookie).await["held"], 1);
     let dl = console
         .json("/dead-letters?tenant=beta&format=json", &cookie)
         .await;
