@@ -5,6 +5,8 @@
 #  - creates the demo tenant `demo` with its drop folder and settings,
 #  - starts mui-ingest, mui-worker and mui-notifier, and says where to drop a file and
 #    where the mail lands. Ctrl-C stops them.
+#  - starts the web console (mui-console) on MUI_CONSOLE_ADDR (default 127.0.0.1:8080),
+#    with MUI_CONSOLE_TOKEN if set, otherwise a token made for this run and printed below.
 # Mail goes to SMTP_URL if set, otherwise to .run/outbox/ as .eml files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +49,10 @@ trap stop INT TERM
 "$BIN/mui-notifier" >"$RUN_DIR/logs/notifier.log" 2>&1 & pids+=($!)
 "$BIN/mui-worker"   >"$RUN_DIR/logs/worker.log"   2>&1 & pids+=($!)
 "$BIN/mui-ingest"   >"$RUN_DIR/logs/ingest.log"   2>&1 & pids+=($!)
+console_addr="${MUI_CONSOLE_ADDR:-127.0.0.1:8080}"
+console_token="${MUI_CONSOLE_TOKEN:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+MUI_CONSOLE_ADDR="$console_addr" MUI_CONSOLE_TOKEN="$console_token" \
+    "$BIN/mui-console" >"$RUN_DIR/logs/console.log" 2>&1 & pids+=($!)
 
 cat <<MSG
 
@@ -58,6 +64,7 @@ Managed User Import is running (logs in $RUN_DIR/logs/).
   Failure emails:      ${SMTP_URL:+sent via SMTP_URL}${SMTP_URL:-$MAIL_OUTBOX/*.eml}
   The demo's files:    target/release/muictl files list demo
   The demo's users:    target/release/muictl users list demo
+  The web console:     http://$console_addr/  (operator token: $console_token)
 
 Press Ctrl-C to stop.
 MSG

@@ -2,7 +2,8 @@
 # Makes sure everything Managed User Import needs on this machine is installed and running:
 # the Debian packages (PostgreSQL, RabbitMQ, libpq for diesel, the OpenSSH server and the
 # sftp and curl clients for the SFTP tests, iproute2 for the multi-host tests' network
-# namespaces), and the PostgreSQL and RabbitMQ servers.
+# namespaces, Chromium and its chromedriver for the console's browser test), and the
+# PostgreSQL and RabbitMQ servers.
 # Idempotent; sourced by scripts/run.sh and scripts/test.sh.
 set -euo pipefail
 
@@ -27,6 +28,9 @@ command -v sftp >/dev/null 2>&1 || need_pkgs+=(openssh-client)
 curl -V 2>/dev/null | grep -q sftp || need_pkgs+=(curl)
 # tests/tests/hosts.rs runs workers in network namespaces of their own (`ip netns`).
 dpkg -s iproute2 >/dev/null 2>&1 || need_pkgs+=(iproute2)
+# tests/tests/console/browser.rs drives a headless Chromium through chromedriver.
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_pkgs+=(chromium-driver)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing Debian packages: ${need_pkgs[*]}"
     as_root apt-get update -qq

@@ -5,7 +5,7 @@ use mui_shared::files::FileState;
 
 // The failures CSV is built in `mui_shared::failures`, so `muictl files failures` prints the
 // very bytes a report attaches.
-pub use mui_shared::failures::{failures_csv, failures_csv_with_ends, neutralise};
+pub use mui_shared::failures::{attachment_name, failures_csv, failures_csv_with_ends, neutralise};
 
 /// What the report says about one file.
 #[derive(Debug, Clone, Default)]
@@ -215,22 +215,6 @@ impl Cut {
 
 fn short(s: &str, max: usize) -> String {
     mui_shared::messages::truncate_for_message(s, max)
-}
-
-/// The attachment's file name: `<file>.failures.csv`, with path separators and control
-/// characters replaced.
-pub fn attachment_name(file_name: &str) -> String {
-    let clean: String = file_name
-        .chars()
-        .map(|c| {
-            if c == '/' || c == '\\' || c.is_control() {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect();
-    format!("{clean}.failures.csv")
 }
 
 /// The name of the ZIP archive holding the failures CSV `csv_name` (`x.failures.csv` →

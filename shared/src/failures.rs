@@ -84,6 +84,121 @@ pub fn load_failures(
         .collect()
 }
 
+/// Which of a file's failure records to show: those with an error of this code and/or on
+/// this column (as the tenant named it); `None` for any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureFilter {
+    /// An error code (`invalid_email`, ...).
+    pub code: Option<String>,
+    /// A column, as the tenant's header names it.
+    pub column: Option<String>,
+}
+
+/// One page of a file's failure records, by row number: those matching `filter`, skipping
+/// `offset`, at most `limit`; with how many match in all.
+pub fn failures_page(
+    conn: &mut PgConnection,
+    file_id: ImportFileId,
+    filter: &FailureFilter,
+    offset: i64,
+    limit: i64,
+) -> QueryResult<(i64, Vec<RowFailure>)> {
+    use diesel::sql_types::{BigInt, Jsonb, Nullable, Text};
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = BigInt)]
+        row_number: i64,
+        #[diesel(sql_type = Jsonb)]
+        fields: serde_json::Value,
+        #[diesel(sql_type = Jsonb)]
+        errors: serde_json::Value,
+    }
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        total: i64,
+    }
+    const MATCHES: &str = "file_id = $1 \
+        AND ($2::TEXT IS NULL OR errors @> jsonb_build_array(jsonb_build_object('code', $2::TEXT))) \
+        AND ($3::TEXT IS NULL OR errors @> jsonb_build_array(jsonb_build_object('column', $3::TEXT)))";
+    let total: Count = diesel::sql_query(format!(
+        "SELECT count(*) AS total FROM row_failures WHERE {MATCHES}"
+    ))
+    .bind::<BigInt, _>(file_id.0)
+    .bind::<Nullable<Text>, _>(filter.code.as_deref())
+    .bind::<Nullable<Text>, _>(filter.column.as_deref())
+    .get_result(conn)?;
+    let rows: Vec<Row> = diesel::sql_query(format!(
+        "SELECT row_number, fields, errors FROM row_failures \
+         WHERE {MATCHES} ORDER BY row_number OFFSET $4 LIMIT $5"
+    ))
+    .bind::<BigInt, _>(file_id.0)
+    .bind::<Nullable<Text>, _>(filter.code.as_deref())
+    .bind::<Nullable<Text>, _>(filter.column.as_deref())
+    .bind::<BigInt, _>(offset.max(0))
+    .bind::<BigInt, _>(limit.max(0))
+    .load(conn)?;
+    let failures = rows
+        .into_iter()
+        .map(|r| {
+            Ok(RowFailure {
+                row: r.row_number as u64,
+                fields: serde_json::from_value(r.fields)
+                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
+                errors: serde_json::from_value(r.errors)
+                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
+            })
+        })
+        .collect::<QueryResult<Vec<_>>>()?;
+    Ok((total.total, failures))
+}
+
+/// The error codes and the columns a file's failure records name, each sorted: what a
+/// failures table can be filtered by.
+pub fn failure_facets(
+    conn: &mut PgConnection,
+    file_id: ImportFileId,
+) -> QueryResult<(Vec<String>, Vec<String>)> {
+    use diesel::sql_types::{BigInt, Text};
+    #[derive(QueryableByName)]
+    struct Facet {
+        #[diesel(sql_type = Text)]
+        kind: String,
+        #[diesel(sql_type = Text)]
+        value: String,
+    }
+    let rows: Vec<Facet> = diesel::sql_query(
+        "SELECT DISTINCT k.kind, k.value FROM row_failures f \
+           CROSS JOIN LATERAL jsonb_array_elements(f.errors) e \
+           CROSS JOIN LATERAL (VALUES ('code', e->>'code'), ('column', e->>'column')) k(kind, value) \
+         WHERE f.file_id = $1 AND k.value IS NOT NULL ORDER BY k.kind, k.value",
+    )
+    .bind::<BigInt, _>(file_id.0)
+    .load(conn)?;
+    let (codes, columns): (Vec<Facet>, Vec<Facet>) =
+        rows.into_iter().partition(|f| f.kind == "code");
+    Ok((
+        codes.into_iter().map(|f| f.value).collect(),
+        columns.into_iter().map(|f| f.value).collect(),
+    ))
+}
+
+/// The failures CSV's file name as mailed (and as the console downloads it): `<file>.failures.csv`, with path separators and control
+/// characters replaced.
+pub fn attachment_name(file_name: &str) -> String {
+    let clean: String = file_name
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!("{clean}.failures.csv")
+}
+
 /// A cell made safe to open in a spreadsheet: a value that a spreadsheet would run as a
 /// formula (starting with `=`, `+`, `-`, `@`, tab or carriage return) gets a leading `'`, as
 /// OWASP's CSV-injection guidance recommends. Values are otherwise unchanged.

@@ -207,6 +207,130 @@ pub fn files_in_order(conn: &mut PgConnection, tenant: TenantId) -> QueryResult<
         .load(conn)
 }
 
+/// A file with its tenant's slug: views across tenants (the console's overview and held list).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TenantFileLine {
+    /// The tenant's slug.
+    pub tenant: String,
+    /// The file.
+    #[serde(flatten)]
+    pub file: FileLine,
+}
+
+fn tenant_file_lines(rows: Vec<(String, FileLine)>) -> Vec<TenantFileLine> {
+    rows.into_iter()
+        .map(|(tenant, file)| TenantFileLine { tenant, file })
+        .collect()
+}
+
+/// Files of every tenant still being imported (`received`, `importing`) or received since
+/// `since`, newest first, at most `limit`.
+pub fn open_or_recent(
+    conn: &mut PgConnection,
+    since: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> QueryResult<Vec<TenantFileLine>> {
+    use crate::schema::tenants;
+    let rows = import_files::table
+        .inner_join(tenants::table)
+        .filter(
+            import_files::state
+                .eq_any([FileState::Received, FileState::Importing])
+                .or(import_files::received_at.gt(since)),
+        )
+        .order(import_files::id.desc())
+        .limit(limit)
+        .select((tenants::slug, FileLine::as_select()))
+        .load(conn)?;
+    Ok(tenant_file_lines(rows))
+}
+
+/// Files of every tenant whose report is held (no mail settings, or the address refused),
+/// oldest first.
+pub fn held(conn: &mut PgConnection) -> QueryResult<Vec<TenantFileLine>> {
+    use crate::schema::tenants;
+    let rows = import_files::table
+        .inner_join(tenants::table)
+        .filter(import_files::notify_status.eq(NotifyStatus::Held))
+        .order(import_files::id)
+        .select((tenants::slug, FileLine::as_select()))
+        .load(conn)?;
+    Ok(tenant_file_lines(rows))
+}
+
+/// What the operator's page of one file shows beyond its [`FileLine`]: whose it is, what
+/// it was, and when each step happened.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = import_files, check_for_backend(Pg))]
+pub struct FileDetail {
+    /// The tenant (`tenants.id`).
+    pub tenant_id: i64,
+    /// Size in bytes.
+    pub size_bytes: i64,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+    /// Detected encoding.
+    pub encoding: Option<String>,
+    /// Detected delimiter.
+    pub delimiter: Option<String>,
+    /// When every chunk was published (the totals known).
+    pub queued_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the report's status last changed (claimed, sent, held).
+    pub notified_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The header as uploaded (a JSON list; see [`crate::failures::header_of`]).
+    pub header: Option<serde_json::Value>,
+}
+
+/// One file as the operator sees it, with its [`FileDetail`]; `None` if there is none.
+pub fn file_detail(
+    conn: &mut PgConnection,
+    id: ImportFileId,
+) -> QueryResult<Option<(FileLine, FileDetail)>> {
+    import_files::table
+        .find(id.0)
+        .select((FileLine::as_select(), FileDetail::as_select()))
+        .first(conn)
+        .optional()
+}
+
+/// A tenant's files summed up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, QueryableByName, serde::Serialize)]
+pub struct FileTotals {
+    /// Files received.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub files: i64,
+    /// Files still being imported.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub open: i64,
+    /// Files refused as a whole.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub failed: i64,
+    /// Rows imported (created, changed or already right).
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub rows_imported: i64,
+    /// Rows not imported.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub rows_failed: i64,
+    /// Files whose report is held.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub held: i64,
+}
+
+/// Every file of a tenant summed up.
+pub fn totals_of(conn: &mut PgConnection, tenant: TenantId) -> QueryResult<FileTotals> {
+    diesel::sql_query(
+        "SELECT count(*) AS files, \
+           count(*) FILTER (WHERE state IN ('received', 'importing')) AS open, \
+           count(*) FILTER (WHERE state = 'failed') AS failed, \
+           coalesce(sum(rows_inserted + rows_updated + rows_unchanged), 0)::BIGINT AS rows_imported, \
+           coalesce(sum(rows_failed), 0)::BIGINT AS rows_failed, \
+           count(*) FILTER (WHERE notify_status = 'held') AS held \
+         FROM import_files WHERE tenant_id = $1",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(tenant.0)
+    .get_result(conn)
+}
+
 // ---------------------------------------------------------------------------------------
 // Transitions: the only way the services change a file's state.
 // ---------------------------------------------------------------------------------------

@@ -166,6 +166,27 @@ pub fn user_types_of(conn: &mut PgConnection, id: TenantId) -> QueryResult<Vec<S
         .load(conn)
 }
 
+/// What ingest last found in a tenant's drop folder (`drop_folder_status`).
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, serde::Serialize)]
+pub struct FolderStatus {
+    /// The folder's path on the SFTP host.
+    pub path: String,
+    /// What is wrong with it, if anything (the problem and its cause).
+    pub problem: Option<String>,
+    /// Since when it is so.
+    pub since: chrono::DateTime<chrono::Utc>,
+}
+
+/// What ingest last found in a tenant's drop folder; `None` if ingest has not looked yet.
+pub fn folder_status(conn: &mut PgConnection, id: TenantId) -> QueryResult<Option<FolderStatus>> {
+    use crate::schema::drop_folder_status as dfs;
+    dfs::table
+        .find(id.0)
+        .select((dfs::path, dfs::problem, dfs::since))
+        .first(conn)
+        .optional()
+}
+
 /// The folder a tenant drops files into: `DROP_ROOT/<slug>/upload/`. `DROP_ROOT/<slug>/` is
 /// the tenant's SFTP chroot (root-owned, as OpenSSH requires), `upload/` the one folder the
 /// tenant can write to, and `upload/bak/` where handled files go.

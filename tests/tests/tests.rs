@@ -5,6 +5,7 @@
 
 mod archive;
 mod concurrency;
+mod console;
 mod corpus;
 mod dead_letters;
 mod dispatch;
