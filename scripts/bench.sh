@@ -5,6 +5,9 @@
 #                                    then the same file again unchanged (against an upsert
 #                                    that skips unchanged rows), then a new tenant's first
 #                                    import, 50,000 vs 200,000 rows
+#   scripts/bench.sh --otel [ARGS]   the same with tracing on (the services export their spans
+#                                    over OTLP/HTTP to a receiver in mui-bench): the cost of
+#                                    tracing is the rows/s against a run without --otel
 #   scripts/bench.sh --fair [ARGS]   fair share between tenants (mui-bench-fair): the
 #                                    dispatcher's cost, a small file's latency beside a large
 #                                    one, three tenants' shares, a small file's latency idle
