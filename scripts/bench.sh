@@ -11,6 +11,9 @@
 #
 #   scripts/bench.sh [--rows N]          everything; N rows for the large files (both benches)
 #   scripts/bench.sh --main [ARGS]       mui-bench only, ARGS to it (see its --help)
+#   scripts/bench.sh --otel [ARGS]       mui-bench with tracing on (every service exports its
+#                                        spans over OTLP/HTTP to a receiver in mui-bench): the
+#                                        cost of tracing is the rows/s against a run without it
 #   scripts/bench.sh --fair [ARGS]       mui-bench-fair only, ARGS to it (see its --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +25,7 @@ export MUI_BENCH_SUMMARY=$summary
 status=0
 case "${1:-}" in
   --main) shift; target/release/mui-bench "$@" || status=$? ;;
+  --otel) target/release/mui-bench "$@" || status=$? ;;
   --fair) shift; target/release/mui-bench-fair "$@" || status=$? ;;
   *)
     target/release/mui-bench "$@" || status=$?

@@ -16,8 +16,8 @@ struct Cli {
 #[tokio::main]
 async fn main() {
     let cli: Cli = mui_shared::service::parse_cli("mui-ingest");
-    let log_format = cli.config.common.log_format;
-    mui_shared::service::serve("mui-ingest", log_format, |shutdown| {
+    let common = cli.config.common.clone();
+    mui_shared::service::serve("mui-ingest", &common, |shutdown| {
         mui_ingest::run(cli.config.clone(), shutdown)
     })
     .await

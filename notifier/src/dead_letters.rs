@@ -52,16 +52,19 @@ pub async fn run(
             let headers = delivery.properties.headers().clone();
             let topo = topology.clone();
             let result = db::run(&pool, move |conn| {
-                Ok(deadletters::record(
-                    conn,
-                    &topo,
-                    &payload,
-                    headers.as_ref(),
-                )?)
+                let id = deadletters::record(conn, &topo, &payload, headers.as_ref())?;
+                Ok((id, tenant_of(conn, id)?))
             })
             .await;
             match result {
-                Ok(id) => {
+                Ok((id, tenant)) => {
+                    if id.is_some() {
+                        metrics::counter!(
+                            "mui_messages_dead_lettered_total",
+                            "tenant" => tenant.unwrap_or_else(|| "unknown".to_owned())
+                        )
+                        .increment(1);
+                    }
                     tracing::warn!(dead_letter_id = ?id, "DeadLetterRecorded");
                     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                         tracing::warn!(error = %e, "DeadLetterAckError");
@@ -86,4 +89,28 @@ pub async fn run(
     drop(consumer);
     let _ = channel.close(200, "shutdown".into()).await;
     Ok(())
+}
+
+/// The slug of the tenant a recorded dead letter is about, if it names one.
+fn tenant_of(
+    conn: &mut diesel::PgConnection,
+    id: Option<i64>,
+) -> diesel::QueryResult<Option<String>> {
+    use diesel::prelude::*;
+    use mui_shared::schema::{dead_letters, tenants};
+    let Some(id) = id else { return Ok(None) };
+    let tenant: Option<i64> = dead_letters::table
+        .find(id)
+        .select(dead_letters::tenant_id)
+        .first::<Option<i64>>(conn)
+        .optional()?
+        .flatten();
+    let Some(tenant) = tenant else {
+        return Ok(None);
+    };
+    tenants::table
+        .find(tenant)
+        .select(tenants::slug)
+        .first::<String>(conn)
+        .optional()
 }

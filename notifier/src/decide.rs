@@ -107,6 +107,7 @@ pub(crate) fn decide(
     if let Some(why) = tenant.missing_mail_settings() {
         mui_shared::files::report_status(conn, file_id, NotifyStatus::Held, Some(&why))?;
         tracing::warn!(reason = %why, "ReportHeld");
+        metrics::counter!("mui_mails_held_total").increment(1);
         return Ok(Decision::Nothing);
     }
     let header: Vec<String> = f

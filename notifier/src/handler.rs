@@ -70,12 +70,37 @@ impl Handler {
                 return;
             }
         };
-        let span = tracing::info_span!("notify", tenant_id = tenant_id.0, file_id = file_id.0);
+        // The file's trace continues here (the outbox row's context, from the worker or
+        // ingest that wrote the message).
+        let (name, failures) = match &msg {
+            NotifyMessage::RowFailuresV1(f) => ("failures.record", f.failures.len()),
+            _ => ("file.notify", 0),
+        };
+        let span = tracing::info_span!(
+            "notify",
+            otel.name = name,
+            tenant_id = tenant_id.0,
+            file_id = file_id.0,
+            mui.failures = failures as i64,
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %delivery.routing_key,
+            messaging.rabbitmq.delivery_tag = delivery.delivery_tag as i64,
+            messaging.rabbitmq.redelivered = delivery.redelivered,
+            otel.kind = "consumer",
+        );
+        TraceContext::from_headers(delivery.properties.headers().as_ref()).parent(&span);
+        let current = span.clone();
         async {
             let mut backoff = amqp::backoff_policy(None);
+            let mut retried = false;
             loop {
                 match self.handle(&msg).await {
                     Ok(()) => {
+                        if retried {
+                            // The error a try before set no longer holds.
+                            otel::set_ok(&current);
+                        }
                         if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                             tracing::warn!(error = %e, "NotifyAckError");
                         }
@@ -84,6 +109,8 @@ impl Handler {
                     Err(e) if e.is_transient() => {
                         let wait = backoff::backoff::Backoff::next_backoff(&mut backoff)
                             .unwrap_or(Duration::from_secs(10));
+                        otel::set_error(&current, &e);
+                        retried = true;
                         tracing::warn!(error = %e, cause = ?e, retry_in_ms = wait.as_millis() as u64, "NotifyRetry");
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
@@ -94,6 +121,7 @@ impl Handler {
                         }
                     }
                     Err(e) => {
+                        otel::set_error(&current, format!("{e}: {}", error_chain(&e)));
                         tracing::error!(error = %e, cause = ?e, "NotifyRejectedError");
                         let file = match e {
                             NotifyError::WrongTenant(_) => None,
@@ -210,6 +238,7 @@ impl Handler {
             Decision::Busy => return Err(NotifyError::Busy),
             Decision::Send(plan) => plan,
         };
+        let plan_received_at = plan.received_at;
         let outcome = self.deliver(Arc::new(*plan)).await;
         let (status, detail) = match &outcome {
             Ok(None) => (NotifyStatus::Sent, None),
@@ -239,10 +268,19 @@ impl Handler {
         match outcome {
             Ok(note) => {
                 tracing::info!(reduced = note.is_some(), "EmailSent");
+                metrics::counter!("mui_mails_sent_total").increment(1);
+                let waited = chrono::Utc::now() - plan_received_at;
+                metrics::histogram!("mui_file_upload_to_mail_seconds")
+                    .record(waited.num_milliseconds().max(0) as f64 / 1000.0);
                 Ok(())
             }
-            Err(e) if e.is_transient() => Err(e.into()),
+            Err(e) if e.is_transient() => {
+                metrics::counter!("mui_mails_failed_total").increment(1);
+                Err(e.into())
+            }
             Err(e) => {
+                metrics::counter!("mui_mails_failed_total").increment(1);
+                metrics::counter!("mui_mails_held_total").increment(1);
                 tracing::warn!(error = %e, "EmailHeld");
                 Ok(())
             }
@@ -267,7 +305,19 @@ impl Handler {
             .await
             .map_err(|e| MailError::Attachment(format!("composing the report: {e}")))??;
             let message = composed.report.to_message()?;
-            match self.mailer.send(message).await {
+            let span = tracing::info_span!(
+                "mail.send",
+                mui.mail.bytes = composed.size as i64,
+                mui.mail.rows_attached = composed.rows as i64,
+                mui.mail.reduced = composed.reduced,
+                smtp.reply_code = tracing::field::Empty,
+                otel.kind = "client",
+            );
+            let sent = self.mailer.send(message).instrument(span.clone()).await;
+            if let Err(e) = &sent {
+                otel::set_error(&span, format!("{e}: {}", error_chain(e)));
+            }
+            match sent {
                 Ok(()) => {
                     let failed = plan.summary.failed;
                     let note = match (&refused, composed.reduced) {

@@ -60,6 +60,7 @@ use mui_shared::db::{self, DbError, PgPool};
 use mui_shared::domain::ImportFileId;
 use mui_shared::files::{FileState, NotifyStatus};
 use mui_shared::messages::{self, NotifyMessage, RowFailures};
+use mui_shared::otel::{self, TraceContext};
 use mui_shared::schema::{import_files, row_failures};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;

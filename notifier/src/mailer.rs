@@ -119,7 +119,14 @@ impl Mailer {
         let send = async {
             match &self.transport {
                 Transport::Smtp(t) => {
-                    t.send(message).await?;
+                    let reply = t.send(message).await.inspect_err(|e| {
+                        if let Some(code) = e.status() {
+                            tracing::Span::current()
+                                .record("smtp.reply_code", i64::from(u16::from(code)));
+                        }
+                    })?;
+                    tracing::Span::current()
+                        .record("smtp.reply_code", i64::from(u16::from(reply.code())));
                 }
                 Transport::Outbox(t, _) => {
                     t.send(message).await?;

@@ -19,8 +19,8 @@ struct Cli {
 #[tokio::main]
 async fn main() {
     let cli: Cli = mui_shared::service::parse_cli("mui-notifier");
-    let log_format = cli.config.common.log_format;
-    mui_shared::service::serve("mui-notifier", log_format, |shutdown| {
+    let common = cli.config.common.clone();
+    mui_shared::service::serve("mui-notifier", &common, |shutdown| {
         mui_notifier::run(cli.config.clone(), shutdown)
     })
     .await

@@ -30,6 +30,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use crate::otel::TraceContext;
+
 /// How many times a quorum queue redelivers a message before dead-lettering it.
 pub const DELIVERY_LIMIT: i64 = 10;
 
@@ -379,7 +381,25 @@ impl Publisher {
     /// Sends one message without waiting for its confirm; await the returned [`Pending`] to
     /// get it. Lets a caller keep a window of messages in flight.
     pub async fn send(&self, kind: QueueKind, payload: &[u8]) -> Result<Pending, AmqpError> {
+        self.send_traced(kind, payload, &TraceContext::default())
+            .await
+    }
+
+    /// [`Publisher::send`], with the trace context of the file the message is about in its
+    /// headers (`traceparent`, `tracestate`), so that the consumer continues the file's trace.
+    pub async fn send_traced(
+        &self,
+        kind: QueueKind,
+        payload: &[u8],
+        trace: &TraceContext,
+    ) -> Result<Pending, AmqpError> {
         let queue = self.topology.queue(kind);
+        let mut properties = persistent_json();
+        if !trace.is_empty() {
+            let mut headers = FieldTable::default();
+            trace.add_to(&mut headers);
+            properties = properties.with_headers(headers);
+        }
         let confirm = self
             .channel()
             .await?
@@ -392,7 +412,7 @@ impl Publisher {
                     ..BasicPublishOptions::default()
                 },
                 payload,
-                persistent_json(),
+                properties,
             )
             .await?;
         Ok(Pending { queue, confirm })

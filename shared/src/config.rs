@@ -36,6 +36,13 @@ pub struct CommonArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
+    /// Address of the HTTP endpoint serving /metrics (Prometheus), /healthz and /readyz,
+    /// e.g. 0.0.0.0:9090 (unset: none).
+    #[arg(long, env = "MUI_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Whether the service is connected, for /readyz (set by the service itself).
+    #[arg(skip)]
+    pub health: crate::health::Health,
 }
 
 /// Reads the file named by `MUI_CONFIG_FILE`, if set, into the environment (without

@@ -104,8 +104,13 @@ where
     F: FnOnce(&mut PgConnection) -> Result<T, DbError> + Send + 'static,
 {
     let pool = pool.clone();
+    // The caller's span, so that logs and trace context (the outbox's) carry on inside.
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
-        let mut conn = pool.get()?;
+        let _entered = span.enter();
+        let mut conn = pool.get().inspect_err(|_| {
+            metrics::counter!("mui_database_connect_errors_total").increment(1);
+        })?;
         f(&mut conn)
     })
     .await?

@@ -248,6 +248,24 @@ pub fn mark_dispatched(
     Ok(marked.into_iter().map(|c| c.chunk_no).collect())
 }
 
+/// The trace context stored with each of `files` (see [`crate::otel`]): the dispatcher's
+/// span for a chunk continues its file's trace. Files without one are left out.
+pub fn trace_contexts(
+    conn: &mut PgConnection,
+    files: &[i64],
+) -> QueryResult<std::collections::HashMap<i64, crate::otel::TraceContext>> {
+    use crate::schema::import_files;
+    let rows: Vec<(i64, Option<serde_json::Value>)> = import_files::table
+        .filter(import_files::id.eq_any(files))
+        .filter(import_files::trace_context.is_not_null())
+        .select((import_files::id, import_files::trace_context))
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, cx)| (id, crate::otel::TraceContext::from_json(cx)))
+        .collect())
+}
+
 /// Records that the broker confirmed the chunks' references (or, `confirmed` false, that
 /// publishing failed: they are waiting again). Rows being imported are skipped.
 pub fn mark_confirmed(

@@ -175,6 +175,8 @@ pub struct FileLine {
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Things the tenant was told that did not stop the import.
     pub notices: Vec<String>,
+    /// The file's OpenTelemetry trace id (32 hex digits), when traces are exported.
+    pub trace_id: Option<String>,
 }
 
 impl FileLine {
@@ -196,6 +198,17 @@ pub fn list_file_lines(
         .limit(limit)
         .select(FileLine::as_select())
         .load(conn)
+}
+
+/// One file, with its tenant's slug.
+pub fn file_line(conn: &mut PgConnection, id: i64) -> QueryResult<Option<(FileLine, String)>> {
+    use crate::schema::tenants;
+    import_files::table
+        .inner_join(tenants::table.on(tenants::id.eq(import_files::tenant_id)))
+        .filter(import_files::id.eq(id))
+        .select((FileLine::as_select(), tenants::slug))
+        .first(conn)
+        .optional()
 }
 
 /// A tenant's files in arrival order (oldest first).

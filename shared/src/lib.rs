@@ -14,7 +14,8 @@
 //! - [`users`]: a tenant's users, as an operator lists and looks them up.
 //! - [`permits`]: users' parking permits, as an operator lists and adds them.
 //! - [`tenants`]: tenant settings as the services read them.
-//! - [`config`] and [`telemetry`]: settings, logs and spans.
+//! - [`config`] and [`telemetry`]: settings, logs and spans; [`otel`]: OpenTelemetry traces
+//!   (one per file) and their context in messages; [`health`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`service`]: start-up, shutdown and exit, the same for every service.
 
 pub mod amqp;
@@ -26,7 +27,9 @@ pub mod dispatch;
 pub mod domain;
 pub mod failures;
 pub mod files;
+pub mod health;
 pub mod messages;
+pub mod otel;
 pub mod outbox;
 pub mod permits;
 pub mod schema;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{Publisher, QueueKind};
 use crate::db::{self, DbError, PgPool};
+use crate::otel::TraceContext;
 use crate::schema::outbox;
 
 /// How long a relay owns a claimed batch before another relay may take it over.
@@ -23,7 +24,8 @@ const BATCH: i64 = 200;
 /// How often a relay looks for rows without being kicked (rows left by other processes).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Adds a message to the outbox, inside the caller's transaction.
+/// Adds a message to the outbox, inside the caller's transaction, with the trace context of
+/// the span entered on this thread (the relay puts it in the message's headers).
 pub fn enqueue(
     conn: &mut PgConnection,
     queue: QueueKind,
@@ -33,6 +35,7 @@ pub fn enqueue(
         .values((
             outbox::queue.eq(queue.as_str()),
             outbox::payload.eq(payload),
+            outbox::trace_context.eq(TraceContext::current().to_json()),
         ))
         .execute(conn)?;
     Ok(())
@@ -65,6 +68,8 @@ struct Claimed {
     queue: String,
     #[diesel(sql_type = diesel::sql_types::Bytea)]
     payload: Vec<u8>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Jsonb>)]
+    trace_context: Option<serde_json::Value>,
 }
 
 impl Relay {
@@ -109,7 +114,7 @@ impl Relay {
                  WHERE id IN (SELECT id FROM outbox \
                               WHERE claimed_until IS NULL OR claimed_until < now() \
                               ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, queue, payload"
+                 RETURNING id, queue, payload, trace_context"
             ))
             .load(conn)?)
         })
@@ -117,17 +122,10 @@ impl Relay {
         if claimed.is_empty() {
             return Ok(0);
         }
-        let mut messages = Vec::with_capacity(claimed.len());
-        for row in &claimed {
-            match QueueKind::parse(&row.queue) {
-                Some(kind) => messages.push((kind, row.payload.as_slice())),
-                None => tracing::error!(id = row.id, queue = %row.queue, "OutboxUnknownQueue"),
-            }
-        }
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
         // Each confirm is awaited at most amqp::CONFIRM_TIMEOUT, inside the claim: a publish
         // stuck on a half-dead connection gives its rows back.
-        if let Err(e) = self.publisher.publish_all(&messages).await {
+        if let Err(e) = self.publish_claimed(claimed).await {
             // Release the claim so the rows go out on the next round, not in 30 s.
             let _ = db::run(&self.pool, move |conn| {
                 diesel::sql_query("UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1)")
@@ -147,6 +145,31 @@ impl Relay {
         })
         .await?;
         Ok(n)
+    }
+}
+
+impl Relay {
+    /// Publishes the claimed rows (pipelined, then every confirm awaited), each with its
+    /// trace context in the headers.
+    async fn publish_claimed(&self, claimed: Vec<Claimed>) -> Result<(), crate::amqp::AmqpError> {
+        let mut pending = Vec::with_capacity(claimed.len());
+        for row in claimed {
+            match QueueKind::parse(&row.queue) {
+                Some(kind) => {
+                    let trace = TraceContext::from_json(row.trace_context);
+                    pending.push(
+                        self.publisher
+                            .send_traced(kind, &row.payload, &trace)
+                            .await?,
+                    );
+                }
+                None => tracing::error!(id = row.id, queue = %row.queue, "OutboxUnknownQueue"),
+            }
+        }
+        for p in pending {
+            p.confirmed().await?;
+        }
+        Ok(())
     }
 }
 

@@ -113,6 +113,8 @@ diesel::table! {
         chunk_rows -> Nullable<Int4>,
         chunk_max_bytes -> Nullable<Int4>,
         notices -> Array<Text>,
+        trace_id -> Nullable<Text>,
+        trace_context -> Nullable<Jsonb>,
     }
 }
 
@@ -176,6 +178,7 @@ diesel::table! {
         payload -> Bytea,
         created_at -> Timestamptz,
         claimed_until -> Nullable<Timestamptz>,
+        trace_context -> Nullable<Jsonb>,
     }
 }
 

@@ -11,9 +11,9 @@ use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, Topology};
-use crate::config::{self, CommonArgs, LogFormat};
+use crate::config::{self, CommonArgs};
 use crate::db::{self, PgPool};
-use crate::telemetry;
+use crate::{health, telemetry};
 
 /// Reads `MUI_CONFIG_FILE` (if set) into the environment, then parses the command line.
 /// Exits with status 2 and a message on a bad configuration file or bad arguments.
@@ -36,13 +36,23 @@ pub const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(3
 /// [`supervise`]. Exits the process when it stops (0 on shutdown), without waiting for
 /// blocking tasks still retrying a connection; at the latest [`SHUTDOWN_BOUND`] after the
 /// signal (status 1), or at once on a second signal (status 1).
-pub async fn serve<F, Fut>(service: &'static str, log_format: LogFormat, run: F) -> !
+///
+/// With `MUI_HTTP_ADDR` set, `/metrics`, `/healthz` and `/readyz` are served for the whole
+/// life of the process ([`crate::health`]); a port that cannot be bound exits with status 2.
+/// Spans still queued for export are flushed (for at most two seconds) before exiting.
+pub async fn serve<F, Fut>(service: &'static str, common: &CommonArgs, run: F) -> !
 where
     F: Fn(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    telemetry::init(service, log_format);
+    telemetry::init(service, common.log_format);
     let shutdown = CancellationToken::new();
+    if let Some(addr) = common.http_addr {
+        if let Err(e) = health::serve(addr, common.health.clone(), shutdown.child_token()).await {
+            eprintln!("{service}: {e:#}");
+            std::process::exit(2);
+        }
+    }
     let signal = shutdown.clone();
     tokio::spawn(async move {
         telemetry::shutdown_signal().await;
@@ -50,7 +60,7 @@ where
         signal.cancel();
         telemetry::shutdown_signal().await;
         tracing::warn!("ShutdownForced");
-        std::process::exit(1);
+        exit(1);
     });
     let deadline = async {
         shutdown.cancelled().await;
@@ -60,18 +70,24 @@ where
         result = supervise(service, &shutdown, run) => match result {
             Ok(()) => {
                 tracing::info!("ShutdownComplete");
-                std::process::exit(0)
+                exit(0)
             }
             Err(e) => {
                 telemetry::log_error_chain("ServiceFailed", &e);
-                std::process::exit(1)
+                exit(1)
             }
         },
         _ = deadline => {
             tracing::warn!(bound_secs = SHUTDOWN_BOUND.as_secs(), "ShutdownTimedOut");
-            std::process::exit(1)
+            exit(1)
         }
     }
+}
+
+/// Exits the process after flushing the spans still queued for export.
+fn exit(code: i32) -> ! {
+    crate::otel::shutdown(std::time::Duration::from_secs(2));
+    std::process::exit(code)
 }
 
 /// Runs `run` until `shutdown`, starting it again after it fails (lost broker connection,
@@ -105,6 +121,7 @@ where
         let wait = backoff::backoff::Backoff::next_backoff(&mut policy)
             .unwrap_or(std::time::Duration::from_secs(10));
         let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+        metrics::counter!("mui_service_restarts_total").increment(1);
         tracing::warn!(service, error = %chain.join(": "), restart_in_ms = wait.as_millis() as u64, "ServiceRestarting");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -112,6 +129,9 @@ where
         }
     }
 }
+
+/// Whether this process connected to the broker before (later connections are reconnects).
+static CONNECTED_BEFORE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Start-up shared by the services: applies migrations (waiting for the database) and
 /// connects to RabbitMQ (waiting for the broker) and declares the topology. Returns `None`
@@ -139,5 +159,10 @@ pub async fn start(
     let channel = conn.create_channel().await?;
     topology.declare(&channel).await?;
     let _ = channel.close(200, "declared".into()).await;
-    Ok(Some((Arc::new(conn), topology)))
+    let conn = Arc::new(conn);
+    common.health.connected(&conn, pool);
+    if CONNECTED_BEFORE.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        metrics::counter!("mui_broker_reconnects_total").increment(1);
+    }
+    Ok(Some((conn, topology)))
 }

@@ -117,6 +117,8 @@ impl TestEnv {
             amqp_url,
             queue_prefix: self.prefix.clone(),
             log_format: LogFormat::Human,
+            http_addr: None,
+            health: Default::default(),
         }
     }
 

@@ -6,6 +6,8 @@
 //! - [`App`]: ingest, a worker and the notifier running in-process against the test's own
 //!   database, queue prefix, drop folder and SMTP sink ([`spawn_app`]), like zero2prod's
 //!   `spawn_app()`. Tests read as the user story they check.
+//! - [`otlp::OtlpSink`]: an OTLP/HTTP trace receiver (a collector, as far as the services
+//!   can tell), and a plain HTTP GET for `/metrics` and `/readyz`.
 //! - [`netns::NetNs`]: another "host": a network namespace joined to this one by a veth pair.
 //!
 //! PostgreSQL and RabbitMQ come from `MUI_TEST_DATABASE_URL` (default
@@ -18,6 +20,7 @@ pub mod chaos;
 mod db;
 mod env;
 pub mod netns;
+pub mod otlp;
 mod proxy;
 pub mod sftp;
 mod smtp;

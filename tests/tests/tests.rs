@@ -14,6 +14,7 @@ mod file_level;
 mod hosts;
 mod isolation;
 mod kills;
+mod observability;
 mod outages;
 mod pipeline;
 mod plans;

@@ -23,8 +23,10 @@ use mui_shared::amqp::{Publisher, QueueKind};
 use mui_shared::dispatch::{self, Candidate, Fair, QueueState};
 use mui_shared::domain::{ImportFileId, TenantId};
 use mui_shared::messages::{self, ChunkRef, WorkMessage};
+use mui_shared::otel::{self, TraceContext};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// A worker not seen for this long is not counted.
 pub const ALIVE_SECS: i64 = 15;
@@ -223,13 +225,20 @@ async fn round(
                 diesel::QueryResult::Ok(())
             })?;
         }
-        Ok((f, marked, express))
+        // Each file's trace, continued by the span that hands out its chunks.
+        let traces = if otel::enabled() && !marked.is_empty() {
+            let files: Vec<i64> = marked.iter().map(|(_, f, _)| f.0).collect();
+            dispatch::trace_contexts(c, &files)?
+        } else {
+            HashMap::new()
+        };
+        Ok((f, marked, express, traces))
     })
     .await;
-    let (marked, express) = match picked {
-        Ok((f, marked, express)) => {
+    let (marked, express, traces) = match picked {
+        Ok((f, marked, express, traces)) => {
             *fair = f;
-            (marked, express)
+            (marked, express, traces)
         }
         Err(e) => return (c, Err(e)),
     };
@@ -255,8 +264,33 @@ async fn round(
             } else {
                 QueueKind::Chunks
             };
+            let span = tracing::info_span!(
+                "chunk.dispatch",
+                tenant_id = tenant.0,
+                file_id = file.0,
+                chunk_no,
+                messaging.system = "rabbitmq",
+                messaging.operation.type = "send",
+                messaging.destination.name = %publisher.topology().queue(lane),
+                mui.express = lane == QueueKind::Express,
+                otel.kind = "producer",
+            );
+            if let Some(t) = traces.get(&file.0) {
+                t.parent(&span);
+            }
+            let trace = TraceContext::of(&span);
             let sent = match messages::encode(&msg) {
-                Ok(bytes) => publisher.send(lane, &bytes).await.ok(),
+                Ok(bytes) => match publisher
+                    .send_traced(lane, &bytes, &trace)
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        otel::set_error(&span, &e);
+                        None
+                    }
+                },
                 Err(_) => None,
             };
             pending.push((chunk_no, sent));

@@ -100,6 +100,8 @@ pub struct ChunkOutcome {
     pub permits_released: i64,
     /// Whether this chunk finished its file.
     pub finished_file: bool,
+    /// The tenant's slug (for metrics; empty when nothing was applied).
+    pub tenant: String,
 }
 
 #[derive(QueryableByName)]
@@ -194,9 +196,13 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
     }
 
     let map = HeaderMap::parse(&chunk.header)?;
-    let (on, fields): (bool, Vec<String>) = tenants::table
+    let (on, fields, slug): (bool, Vec<String>, String) = tenants::table
         .find(chunk.tenant_id.0)
-        .select((tenants::archive_on_inactive, tenants::archive_suffix_fields))
+        .select((
+            tenants::archive_on_inactive,
+            tenants::archive_suffix_fields,
+            tenants::slug,
+        ))
         .first(conn)?;
     let archive = ArchiveSettings { on, fields };
     let rules = TenantRules::new(
@@ -248,6 +254,7 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
     let mut outcome = ChunkOutcome {
         applied: true,
         rows: chunk.rows.len() as i64,
+        tenant: slug,
         ..ChunkOutcome::default()
     };
     // 3. Stage the good rows and write them into `users`; rows that change nothing are left

@@ -56,7 +56,21 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::import::ImportError;
+use crate::import::{ChunkOutcome, ImportError};
+use mui_shared::otel::{self, TraceContext};
+
+/// Counts an applied chunk in the metrics (docs/observability.md).
+fn record_metrics(outcome: &ChunkOutcome, took: Duration) {
+    let tenant = outcome.tenant.clone();
+    metrics::counter!("mui_rows_imported_total", "tenant" => tenant.clone())
+        .increment((outcome.rows - outcome.failed).max(0) as u64);
+    metrics::counter!("mui_rows_failed_total", "tenant" => tenant.clone())
+        .increment(outcome.failed.max(0) as u64);
+    metrics::histogram!("mui_chunk_import_duration_seconds").record(took.as_secs_f64());
+    if outcome.finished_file {
+        metrics::counter!("mui_files_done_total", "tenant" => tenant).increment(1);
+    }
+}
 
 /// worker's settings.
 #[derive(Debug, Clone, Args)]
@@ -157,6 +171,16 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         None
     };
 
+    // The queue gauges of /metrics, sampled only where they are served.
+    let gauges_task = config.common.http_addr.is_some().then(|| {
+        tokio::spawn(sample_gauges(
+            pool.clone(),
+            conn.clone(),
+            topology.clone(),
+            beat_stop.clone(),
+        ))
+    });
+
     let tag = format!("mui-worker-{}", std::process::id());
     let mut consumer = channel
         .basic_consume(
@@ -226,6 +250,9 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     }
     beat_stop.cancel();
     let _ = beat_task.await;
+    if let Some(t) = gauges_task {
+        let _ = t.await;
+    }
     let gone = name.clone();
     if let Err(e) = db::run(&pool, move |c| Ok(dispatch::worker_gone(c, &gone)?)).await {
         tracing::warn!(error = %e, "WorkerDeregisterError");
@@ -270,6 +297,74 @@ fn spawn_import(
         wake.notify_one();
         drop(permit);
     });
+}
+
+/// How often the queue gauges are sampled.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Samples `mui_chunks_pending{tenant}` (chunks queued in PostgreSQL and not imported yet)
+/// and `mui_queue_depth{queue}` (messages ready in the chunks and express queues) every few
+/// seconds until `stop`. A tenant whose chunks are all imported is set to 0 (its series
+/// stays, at 0, until the process restarts).
+async fn sample_gauges(
+    pool: PgPool,
+    conn: Arc<lapin::Connection>,
+    topology: amqp::Topology,
+    stop: CancellationToken,
+) {
+    use diesel::prelude::*;
+    let mut shown: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut channel: Option<lapin::Channel> = None;
+    loop {
+        let pending = db::run(&pool, |c| {
+            use diesel::dsl::count_star;
+            use mui_shared::schema::{chunk_queue, tenants};
+            Ok(chunk_queue::table
+                .inner_join(tenants::table.on(tenants::id.eq(chunk_queue::tenant_id)))
+                .filter(chunk_queue::dead_at.is_null())
+                .group_by(tenants::slug)
+                .select((tenants::slug, count_star()))
+                .load::<(String, i64)>(c)?)
+        })
+        .await;
+        if let Ok(pending) = pending {
+            let now: std::collections::HashSet<String> =
+                pending.iter().map(|(s, _)| s.clone()).collect();
+            for (slug, n) in pending {
+                metrics::gauge!("mui_chunks_pending", "tenant" => slug).set(n as f64);
+            }
+            for gone in shown.difference(&now) {
+                metrics::gauge!("mui_chunks_pending", "tenant" => gone.clone()).set(0.0);
+            }
+            shown = now;
+        }
+        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+            channel = conn.create_channel().await.ok();
+        }
+        if let Some(ch) = &channel {
+            for kind in [QueueKind::Chunks, QueueKind::Express] {
+                let name = topology.queue(kind);
+                let passive = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                if let Ok(q) = ch
+                    .queue_declare(name.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    metrics::gauge!("mui_queue_depth", "queue" => kind.as_str())
+                        .set(f64::from(q.message_count()));
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+        }
+    }
+    if let Some(ch) = channel {
+        let _ = ch.close(200, "shutdown".into()).await;
+    }
 }
 
 /// How often a worker says it is alive.
@@ -369,19 +464,59 @@ async fn handle_delivery(
             return;
         }
     };
+    // The file's trace continues here: the span that published this message is its parent.
+    let delivery_count = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.inner().get("x-delivery-count") {
+            Some(lapin::types::AMQPValue::LongLongInt(n)) => Some(*n),
+            Some(lapin::types::AMQPValue::LongInt(n)) => Some(i64::from(*n)),
+            _ => None,
+        })
+        .unwrap_or(0);
     let span = tracing::info_span!(
-        "import_chunk",
+        "chunk.import",
         tenant_id = r.tenant_id.0,
+        tenant = tracing::field::Empty,
         file_id = r.file_id.0,
-        chunk_no = r.chunk_no
+        chunk_no = i64::from(r.chunk_no),
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.destination.name = %delivery.routing_key,
+        messaging.rabbitmq.delivery_tag = delivery.delivery_tag as i64,
+        messaging.rabbitmq.redelivered = delivery.redelivered,
+        mui.delivery_count = delivery_count,
+        mui.rows = tracing::field::Empty,
+        mui.rows.new = tracing::field::Empty,
+        mui.rows.updated = tracing::field::Empty,
+        mui.rows.unchanged = tracing::field::Empty,
+        mui.rows.failed = tracing::field::Empty,
+        mui.already_imported = tracing::field::Empty,
+        mui.query_failures = tracing::field::Empty,
+        mui.file_finished = tracing::field::Empty,
+        otel.kind = "consumer",
     );
+    TraceContext::from_headers(delivery.properties.headers().as_ref()).parent(&span);
+    let started = std::time::Instant::now();
     async {
         let mut query_failures = 0u32;
         let mut backoff = amqp::backoff_policy(None);
         loop {
             let w = work.clone();
             let p = pool.clone();
+            let parent = tracing::Span::current();
             let result = tokio::task::spawn_blocking(move || {
+                // Entered here so that the outbox rows written by the transaction (failure
+                // records, "file finished") carry the trace on to the notifier.
+                let _tx = tracing::info_span!(
+                    parent: &parent,
+                    "chunk.transaction",
+                    db.system = "postgresql",
+                    db.operation.name = "import chunk",
+                    otel.kind = "client",
+                )
+                .entered();
                 let mut conn = p.get().map_err(|e| ImportError::Db(e.into()))?;
                 match w {
                     Work::Inline(c) => import::import_chunk(&mut conn, &c),
@@ -390,8 +525,28 @@ async fn handle_delivery(
             })
             .await
             .unwrap_or_else(|join| Err(ImportError::Db(join.into())));
+            let span = tracing::Span::current();
+            if let Err(e) = &result {
+                otel::set_error(&span, chain(e));
+            }
             match result {
                 Ok(outcome) => {
+                    span.record("mui.already_imported", !outcome.applied);
+                    span.record("mui.query_failures", i64::from(query_failures));
+                    if outcome.applied {
+                        span.record("tenant", outcome.tenant.as_str());
+                        span.record("mui.rows", outcome.rows);
+                        span.record("mui.rows.new", outcome.inserted);
+                        span.record("mui.rows.updated", outcome.updated);
+                        span.record("mui.rows.unchanged", outcome.unchanged);
+                        span.record("mui.rows.failed", outcome.failed);
+                        span.record("mui.file_finished", outcome.finished_file);
+                        // The status set by a failed try before this one no longer holds.
+                        if query_failures > 0 {
+                            otel::set_ok(&span);
+                        }
+                        record_metrics(&outcome, started.elapsed());
+                    }
                     if outcome.applied {
                         tracing::info!(
                             rows = outcome.rows,

@@ -17,8 +17,8 @@ struct Cli {
 #[tokio::main]
 async fn main() {
     let cli: Cli = mui_shared::service::parse_cli("mui-worker");
-    let log_format = cli.config.common.log_format;
-    mui_shared::service::serve("mui-worker", log_format, |shutdown| {
+    let common = cli.config.common.clone();
+    mui_shared::service::serve("mui-worker", &common, |shutdown| {
         mui_worker::run(cli.config.clone(), shutdown)
     })
     .await

@@ -24,6 +24,15 @@ pub enum FilesCmd {
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
+    /// One file: state, counts, email, notices and its trace id (the file's trace in Jaeger,
+    /// Tempo or any OpenTelemetry backend; shown when the services export traces).
+    Show {
+        /// The file id (from `files list`).
+        file_id: i64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a file's failures CSV (the email's attachment) again.
     Failures {
         /// The file id (from `files list`).
@@ -38,6 +47,7 @@ impl FilesCmd {
                 let t = super::find(conn, &slug)?;
                 list_files(out, conn, &t, json, limit)
             }
+            FilesCmd::Show { file_id, json } => show_file(out, conn, file_id, json),
             FilesCmd::Failures { file_id } => {
                 let file = failures::load_file(conn, ImportFileId(file_id))?
                     .with_context(|| format!("no file with id {file_id}"))?;
@@ -133,5 +143,73 @@ fn list_files(
             )?;
         }
     }
+    Ok(())
+}
+
+fn show_file(
+    out: &mut impl Write,
+    conn: &mut PgConnection,
+    file_id: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (f, slug) =
+        files::file_line(conn, file_id)?.with_context(|| format!("no file with id {file_id}"))?;
+    if json {
+        let mut value = serde_json::to_value(&f)?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("tenant".into(), serde_json::Value::String(slug));
+        }
+        serde_json::to_writer_pretty(&mut *out, &value)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    writeln!(out, "id:          {}", f.id)?;
+    writeln!(out, "tenant:      {slug}")?;
+    writeln!(out, "file:        {}", f.file_name)?;
+    writeln!(out, "state:       {}", f.state)?;
+    writeln!(
+        out,
+        "received:    {}",
+        f.received_at.format("%Y-%m-%d %H:%M:%S")
+    )?;
+    writeln!(
+        out,
+        "finished:    {}",
+        opt(f
+            .finished_at
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()))
+    )?;
+    writeln!(
+        out,
+        "chunks:      {}/{}",
+        f.chunks_done,
+        opt(f.total_chunks.map(|n| n.to_string()))
+    )?;
+    writeln!(
+        out,
+        "rows:        {}",
+        opt(f.rows_total.map(|n| n.to_string()))
+    )?;
+    writeln!(
+        out,
+        "imported:    {} (new {}, updated {}, unchanged {})",
+        f.rows_imported(),
+        f.rows_inserted,
+        f.rows_updated,
+        f.rows_unchanged
+    )?;
+    writeln!(out, "failed:      {}", f.rows_failed)?;
+    writeln!(out, "email:       {}", f.notify_status)?;
+    if let Some(detail) = &f.notify_detail {
+        writeln!(out, "email note:  {detail}")?;
+    }
+    if let Some(msg) = &f.error_message {
+        writeln!(out, "error:       {msg}")?;
+    }
+    for notice in &f.notices {
+        writeln!(out, "notice:      {notice}")?;
+    }
+    writeln!(out, "trace id:    {}", opt(f.trace_id))?;
     Ok(())
 }

@@ -32,7 +32,9 @@ use mui_shared::dispatch;
 use mui_shared::domain::{ImportFileId, TenantId};
 use mui_shared::files::{self, FileState};
 use mui_shared::messages::{self, Chunk, ChunkRef, FileErrorCode, WorkMessage};
+use mui_shared::otel::{self, TraceContext};
 use mui_shared::outbox::Kick;
+use mui_shared::schema::import_files;
 use mui_shared::tenants::Tenant;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
@@ -45,7 +47,7 @@ mod repeats;
 mod state;
 
 use publish::{publish_rows, validate_whole, Validated};
-use state::{add_notice, current_state, fail, register, FileLock};
+use state::{add_notice, adopt_trace, current_state, fail, register, FileLock};
 
 /// What the pipeline needs.
 #[derive(Debug, Clone)]
@@ -193,13 +195,21 @@ pub async fn handle(
     );
     let registered = register(ctx, tenant.tenant_id(), &display, &arrival_key, &sniff).await?;
     let file_id = registered.id;
+    if registered.new {
+        metrics::counter!("mui_files_received_total", "tenant" => tenant.slug.clone()).increment(1);
+    }
+    // The file's trace: this span is its root (or continues it, for a file handled again).
     let span = tracing::info_span!(
-        "import_file",
+        "file.ingest",
         tenant_id = tenant.id,
         tenant = %tenant.slug,
-        file_id = file_id.0
+        file_id = file_id.0,
+        mui.file.bytes = sniff.size as i64,
+        mui.file.new = registered.new,
+        otel.kind = "producer",
     );
-    async move {
+    adopt_trace(&ctx.pool, file_id, &span).await?;
+    let result = async move {
         let Some(lock) = FileLock::try_acquire(&ctx.database_url, file_id).await? else {
             tracing::debug!("FileLockedElsewhere");
             return Ok(());
@@ -232,27 +242,38 @@ pub async fn handle(
                         "only .csv files are imported, and {display:?} does not end in .csv; save the users as CSV and upload that file"
                     ),
                 };
-                fail(ctx, file_id, tenant.tenant_id(), &problem, Some(&sniff)).await?;
+                fail(ctx, file_id, tenant, &problem, Some(&sniff)).await?;
             } else {
                 let chunking = registered.chunking;
-                match validate_whole(&file, &sniff, ctx.limits, chunking).await? {
+                let read = tracing::info_span!("file.read", mui.file.bytes = sniff.size as i64);
+                match validate_whole(&file, &sniff, ctx.limits, chunking)
+                    .instrument(read)
+                    .await?
+                {
                     Validated::Problem(problem) => {
-                        fail(ctx, file_id, tenant.tenant_id(), &problem, Some(&sniff)).await?;
+                        fail(ctx, file_id, tenant, &problem, Some(&sniff)).await?;
                     }
                     Validated::Changed => {
                         let problem = FileProblem {
                             code: FileErrorCode::Unreadable,
                             message: "the file changed while it was being read; nothing of this version was imported, and its new content is imported as a new upload".into(),
                         };
-                        fail(ctx, file_id, tenant.tenant_id(), &problem, Some(&sniff)).await?;
+                        fail(ctx, file_id, tenant, &problem, Some(&sniff)).await?;
                         lock.release().await;
                         return Ok(());
                     }
                     Validated::Good(repeats) => {
                         ctx.hooks.pause("ingest.before_publish", &display).await;
+                        let chunked = tracing::info_span!(
+                            "file.chunk",
+                            mui.dispatch = ?ctx.dispatch,
+                            mui.rows = tracing::field::Empty,
+                            mui.chunks = tracing::field::Empty,
+                        );
                         publish_rows(
                             ctx, tenant, file_id, &file, &sniff, chunking, &display, repeats,
                         )
+                        .instrument(chunked)
                         .await?;
                     }
                 }
@@ -275,8 +296,12 @@ pub async fn handle(
         lock.release().await;
         Ok(())
     }
-    .instrument(span)
-    .await
+    .instrument(span.clone())
+    .await;
+    if let Err(e) = &result {
+        otel::set_error(&span, format!("{e:#}"));
+    }
+    result
 }
 
 enum OtherNames {
@@ -352,8 +377,11 @@ async fn report_unopened(
         broken_utf8: None,
     };
     let registered = register(ctx, tenant.tenant_id(), name, &arrival_key, &sniff).await?;
+    if registered.new {
+        metrics::counter!("mui_files_received_total", "tenant" => tenant.slug.clone()).increment(1);
+    }
     if current_state(&ctx.pool, registered.id).await? == FileState::Received {
-        fail(ctx, registered.id, tenant.tenant_id(), problem, None).await?;
+        fail(ctx, registered.id, tenant, problem, None).await?;
     }
     Ok(())
 }

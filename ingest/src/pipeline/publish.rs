@@ -134,21 +134,55 @@ pub(super) async fn publish_rows(
             continue; // keep draining so the reader finishes
         }
         match ctx.dispatch {
-            ChunkDispatch::Direct => match ctx.publisher.send(QueueKind::Chunks, &bytes).await {
-                Ok(p) => window.push_back(p),
-                Err(e) => publish_error = Some(anyhow::Error::from(e)),
-            },
+            ChunkDispatch::Direct => {
+                let queue = ctx.publisher.topology().queue(QueueKind::Chunks);
+                let span = tracing::info_span!(
+                    "chunk.publish",
+                    mui.chunk_no = i64::from(chunk_no),
+                    mui.rows = rows,
+                    messaging.system = "rabbitmq",
+                    messaging.operation.type = "send",
+                    messaging.destination.name = %queue,
+                    otel.kind = "producer",
+                );
+                let trace = TraceContext::of(&span);
+                let sent = ctx
+                    .publisher
+                    .send_traced(QueueKind::Chunks, &bytes, &trace)
+                    .instrument(span.clone())
+                    .await;
+                match sent {
+                    Ok(p) => window.push_back(p),
+                    Err(e) => {
+                        otel::set_error(&span, &e);
+                        publish_error = Some(anyhow::Error::from(e));
+                    }
+                }
+            }
             ChunkDispatch::Fair => {
                 let chunk = ChunkRef {
                     file_id,
                     tenant_id,
                     chunk_no,
                 };
+                // Queued in PostgreSQL: the dispatcher's span continues from the file's
+                // stored trace context when it hands the chunk to the broker.
+                let span = tracing::info_span!(
+                    "chunk.publish",
+                    mui.chunk_no = i64::from(chunk_no),
+                    mui.rows = rows,
+                    db.system = "postgresql",
+                    db.operation.name = "INSERT",
+                    db.collection.name = "chunk_queue",
+                    otel.kind = "producer",
+                );
                 let queued = db::run(&ctx.pool, move |conn| {
                     Ok(dispatch::enqueue(conn, chunk, rows, &bytes)?)
                 })
+                .instrument(span.clone())
                 .await;
                 if let Err(e) = queued {
+                    otel::set_error(&span, &e);
                     publish_error = Some(anyhow::Error::from(e));
                 }
             }
@@ -186,7 +220,7 @@ pub(super) async fn publish_rows(
             (summary.chunks, summary.rows, notice)
         }
         Err(problem) if published_chunks == 0 => {
-            fail(ctx, file_id, tenant_id, &problem, Some(sniff)).await?;
+            fail(ctx, file_id, tenant, &problem, Some(sniff)).await?;
             return Ok(());
         }
         Err(problem) => (
@@ -203,6 +237,9 @@ pub(super) async fn publish_rows(
     }
     let (header, ignored, delimiter) = header_seen.unwrap_or_default();
     tracing::info!(rows, chunks, "FileQueued");
+    let span = tracing::Span::current();
+    span.record("mui.rows", rows as i64);
+    span.record("mui.chunks", i64::from(chunks));
     let totals = files::Totals {
         chunks: chunks as i32,
         rows: rows as i64,

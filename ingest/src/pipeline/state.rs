@@ -21,6 +21,8 @@ pub(super) async fn add_notice(
 /// A registered file.
 pub(super) struct Registered {
     pub(super) id: ImportFileId,
+    /// Registered now (not found from an earlier attempt).
+    pub(super) new: bool,
     /// How it is cut into chunks, as fixed when it was registered.
     pub(super) chunking: Chunking,
 }
@@ -62,6 +64,7 @@ pub(super) async fn register(
     .await?;
     Ok(Registered {
         id: r.id,
+        new: r.new,
         // Files registered before the chunking was stored are cut as the service says.
         chunking: Chunking {
             rows: r
@@ -85,11 +88,14 @@ pub(super) async fn current_state(
 pub(super) async fn fail(
     ctx: &Context,
     file_id: ImportFileId,
-    tenant_id: TenantId,
+    tenant: &Tenant,
     problem: &FileProblem,
     sniff: Option<&Sniff>,
 ) -> anyhow::Result<()> {
     tracing::info!(code = problem.code.as_str(), "FileRejected");
+    mui_shared::otel::set_error(&tracing::Span::current(), problem.code.as_str());
+    metrics::counter!("mui_files_failed_total", "tenant" => tenant.slug.clone()).increment(1);
+    let tenant_id = tenant.tenant_id();
     let code = problem.code.as_str();
     let message = problem.message.clone();
     let encoding = sniff.map(Sniff::encoding_label);
@@ -105,6 +111,51 @@ pub(super) async fn fail(
     })
     .await?;
     ctx.kick.kick();
+    Ok(())
+}
+
+/// Makes `span` (ingest's span for the file, not entered yet) the file's trace: a file
+/// registered before (handled again after a restart) continues the trace stored with it;
+/// a new one stores the span's trace id and context with the file, where the fair
+/// dispatcher and `muictl files show` find them. Nothing happens when tracing is off.
+pub(super) async fn adopt_trace(
+    pool: &PgPool,
+    file_id: ImportFileId,
+    span: &tracing::Span,
+) -> anyhow::Result<()> {
+    if !mui_shared::otel::enabled() {
+        return Ok(());
+    }
+    let stored = db::run(pool, move |conn| {
+        Ok(import_files::table
+            .find(file_id.0)
+            .select(import_files::trace_context)
+            .first::<Option<serde_json::Value>>(conn)
+            .optional()?
+            .flatten())
+    })
+    .await?;
+    let stored = TraceContext::from_json(stored);
+    if !stored.is_empty() {
+        stored.parent(span);
+        return Ok(());
+    }
+    let mine = TraceContext::of(span);
+    let (id, json) = (mine.trace_id(), mine.to_json());
+    db::run(pool, move |conn| {
+        diesel::update(
+            import_files::table
+                .find(file_id.0)
+                .filter(import_files::trace_context.is_null()),
+        )
+        .set((
+            import_files::trace_id.eq(id),
+            import_files::trace_context.eq(json),
+        ))
+        .execute(conn)?;
+        Ok(())
+    })
+    .await?;
     Ok(())
 }
 

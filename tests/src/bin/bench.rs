@@ -62,6 +62,11 @@ struct Args {
     /// The onboarding scenario's two first imports (rows, small and large); 0 skips it.
     #[arg(long, value_delimiter = ',', default_values_t = [50_000u64, 200_000])]
     onboarding_rows: Vec<u64>,
+    /// Tracing on: the services export their spans (one trace per file) over OTLP/HTTP to
+    /// a receiver in this process, as to a collector. Compare with a run without it for
+    /// the cost of tracing.
+    #[arg(long)]
+    otel: bool,
 }
 
 /// Waits until `tenant` has `files` files done and mailed (or needing no mail).
@@ -286,7 +291,16 @@ fn main() -> anyhow::Result<()> {
     let base = baseline(&db.url, base_tenant.id, &file, false)?;
     diesel::sql_query("CHECKPOINT").execute(&mut conn)?;
 
-    let envs = setup.envs(args.chunk_rows, args.worker_concurrency);
+    let mut envs = setup.envs(args.chunk_rows, args.worker_concurrency);
+    // The OTLP receiver runs on a runtime of its own for the whole run.
+    let otel = if args.otel {
+        let rt = tokio::runtime::Runtime::new()?;
+        let sink = rt.block_on(mui_tests::otlp::OtlpSink::start_with(false))?;
+        envs.push(("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint()));
+        Some((rt, sink))
+    } else {
+        None
+    };
     let mut children: Vec<(String, Child)> = Vec::new();
     children.push((
         "mui-notifier".into(),
@@ -430,6 +444,13 @@ fn main() -> anyhow::Result<()> {
     let pipe_rps = rows / elapsed.as_secs_f64();
     let base_rps = rows / base.as_secs_f64();
     println!("rows:                    {}", args.rows);
+    match &otel {
+        Some((_, sink)) => println!(
+            "tracing:                 on (OTLP/HTTP to a receiver in mui-bench; {} spans received)",
+            sink.received()
+        ),
+        None => println!("tracing:                 off (--otel turns it on)"),
+    }
     println!("file size:               {size} bytes");
     println!(
         "baseline (COPY+upsert):  {:>8.2} s  {:>9.0} rows/s",

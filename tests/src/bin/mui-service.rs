@@ -27,18 +27,18 @@ async fn main() {
     let cli: Cli = mui_shared::service::parse_cli("mui-service");
     match cli.service {
         Service::Ingest(c) => {
-            let format = c.common.log_format;
-            mui_shared::service::serve("mui-ingest", format, |s| mui_ingest::run(c.clone(), s))
+            let common = c.common.clone();
+            mui_shared::service::serve("mui-ingest", &common, |s| mui_ingest::run(c.clone(), s))
                 .await
         }
         Service::Worker(c) => {
-            let format = c.common.log_format;
-            mui_shared::service::serve("mui-worker", format, |s| mui_worker::run(c.clone(), s))
+            let common = c.common.clone();
+            mui_shared::service::serve("mui-worker", &common, |s| mui_worker::run(c.clone(), s))
                 .await
         }
         Service::Notifier(c) => {
-            let format = c.common.log_format;
-            mui_shared::service::serve("mui-notifier", format, |s| mui_notifier::run(c.clone(), s))
+            let common = c.common.clone();
+            mui_shared::service::serve("mui-notifier", &common, |s| mui_notifier::run(c.clone(), s))
                 .await
         }
     }
