@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The services' own builds carry no stop point (mui_shared::failpoint): only the tests'
+# mui-service turns the `failpoints` feature on.
+if cargo tree --locked -p mui-ingest -p mui-worker -p mui-notifier -p mui-admin -e normal -i fail >/dev/null 2>&1; then
+    echo "the fail crate is in a service's build: stop points must stay test-only" >&2
+    exit 1
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

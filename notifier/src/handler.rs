@@ -269,6 +269,7 @@ impl Handler {
             let message = composed.report.to_message()?;
             match self.mailer.send(message).await {
                 Ok(()) => {
+                    mui_shared::failpoint::stop("notifier.after_accept");
                     let failed = plan.summary.failed;
                     let note = match (&refused, composed.reduced) {
                         (Some((size, why)), _) => Some(format!(

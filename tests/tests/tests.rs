@@ -20,5 +20,7 @@ mod redelivery;
 mod reports;
 mod roundtrip;
 mod sftp;
+mod smtp_faults;
 mod uniqueness;
 mod upload;
+mod windows;

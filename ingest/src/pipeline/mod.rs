@@ -249,6 +249,7 @@ pub async fn handle(
                     }
                     Validated::Good => {
                         ctx.hooks.pause("ingest.before_publish", &display).await;
+                        mui_shared::failpoint::stop("ingest.after_register");
                         publish_rows(ctx, tenant, file_id, &file, &sniff, chunking, &display)
                             .await?;
                     }
@@ -256,6 +257,7 @@ pub async fn handle(
             }
         }
         ctx.hooks.pause("ingest.before_archive", &display).await;
+        mui_shared::failpoint::stop("ingest.before_archive");
         let f = folder.clone();
         let owned_name = name.clone();
         let archive_name = display.clone();
