@@ -18,6 +18,7 @@ pub mod chaos;
 mod db;
 mod env;
 pub mod netns;
+pub mod private;
 mod proxy;
 pub mod sftp;
 mod smtp;
