@@ -17,6 +17,7 @@ pub mod bench;
 pub mod chaos;
 mod db;
 mod env;
+pub mod fuzzing;
 pub mod netns;
 pub mod private;
 mod proxy;
