@@ -18,7 +18,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --locked --bins
+# The services by package first (a workspace-wide build would turn on the tests' stop points in
+# them: mui-shared's `failpoints` feature), then the benchmark binaries.
+cargo build --release --locked -p mui-ingest -p mui-worker -p mui-notifier -p mui-admin -p mui-console
+cargo build --release --locked -p mui-tests --bins
 summary=$(mktemp)
 trap 'rm -f "$summary"' EXIT
 export MUI_BENCH_SUMMARY=$summary

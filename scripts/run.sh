@@ -19,7 +19,9 @@ export DROP_ROOT="${DROP_ROOT:-$RUN_DIR/drop}"
 export MAIL_OUTBOX="${MAIL_OUTBOX:-$RUN_DIR/outbox}"
 mkdir -p "$RUN_DIR/logs" "$DROP_ROOT" "$MAIL_OUTBOX"
 
-cargo build --release --locked --bins
+# The services by package: a workspace-wide build would also turn on the tests' stop points
+# (mui-shared's `failpoints` feature, see docs/reliability.md).
+cargo build --release --locked -p mui-ingest -p mui-worker -p mui-notifier -p mui-admin -p mui-console
 BIN="$PWD/target/release"
 
 db_name="${DATABASE_URL##*/}"; db_name="${db_name%%\?*}"

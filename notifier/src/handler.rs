@@ -319,6 +319,7 @@ impl Handler {
             }
             match sent {
                 Ok(()) => {
+                    mui_shared::failpoint::stop("notifier.after_accept");
                     let failed = plan.summary.failed;
                     let note = match (&refused, composed.reduced) {
                         (Some((size, why)), _) => Some(format!(

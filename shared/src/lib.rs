@@ -25,6 +25,7 @@ pub mod db;
 pub mod deadletters;
 pub mod dispatch;
 pub mod domain;
+pub mod failpoint;
 pub mod failures;
 pub mod files;
 pub mod health;

@@ -136,7 +136,7 @@ pub fn spawn(
     .stdout(Stdio::from(log.try_clone()?))
     .stderr(Stdio::from(log))
     .spawn()
-    .with_context(|| format!("starting {name} (build with `cargo build --release --bins`)"))
+    .with_context(|| format!("starting {name} (scripts/bench.sh builds them: `cargo build --release -p mui-ingest -p mui-worker -p mui-notifier`)"))
 }
 
 /// A process's peak resident memory (VmHWM), KiB.

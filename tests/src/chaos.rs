@@ -352,6 +352,32 @@ impl ServiceProcess {
         }
     }
 
+    /// Sets (or, with `None`, removes) an environment variable for the next start.
+    pub fn set_var(&mut self, name: &str, value: Option<&str>) {
+        self.vars.retain(|(k, _)| k != name);
+        if let Some(v) = value {
+            self.vars.push((name.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// Waits until the log holds `needle` (fails after `secs` seconds, showing the log).
+    pub async fn wait_log(&self, needle: &str, secs: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out after {secs}s waiting for {needle:?} in the log of {:?}:\n{}",
+                    self.kind,
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether it is still running (not exited on its own).
     pub fn running(&mut self) -> bool {
         match self.child.as_mut() {

@@ -26,6 +26,8 @@ pub(crate) fn unique(prefix: &str) -> String {
 #[derive(Debug)]
 pub struct TestDb {
     name: String,
+    /// The server's base URL it was created through (and is dropped through).
+    base: String,
     /// URL of the test's database.
     pub url: String,
 }
@@ -33,14 +35,20 @@ pub struct TestDb {
 impl TestDb {
     /// Creates and migrates a fresh database.
     pub fn new() -> anyhow::Result<Self> {
-        let base = base_database_url();
+        Self::new_on(&base_database_url())
+    }
+
+    /// [`TestDb::new`] on the server at `base` (a URL of one of its databases), e.g. a
+    /// private cluster of the test's own ([`crate::private::PrivatePostgres`]).
+    pub fn new_on(base: &str) -> anyhow::Result<Self> {
+        let base = base.to_owned();
         let name = unique("mui_t");
         let mut admin = PgConnection::establish(&base).context("connecting to PostgreSQL")?;
         diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin)?;
         let url = replace_db(&base, &name);
         let mut conn = PgConnection::establish(&url)?;
         mui_shared::db::migrate(&mut conn)?;
-        Ok(Self { name, url })
+        Ok(Self { name, base, url })
     }
 
     /// A new connection to the test database.
@@ -51,7 +59,7 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Ok(mut admin) = PgConnection::establish(&base_database_url()) {
+        if let Ok(mut admin) = PgConnection::establish(&self.base) {
             let _ = diesel::sql_query(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name

@@ -73,13 +73,22 @@ pub struct TestEnv {
     pub options: AppOptions,
     /// The proxy in front of RabbitMQ, with [`AppOptions::broker_proxy`].
     pub broker: Option<TcpProxy>,
+    /// The RabbitMQ the services use (`MUI_TEST_AMQP_URL`, or a private node's).
+    pub amqp: String,
 }
 
 impl TestEnv {
     /// Fresh resources.
     pub fn new(options: AppOptions) -> anyhow::Result<Self> {
+        Self::new_on(options, TestDb::new()?, amqp_url())
+    }
+
+    /// [`TestEnv::new`] on a database and a broker the test chose: e.g. a private
+    /// PostgreSQL cluster or RabbitMQ node ([`crate::private`]) that it may stop and start
+    /// without disturbing the tests running beside it.
+    pub fn new_on(options: AppOptions, db: TestDb, amqp: String) -> anyhow::Result<Self> {
         let broker = if options.broker_proxy {
-            let target = url::Url::parse(&amqp_url())?;
+            let target = url::Url::parse(&amqp)?;
             let host = target.host_str().unwrap_or("127.0.0.1").to_owned();
             Some(TcpProxy::start(&format!(
                 "{host}:{}",
@@ -89,7 +98,7 @@ impl TestEnv {
             None
         };
         Ok(Self {
-            db: TestDb::new()?,
+            db,
             prefix: unique("mui_t"),
             drop_root: if options.chroot_ready {
                 sftp::chroot_ready_tempdir()?
@@ -99,18 +108,19 @@ impl TestEnv {
             smtp: SmtpSink::start()?,
             options,
             broker,
+            amqp,
         })
     }
 
     fn common(&self) -> CommonArgs {
         let amqp_url = match &self.broker {
             Some(proxy) => {
-                let mut u = url::Url::parse(&amqp_url()).expect("MUI_TEST_AMQP_URL is a URL");
+                let mut u = url::Url::parse(&self.amqp).expect("MUI_TEST_AMQP_URL is a URL");
                 let _ = u.set_port(Some(proxy.port));
                 let _ = u.set_host(Some("127.0.0.1"));
                 u.to_string()
             }
-            None => amqp_url(),
+            None => self.amqp.clone(),
         };
         CommonArgs {
             database_url: self.db.url.clone(),
@@ -272,6 +282,7 @@ pub type UserRow = (
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let prefix = self.prefix.clone();
+        let amqp = self.amqp.clone();
         // Drop cannot await; clean the broker up on a small runtime of its own.
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -282,8 +293,7 @@ impl Drop for TestEnv {
             };
             rt.block_on(async move {
                 if let Ok(conn) =
-                    lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-                        .await
+                    lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default()).await
                 {
                     if let Ok(ch) = conn.create_channel().await {
                         let _ = mui_shared::amqp::Topology::new(prefix).delete(&ch).await;

@@ -19,8 +19,10 @@ pub mod bench;
 pub mod chaos;
 mod db;
 mod env;
+pub mod fuzzing;
 pub mod netns;
 pub mod otlp;
+pub mod private;
 mod proxy;
 pub mod sftp;
 mod smtp;
@@ -29,7 +31,7 @@ pub use app::{spawn_app, spawn_app_with, App};
 pub use db::{amqp_url, base_database_url, register_file, TestDb};
 pub use env::{AppOptions, FileRow, TestEnv, UserRow};
 pub use proxy::TcpProxy;
-pub use smtp::{ReceivedMail, SinkRules, SmtpSink};
+pub use smtp::{DataCutter, ReceivedMail, SinkRules, SmtpSink};
 
 use std::path::Path;
 

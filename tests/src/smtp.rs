@@ -67,6 +67,22 @@ pub struct SinkRules {
     /// Replies to `RCPT TO` for these recipients instead of 250 (e.g. 550 permanent, 451
     /// transient).
     pub rcpt_replies: Vec<(String, u16)>,
+    /// Replies to the next ends of DATA, in order, instead of accepting (one used up per
+    /// message): e.g. `[421, 451]` refuses two messages transiently and accepts the third.
+    /// A message so refused is not kept; [`SmtpSink::scripted`] lists the codes used.
+    pub data_end_script: Vec<u16>,
+}
+
+/// The text a scripted reply carries, as a real server words it.
+fn scripted_text(code: u16) -> &'static str {
+    match code {
+        421 => "4.3.2 Service shutting down, closing transmission channel",
+        451 => "4.3.0 Local error in processing, try again later",
+        452 => "4.3.1 Insufficient system storage",
+        550 => "5.7.1 Message rejected by policy",
+        552 => "5.3.4 Message size exceeds fixed maximum message size",
+        _ => "scripted reply",
+    }
 }
 
 impl SinkRules {
@@ -86,6 +102,7 @@ fn same_address(a: &str, b: &str) -> bool {
 }
 
 type AcceptHook = Box<dyn Fn(&ReceivedMail) + Send + Sync>;
+type DataHook = Box<dyn Fn(&ReceivedMail) + Send + Sync>;
 
 #[derive(Default)]
 struct SinkState {
@@ -97,6 +114,8 @@ struct SinkState {
     stalled: std::sync::atomic::AtomicU64,
     rcpt_refusals: std::sync::atomic::AtomicU64,
     on_accept: Mutex<Option<AcceptHook>>,
+    on_data: Mutex<Option<DataHook>>,
+    scripted: Mutex<Vec<u16>>,
 }
 
 #[derive(Clone, Default)]
@@ -143,6 +162,11 @@ impl mailin_embedded::Handler for SinkHandler {
         match self.current.as_mut() {
             Some(m) => {
                 m.data.extend_from_slice(buf);
+                if let Ok(hook) = self.state.on_data.lock() {
+                    if let Some(hook) = hook.as_ref() {
+                        hook(m);
+                    }
+                }
                 Ok(())
             }
             // mailin stays in its DATA state after `data_end` answered an error (552, 451),
@@ -170,6 +194,16 @@ impl mailin_embedded::Handler for SinkHandler {
                 552,
                 "5.3.4 Message size exceeds fixed maximum message size".into(),
             );
+        }
+        let scripted =
+            state.rules.lock().ok().and_then(|mut r| {
+                (!r.data_end_script.is_empty()).then(|| r.data_end_script.remove(0))
+            });
+        if let Some(code) = scripted {
+            if let Ok(mut used) = state.scripted.lock() {
+                used.push(code);
+            }
+            return mailin_embedded::Response::custom(code, scripted_text(code).into());
         }
         if rules.stalls(&m.to) {
             state
@@ -309,11 +343,122 @@ impl SmtpSink {
         self.state.changed.notify_all();
     }
 
+    /// The codes of [`SinkRules::data_end_script`] answered so far, in order.
+    pub fn scripted(&self) -> Vec<u16> {
+        self.state
+            .scripted
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Runs `hook` in the middle of DATA: on every piece of message text as it arrives
+    /// (the message so far), before the end of DATA is seen or answered. The conversation
+    /// waits while the hook runs, e.g. to kill the client or cut the connection there.
+    pub fn on_data(&self, hook: impl Fn(&ReceivedMail) + Send + Sync + 'static) {
+        if let Ok(mut h) = self.state.on_data.lock() {
+            *h = Some(Box::new(hook));
+        }
+    }
+
     /// Runs `hook` on every message just before it is accepted (before the 250 reply is
     /// written), e.g. to cut the notifier's database at that moment.
     pub fn on_accept(&self, hook: impl Fn(&ReceivedMail) + Send + Sync + 'static) {
         if let Ok(mut h) = self.state.on_accept.lock() {
             *h = Some(Box::new(hook));
         }
+    }
+}
+
+/// A TCP proxy in front of an SMTP server that, while armed, cuts a conversation in the
+/// middle of DATA: it forwards the `DATA` command and the first half of the first piece of
+/// message text that follows, then closes both sides. The server sees half a message and
+/// the connection gone (no end of DATA); the client sees its connection dropped while it is
+/// sending the message or waiting for the answer. Each arming cuts one conversation.
+#[derive(Debug, Clone)]
+pub struct DataCutter {
+    /// Port it listens on.
+    pub port: u16,
+    armed: Arc<std::sync::atomic::AtomicU64>,
+    cuts: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DataCutter {
+    /// Starts forwarding `127.0.0.1:<port>` to the SMTP server on `target_port`, armed for
+    /// `cuts` conversations.
+    pub fn start(target_port: u16, cuts: u64) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let cutter = Self {
+            port,
+            armed: Arc::new(std::sync::atomic::AtomicU64::new(cuts)),
+            cuts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        let (armed, done) = (cutter.armed.clone(), cutter.cuts.clone());
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    continue;
+                };
+                let (armed, done) = (armed.clone(), done.clone());
+                tokio::spawn(async move {
+                    let (mut client_r, mut client_w) = inbound.into_split();
+                    let (mut server_r, mut server_w) = outbound.into_split();
+                    let down = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_r, &mut client_w).await;
+                    });
+                    let mut seen = Vec::new();
+                    let mut in_data = false;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_r.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let piece = &buf[..n];
+                        if in_data
+                            && armed
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| {
+                                    a.checked_sub(1)
+                                })
+                                .is_ok()
+                        {
+                            // Half of the message's first piece, then the line goes dead.
+                            let _ = server_w.write_all(&piece[..n / 2]).await;
+                            let _ = server_w.flush().await;
+                            done.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        if server_w.write_all(piece).await.is_err() {
+                            break;
+                        }
+                        seen.extend_from_slice(piece);
+                        if seen.len() > 4096 {
+                            seen.drain(..seen.len() - 4096);
+                        }
+                        in_data = seen.ends_with(b"DATA\r\n");
+                    }
+                    down.abort();
+                });
+            }
+        });
+        Ok(cutter)
+    }
+
+    /// `smtp://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Conversations cut so far.
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

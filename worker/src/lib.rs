@@ -560,6 +560,7 @@ async fn handle_delivery(
                     } else {
                         tracing::info!("ChunkAlreadyImported");
                     }
+                    mui_shared::failpoint::stop("worker.after_commit");
                     if delivery.redelivered || query_failures > 0 {
                         // It may have failed before: its noted error no longer applies.
                         let payload = delivery.data.clone();

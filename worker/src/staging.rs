@@ -75,7 +75,7 @@ staging_table! {
     row = u;
     keys {
         // Spreadsheet row numbers stay far below i64::MAX.
-        row_no: [Int8], "BIGINT PRIMARY KEY", i64 = u.row as i64;
+        row_no: [Int8], "BIGINT PRIMARY KEY", RowNo = RowNo(u.row as i64);
         unique_id: [Text], "TEXT NOT NULL", &'a str = &u.unique_id;
         login_source: [Text], "TEXT NOT NULL", &'a str = &u.login_source;
     }
@@ -104,6 +104,23 @@ staging_table! {
     rest {
         date_of_birth: [Nullable<Date>], "DATE", Option<chrono::NaiveDate> = u.date_of_birth;
         active: [Nullable<Bool>], "BOOLEAN", Option<bool> = u.active;
+    }
+}
+
+/// A staged row's spreadsheet row number: a `BIGINT` written as it is, and the place where
+/// the fault tests' `worker.mid_copy` stop point sits (it is serialised while `COPY` sends
+/// the chunk's rows; see [`mui_shared::failpoint`]).
+#[derive(Debug, Clone, Copy, diesel::expression::AsExpression)]
+#[diesel(sql_type = BigInt)]
+struct RowNo(i64);
+
+impl diesel::serialize::ToSql<BigInt, diesel::pg::Pg> for RowNo {
+    fn to_sql<'b>(
+        &'b self,
+        out: &mut diesel::serialize::Output<'b, '_, diesel::pg::Pg>,
+    ) -> diesel::serialize::Result {
+        mui_shared::failpoint::stop("worker.mid_copy");
+        <i64 as diesel::serialize::ToSql<BigInt, diesel::pg::Pg>>::to_sql(&self.0, out)
     }
 }
 
@@ -200,7 +217,7 @@ mod tests {
             active: Some(false),
         };
         let staged = StageRow::of(&user);
-        assert_eq!(staged.row_no, 7);
+        assert_eq!(staged.row_no.0, 7);
         assert_eq!(staged.email, Some("email-value"));
         assert_eq!(staged.user_name, Some("user_name-value"));
         assert_eq!(

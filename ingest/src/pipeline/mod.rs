@@ -264,6 +264,7 @@ pub async fn handle(
                     }
                     Validated::Good(repeats) => {
                         ctx.hooks.pause("ingest.before_publish", &display).await;
+                        mui_shared::failpoint::stop("ingest.after_register");
                         let chunked = tracing::info_span!(
                             "file.chunk",
                             mui.dispatch = ?ctx.dispatch,
@@ -280,6 +281,7 @@ pub async fn handle(
             }
         }
         ctx.hooks.pause("ingest.before_archive", &display).await;
+        mui_shared::failpoint::stop("ingest.before_archive");
         let f = folder.clone();
         let owned_name = name.clone();
         let archive_name = display.clone();
