@@ -26,6 +26,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod failures;
 pub mod files;
+pub mod holds;
 pub mod messages;
 pub mod outbox;
 pub mod permits;
