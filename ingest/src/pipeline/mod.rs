@@ -76,6 +76,12 @@ pub enum ChunkDispatch {
     Direct,
 }
 
+/// Whether `name` asks for a dry run: it ends in `.validate.csv` (any case). Such a file is
+/// checked exactly as an import would check it and changes nothing.
+pub fn is_dry_run(name: &str) -> bool {
+    name.to_lowercase().ends_with(".validate.csv")
+}
+
 /// Whether `name` is a temporary upload name left alone until renamed.
 pub fn is_temporary(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
@@ -234,7 +240,31 @@ pub async fn handle(
                 fail(ctx, file_id, tenant.tenant_id(), &problem, Some(&sniff)).await?;
             } else {
                 let chunking = registered.chunking;
-                match validate_whole(&file, &sniff, ctx.limits, chunking).await? {
+                let dry_run = is_dry_run(&display);
+                if dry_run {
+                    db::run(&ctx.pool, move |conn| {
+                        Ok(diesel::update(
+                            mui_shared::schema::import_files::table.find(file_id.0),
+                        )
+                        .set(mui_shared::schema::import_files::dry_run.eq(true))
+                        .execute(conn)
+                        .map(|_| ())?)
+                    })
+                    .await?;
+                }
+                // The tenant's settings as they are now (the watcher's copy is refreshed
+                // only every rescan): its header names and its guard.
+                let tid = tenant.tenant_id();
+                let fresh = db::run(&ctx.pool, move |conn| {
+                    Ok(mui_shared::tenants::find(conn, tid)?)
+                })
+                .await?
+                .unwrap_or_else(|| tenant.clone());
+                let aliases = mui_shared::tenants::header_aliases(&fresh);
+                let guarded = !dry_run && mui_shared::holds::Guard::of(&fresh).on();
+                match validate_whole(&file, &sniff, ctx.limits, chunking, aliases.clone(), guarded)
+                    .await?
+                {
                     Validated::Problem(problem) => {
                         fail(ctx, file_id, tenant.tenant_id(), &problem, Some(&sniff)).await?;
                     }
@@ -247,10 +277,30 @@ pub async fn handle(
                         lock.release().await;
                         return Ok(());
                     }
-                    Validated::Good => {
-                        ctx.hooks.pause("ingest.before_publish", &display).await;
-                        publish_rows(ctx, tenant, file_id, &file, &sniff, chunking, &display)
+                    Validated::Good(deactivating) => {
+                        let held = if guarded {
+                            let t = fresh.clone();
+                            let check = db::run(&ctx.pool, move |conn| {
+                                Ok(mui_shared::holds::evaluate(conn, &t, file_id, &deactivating)?)
+                            })
                             .await?;
+                            if let mui_shared::holds::Check::Held { would, active } = check {
+                                tracing::warn!(would, active, "FileHeldByGuard");
+                            }
+                            check != mui_shared::holds::Check::Pass
+                        } else {
+                            false
+                        };
+                        ctx.hooks.pause("ingest.before_publish", &display).await;
+                        let mode = publish::Mode {
+                            held,
+                            dry_run,
+                            aliases,
+                        };
+                        publish_rows(
+                            ctx, tenant, file_id, &file, &sniff, chunking, &display, &mode,
+                        )
+                        .await?;
                     }
                 }
             }
