@@ -432,6 +432,10 @@ pub struct QueueLine {
     /// Chunks dead-lettered (`muictl dead-letters`).
     #[diesel(sql_type = BigInt)]
     pub dead: i64,
+    /// Chunks held back: a file held by the mass-deactivation guard (until `muictl files
+    /// approve`), or a dry run's chunks its worker takes with the first.
+    #[diesel(sql_type = BigInt)]
+    pub held: i64,
 }
 
 /// The dispatcher as the operator sees it (`muictl queue`).
@@ -470,7 +474,8 @@ pub fn overview(conn: &mut PgConnection) -> QueryResult<Overview> {
     .load(conn)?;
     let files = diesel::sql_query(
         "SELECT t.slug AS tenant, q.file_id, f.file_name, \
-           count(*) FILTER (WHERE q.dead_at IS NULL AND q.dispatched_at IS NULL) AS waiting, \
+           count(*) FILTER (WHERE q.dead_at IS NULL AND q.dispatched_at IS NULL AND NOT q.held) AS waiting, \
+           count(*) FILTER (WHERE q.dead_at IS NULL AND q.held) AS held, \
            count(*) FILTER (WHERE q.dead_at IS NULL AND q.dispatched_at IS NOT NULL) AS in_flight, \
            count(*) FILTER (WHERE q.dead_at IS NOT NULL) AS dead \
          FROM chunk_queue q JOIN tenants t ON t.id = q.tenant_id \
