@@ -209,6 +209,22 @@ pub fn dead(conn: &mut PgConnection, chunk: ChunkRef) -> QueryResult<()> {
     )))
     .set(chunk_queue::dead_at.eq(diesel::dsl::now))
     .execute(conn)?;
+    // A dry run's other chunks wait, held, for the one that died: they die with it, so the
+    // file no longer holds back the tenant's later files (a replay of the first chunk takes
+    // them all again). A file held by the guard is not a dry run and keeps holding.
+    diesel::update(
+        chunk_queue::table
+            .filter(chunk_queue::tenant_id.eq(chunk.tenant_id.0))
+            .filter(chunk_queue::file_id.eq(chunk.file_id.0))
+            .filter(chunk_queue::held)
+            .filter(diesel::dsl::exists(
+                crate::schema::import_files::table
+                    .filter(crate::schema::import_files::id.eq(chunk.file_id.0))
+                    .filter(crate::schema::import_files::dry_run),
+            )),
+    )
+    .set(chunk_queue::dead_at.eq(diesel::dsl::now))
+    .execute(conn)?;
     Ok(())
 }
 

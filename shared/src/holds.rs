@@ -117,33 +117,10 @@ pub fn evaluate(
         Some(_) => return Ok(Check::Pass),
         None => {}
     }
-    let guard = Guard::of(tenant);
-    if !guard.on() || deactivating.is_empty() {
+    let Some((would, active)) = assess(conn, tenant, deactivating)? else {
         return Ok(Check::Pass);
-    }
-    let active: Count = diesel::sql_query(
-        "SELECT count(*) AS n FROM users \
-         WHERE tenant_id = $1 AND active AND archived_at IS NULL",
-    )
-    .bind::<BigInt, _>(tenant.id)
-    .get_result(conn)?;
-    let mut would: Vec<String> = Vec::new();
-    for part in deactivating.chunks(5_000) {
-        let found: Vec<Uid> = diesel::sql_query(
-            "SELECT u.unique_id FROM unnest($2::text[]) AS k(uid) \
-             CROSS JOIN LATERAL (SELECT unique_id, active, archived_at FROM users \
-               WHERE tenant_id = $1 AND unique_id = k.uid OFFSET 0) u \
-             WHERE u.active AND u.archived_at IS NULL",
-        )
-        .bind::<BigInt, _>(tenant.id)
-        .bind::<Array<Text>, _>(part)
-        .load(conn)?;
-        would.extend(found.into_iter().map(|u| u.unique_id));
-    }
+    };
     let n = would.len() as i64;
-    if !guard.holds(n, active.n) {
-        return Ok(Check::Pass);
-    }
     conn.transaction(|conn| {
         for part in would.chunks(10_000) {
             let rows: Vec<_> = part
@@ -164,14 +141,59 @@ pub fn evaluate(
             .set((
                 import_files::hold.eq("held"),
                 import_files::hold_users.eq(n),
-                import_files::hold_active_users.eq(active.n),
+                import_files::hold_active_users.eq(active),
             ))
             .execute(conn)?;
-        Ok(Check::Held {
-            would: n,
-            active: active.n,
-        })
+        Ok(Check::Held { would: n, active })
     })
+}
+
+/// Whether a file whose rows say `active=0` for `deactivating` is over the tenant's
+/// threshold, without holding anything (a dry run reports it): the active users it would
+/// deactivate or archive and the tenant's active users, when it is.
+pub fn assess(
+    conn: &mut PgConnection,
+    tenant: &Tenant,
+    deactivating: &[String],
+) -> QueryResult<Option<(Vec<String>, i64)>> {
+    let guard = Guard::of(tenant);
+    if !guard.on() || deactivating.is_empty() {
+        return Ok(None);
+    }
+    let active: Count = diesel::sql_query(
+        "SELECT count(*) AS n FROM users \
+         WHERE tenant_id = $1 AND active AND archived_at IS NULL",
+    )
+    .bind::<BigInt, _>(tenant.id)
+    .get_result(conn)?;
+    let mut would: Vec<String> = Vec::new();
+    for part in deactivating.chunks(5_000) {
+        let found: Vec<Uid> = diesel::sql_query(
+            "SELECT u.unique_id FROM unnest($2::text[]) AS k(uid) \
+             CROSS JOIN LATERAL (SELECT unique_id, active, archived_at FROM users \
+               WHERE tenant_id = $1 AND unique_id = k.uid OFFSET 0) u \
+             WHERE u.active AND u.archived_at IS NULL",
+        )
+        .bind::<BigInt, _>(tenant.id)
+        .bind::<Array<Text>, _>(part)
+        .load(conn)?;
+        would.extend(found.into_iter().map(|u| u.unique_id));
+    }
+    if !guard.holds(would.len() as i64, active.n) {
+        return Ok(None);
+    }
+    Ok(Some((would, active.n)))
+}
+
+/// The notice a dry run carries when a real import of it would be held.
+pub fn dry_run_notice(tenant: &Tenant, would: usize, active: i64) -> String {
+    format!(
+        "An import of this file would be HELD by the mass-deactivation guard before any \
+         change: it would deactivate or archive {would} of your {active} active users (the \
+         guard holds a file above {}% of them and above {} users), and an operator would have \
+         to approve it",
+        tenant.guard_percent, tenant.guard_min_users
+    )
 }
 
 /// The users a held file would deactivate or archive, as stored now (for the tenant's mail

@@ -88,8 +88,9 @@ async fn hold_leavers(app: &App, t: &Tenant) -> (FileRow, FileRow) {
     env.drop_file(&t.slug, "later.csv", LATER.as_bytes())
         .unwrap();
     env.wait_until(120, "later.csv queued behind the held file", || {
-        let f = file(env, t, "later.csv");
-        f.total_chunks.is_some() && f.archived_name.is_some()
+        env.files(t).iter().any(|f| {
+            f.file_name == "later.csv" && f.total_chunks.is_some() && f.archived_name.is_some()
+        })
     })
     .await;
     // Give the dispatcher rounds in which it could (wrongly) hand either file out.
@@ -289,5 +290,34 @@ async fn under_the_threshold_or_switched_off_a_file_imports_at_once() {
     let files = app.wait_files_settled(&t, 3).await;
     assert_eq!(files[2].hold, None);
     assert_eq!(files[2].users_archived, 5);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dry_run_is_never_held_but_says_that_its_import_would_be() {
+    let mut app = spawn_app().await;
+    let t = tenant_with_users(&app, 10).await;
+    let env = &app.env;
+    let before = people(env, &t);
+    env.drop_file(&t.slug, "leavers.validate.csv", LEAVERS.as_bytes())
+        .unwrap();
+    let files = app.wait_files_settled(&t, 2).await;
+    let dry = &files[1];
+    assert!(dry.dry_run);
+    assert_eq!(dry.hold, None, "a dry run is never held");
+    assert_eq!(dry.state, FileState::Done);
+    assert_eq!(dry.users_archived, 5, "what the import would do");
+    assert_eq!(people(env, &t), before, "nothing changed");
+    let mails = env.smtp.messages();
+    assert_eq!(mails.len(), 1);
+    assert!(mails[0].subject().starts_with("Validation of"));
+    assert!(
+        mails[0]
+            .body()
+            .contains("would be HELD by the mass-deactivation guard")
+            && mails[0].body().contains("5 of your 10 active users"),
+        "{}",
+        mails[0].body()
+    );
     app.stop().await;
 }

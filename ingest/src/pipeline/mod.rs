@@ -261,7 +261,8 @@ pub async fn handle(
                 .await?
                 .unwrap_or_else(|| tenant.clone());
                 let aliases = mui_shared::tenants::header_aliases(&fresh);
-                let guarded = !dry_run && mui_shared::holds::Guard::of(&fresh).on();
+                // A dry run is never held, but says whether its import would be.
+                let guarded = mui_shared::holds::Guard::of(&fresh).on();
                 match validate_whole(&file, &sniff, ctx.limits, chunking, aliases.clone(), guarded)
                     .await?
                 {
@@ -278,7 +279,20 @@ pub async fn handle(
                         return Ok(());
                     }
                     Validated::Good(deactivating) => {
-                        let held = if guarded {
+                        let held = if guarded && dry_run {
+                            let t = fresh.clone();
+                            let notice = db::run(&ctx.pool, move |conn| {
+                                Ok(mui_shared::holds::assess(conn, &t, &deactivating)?
+                                    .map(|(would, active)| {
+                                        mui_shared::holds::dry_run_notice(&t, would.len(), active)
+                                    }))
+                            })
+                            .await?;
+                            if let Some(notice) = notice {
+                                add_notice(&ctx.pool, file_id, notice).await?;
+                            }
+                            false
+                        } else if guarded {
                             let t = fresh.clone();
                             let check = db::run(&ctx.pool, move |conn| {
                                 Ok(mui_shared::holds::evaluate(conn, &t, file_id, &deactivating)?)
