@@ -239,16 +239,16 @@ pub fn deactivations(conn: &mut PgConnection, file: ImportFileId) -> QueryResult
 #[non_exhaustive]
 pub enum HoldError {
     /// No such file.
-    #[error("there is no file {0}")]
+    #[error("there is no file with id {}", .0.0)]
     NoSuchFile(ImportFileId),
     /// The file was never held.
-    #[error("file {0} is not held by the mass-deactivation guard: there is nothing to approve or reject")]
+    #[error("file {} is not held by the mass-deactivation guard: there is nothing to approve or reject", .0.0)]
     NotHeld(ImportFileId),
     /// Ingest is still queueing the file's rows.
-    #[error("file {0} is still being read; try again in a moment")]
+    #[error("file {} is still being read; try again in a moment", .0.0)]
     StillReading(ImportFileId),
     /// Approving a rejected file, or rejecting an approved one.
-    #[error("file {file} was {decision} already{by}; that cannot be undone")]
+    #[error("file {} was {decision} already{by}; that cannot be undone", .file.0)]
     Decided {
         /// The file.
         file: ImportFileId,
