@@ -35,7 +35,7 @@ async fn main() {
             config.token.expose()
         );
     }
-    mui_shared::service::serve("mui-console", log_format, |shutdown| {
+    mui_shared::service::serve_with("mui-console", log_format, None, |shutdown| {
         mui_console::run(config.clone(), shutdown)
     })
     .await

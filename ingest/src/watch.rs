@@ -320,6 +320,10 @@ mod tests {
             archive_on_inactive: false,
             created_at: chrono::Utc::now(),
             archive_suffix_fields: Vec::new(),
+            guard_percent: 10,
+            guard_min_users: 25,
+            success_mail: false,
+            header_aliases: serde_json::json!({}),
         }
     }
 

@@ -160,6 +160,12 @@ fn build(
         to: plan.to.clone(),
         subject: s.subject(),
         body: s.body(&note),
+        html: Some(crate::html::report_html(
+            s,
+            &plan.header,
+            plan.failures.get(..rows).unwrap_or(&plan.failures),
+            &note,
+        )),
         attachment,
         message_id: plan.message_id.clone(),
     };

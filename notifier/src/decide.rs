@@ -32,6 +32,7 @@ pub(crate) struct FileRow {
     notified_at: Option<chrono::DateTime<chrono::Utc>>,
     received_at: chrono::DateTime<chrono::Utc>,
     notices: Vec<String>,
+    dry_run: bool,
 }
 
 pub(crate) fn decide(
@@ -62,6 +63,7 @@ pub(crate) fn decide(
             import_files::notified_at,
             import_files::received_at,
             import_files::notices,
+            import_files::dry_run,
         ))
         .for_update()
         .first(conn)
@@ -93,8 +95,16 @@ pub(crate) fn decide(
             return Ok(Decision::Nothing); // more failure records are on their way
         }
         // A file with a notice (its bak/ was a link and was set aside, its name was not
-        // UTF-8…) is mailed even when nothing failed: the tenant must hear of it.
-        if f.failed == 0 && f.notices.is_empty() {
+        // UTF-8…) is mailed even when nothing failed: the tenant must hear of it. So is a
+        // dry run (its mail is its whole point), and a clean import for a tenant that asked
+        // for success mails.
+        let mut wants_success_mail = || -> Result<bool, diesel::result::Error> {
+            Ok(
+                mui_shared::tenants::find(conn, mui_shared::domain::TenantId(f.tenant_id))?
+                    .is_some_and(|t| t.success_mail),
+            )
+        };
+        if f.failed == 0 && f.notices.is_empty() && !f.dry_run && !wants_success_mail()? {
             mui_shared::files::report_not_needed(conn, file_id)?;
             tracing::info!("ReportNotNeeded");
             return Ok(Decision::Nothing);
@@ -136,6 +146,20 @@ pub(crate) fn decide(
         error: f.error_message.clone(),
         received_at: f.received_at.format("%Y-%m-%d %H:%M UTC").to_string(),
         notices: f.notices.clone(),
+        dry_run: f.dry_run,
+        mapped: {
+            let aliases = mui_shared::tenants::header_aliases(&tenant);
+            header
+                .iter()
+                .filter_map(|h| {
+                    let key = mui_shared::domain::normalise_header(h);
+                    aliases
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .map(|(_, c)| (h.trim().to_owned(), c.name().to_owned()))
+                })
+                .collect()
+        },
     };
     let failures = if f.state == FileState::Done {
         load_failures(conn, file_id, max_attached)?

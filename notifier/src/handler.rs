@@ -57,7 +57,9 @@ impl Handler {
         };
         let (file_id, tenant_id) = match &msg {
             NotifyMessage::RowFailuresV1(f) => (f.file_id, f.tenant_id),
-            NotifyMessage::FileFinishedV1(f) => (f.file_id, f.tenant_id),
+            NotifyMessage::FileFinishedV1(f) | NotifyMessage::FileHeldV1(f) => {
+                (f.file_id, f.tenant_id)
+            }
             _ => {
                 tracing::error!("NotifyUnknownVersionError");
                 self.note_error(
@@ -167,6 +169,10 @@ impl Handler {
             NotifyMessage::FileFinishedV1(f) => {
                 self.check_tenant(f.file_id, f.tenant_id.0).await?;
                 f.file_id
+            }
+            NotifyMessage::FileHeldV1(f) => {
+                self.check_tenant(f.file_id, f.tenant_id.0).await?;
+                return crate::held::send_hold_notice(&self.pool, &self.mailer, f.file_id).await;
             }
             _ => return Ok(()),
         };

@@ -32,6 +32,8 @@ pub mod compose;
 pub mod dead_letters;
 mod decide;
 mod handler;
+mod held;
+pub mod html;
 pub mod mailer;
 pub mod report;
 pub mod retry;

@@ -163,6 +163,8 @@ pub struct Report {
     pub subject: String,
     /// Plain-text body.
     pub body: String,
+    /// HTML body, sent beside the plain text as `multipart/alternative`.
+    pub html: Option<String>,
     /// Optional attachment: the failures CSV, or a .zip holding it.
     pub attachment: Option<ReportAttachment>,
     /// Message-ID, stable per file (the same on every attempt and every re-send of the
@@ -186,15 +188,30 @@ impl Report {
         let text = SinglePart::builder()
             .header(ContentType::TEXT_PLAIN)
             .body(self.body.clone());
-        let message = match &self.attachment {
-            Some(a) => {
+        let message = match (&self.attachment, &self.html) {
+            (Some(a), html) => {
                 let content_type = ContentType::parse(&a.content_type)
                     .map_err(|e| MailError::Attachment(e.to_string()))?;
-                builder.multipart(MultiPart::mixed().singlepart(text).singlepart(
-                    Attachment::new(a.name.clone()).body(a.bytes.clone(), content_type),
-                ))?
+                let file = Attachment::new(a.name.clone()).body(a.bytes.clone(), content_type);
+                match html {
+                    Some(h) => builder.multipart(
+                        MultiPart::mixed()
+                            .multipart(MultiPart::alternative_plain_html(
+                                self.body.clone(),
+                                h.clone(),
+                            ))
+                            .singlepart(file),
+                    )?,
+                    None => {
+                        builder.multipart(MultiPart::mixed().singlepart(text).singlepart(file))?
+                    }
+                }
             }
-            None => builder.singlepart(text)?,
+            (None, Some(h)) => builder.multipart(MultiPart::alternative_plain_html(
+                self.body.clone(),
+                h.clone(),
+            ))?,
+            (None, None) => builder.singlepart(text)?,
         };
         Ok(message)
     }

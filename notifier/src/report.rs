@@ -44,6 +44,10 @@ pub struct FileSummary {
     pub received_at: String,
     /// Things the tenant must know that did not stop the import (see `docs/errors.md`).
     pub notices: Vec<String>,
+    /// A dry run (`*.validate.csv`): checked, nothing changed.
+    pub dry_run: bool,
+    /// The tenant's own header names found in the file, each with the column it was read as.
+    pub mapped: Vec<(String, String)>,
 }
 
 impl FileSummary {
@@ -55,6 +59,23 @@ impl FileSummary {
     /// The email subject.
     pub fn subject(&self) -> String {
         let name = short(&self.file_name, 80);
+        if self.dry_run {
+            return if self.file_failed() {
+                let reason = self
+                    .error
+                    .as_deref()
+                    .unwrap_or("the file could not be read");
+                format!(
+                    "Validation of \"{name}\" (nothing changed): it would NOT import: {}",
+                    short(reason, 120)
+                )
+            } else {
+                format!(
+                    "Validation of \"{name}\" (nothing changed): {} of {} rows would fail",
+                    self.failed, self.rows_total
+                )
+            };
+        }
         if self.file_failed() {
             let reason = self
                 .error
@@ -79,11 +100,25 @@ impl FileSummary {
             }
             b.push('\n');
         }
-        if self.file_failed() {
+        if self.dry_run {
             b.push_str(&format!(
-                "Your file \"{}\" (received {}) was NOT imported: no user was changed.\n\n",
+                "VALIDATION ONLY: your file \"{}\" (received {}) was checked exactly as an \
+                 import would check it, and NOTHING WAS CHANGED: no user, no permit, no \
+                 archive. Files whose name ends in .validate.csv are only checked. To import \
+                 it, upload it again with a name ending in .csv only.\n\n",
                 self.file_name, self.received_at
             ));
+        }
+        if self.file_failed() {
+            b.push_str(&if self.dry_run {
+                "An import of this file would be refused as a whole; no user would be changed.\n\n"
+                    .to_owned()
+            } else {
+                format!(
+                    "Your file \"{}\" (received {}) was NOT imported: no user was changed.\n\n",
+                    self.file_name, self.received_at
+                )
+            });
             b.push_str(&format!(
                 "Reason: {}\n\n",
                 self.error
@@ -99,10 +134,14 @@ impl FileSummary {
             return b;
         }
         let imported = self.inserted + self.updated + self.unchanged;
-        b.push_str(&format!(
-            "Your file \"{}\" (received {}) was imported.\n\n",
-            self.file_name, self.received_at
-        ));
+        if self.dry_run {
+            b.push_str("An import of this file now would give:\n\n");
+        } else {
+            b.push_str(&format!(
+                "Your file \"{}\" (received {}) was imported.\n\n",
+                self.file_name, self.received_at
+            ));
+        }
         b.push_str(&format!("Rows read:        {}\n", self.rows_total));
         b.push_str(&format!(
             "Imported:         {imported} ({} new, {} updated, {} unchanged)\n",
@@ -130,6 +169,9 @@ impl FileSummary {
                 self.ignored.join(", ")
             ));
         }
+        if !self.mapped.is_empty() {
+            b.push_str(&format!("Your column names: {}\n", self.mapped_text()));
+        }
         if self.failed > 0 {
             b.push('\n');
             b.push_str(&self.list_paragraph(list));
@@ -137,7 +179,16 @@ impl FileSummary {
         b
     }
 
-    fn list_paragraph(&self, list: &ListNote) -> String {
+    /// The tenant's column names found in the file: `"Employee ID" read as unique_id, …`.
+    pub fn mapped_text(&self) -> String {
+        self.mapped
+            .iter()
+            .map(|(theirs, ours)| format!("\"{theirs}\" read as {ours}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub(crate) fn list_paragraph(&self, list: &ListNote) -> String {
         const WHAT: &str = "its row number in your file, the values as you uploaded them, and \
                             the reason. Correct those rows and upload them again; rows that \
                             were imported need not be sent again.";

@@ -134,7 +134,7 @@ fn describe(payload: &[u8]) -> (Option<QueueKind>, Option<i64>, Option<i64>, Opt
             Some(f.file_id.0),
             i32::try_from(f.chunk_no).ok(),
         ),
-        Ok(NotifyMessage::FileFinishedV1(f)) => (
+        Ok(NotifyMessage::FileFinishedV1(f) | NotifyMessage::FileHeldV1(f)) => (
             Some(QueueKind::Notify),
             Some(f.tenant_id.0),
             Some(f.file_id.0),

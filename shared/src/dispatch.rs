@@ -41,13 +41,30 @@ pub mod sql {
          WHERE NOT EXISTS (SELECT 1 FROM file_chunks WHERE file_id = $2 AND chunk_no = $3) \
          ON CONFLICT DO NOTHING";
     /// Takes a queued chunk's payload: $1 tenant, $2 file (bigint), $3 chunk (integer).
+    /// [`ENQUEUE`] with the chunk held back from the dispatcher ($6): a held file's chunks
+    /// until the operator approves it, a dry run's until ingest has queued them all.
+    pub const ENQUEUE_HELD: &str =
+        "INSERT INTO chunk_queue (tenant_id, file_id, chunk_no, rows, payload, held) \
+         SELECT $1, $2, $3, $4, $5, $6 \
+         WHERE NOT EXISTS (SELECT 1 FROM file_chunks WHERE file_id = $2 AND chunk_no = $3) \
+         ON CONFLICT DO NOTHING";
+    /// Lets the dispatcher hand out a file's held chunks: all of them ($3 false) or the first
+    /// only ($3 true: a dry run, whose worker takes the others in the same transaction).
+    pub const RELEASE: &str = "UPDATE chunk_queue SET held = false \
+         WHERE tenant_id = $1 AND file_id = $2 AND held AND (NOT $3 OR chunk_no = 0)";
+    /// A queued chunk's payload, read without taking it (a dry run reads a file's later
+    /// chunks inside the savepoint it rolls back, and takes them after).
+    pub const PEEK: &str = "SELECT payload FROM chunk_queue \
+         WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = $3";
+    /// Takes every queued chunk of a file (a dry run, once it has read them all).
+    pub const TAKE_FILE: &str = "DELETE FROM chunk_queue WHERE tenant_id = $1 AND file_id = $2";
     pub const TAKE: &str = "DELETE FROM chunk_queue \
          WHERE tenant_id = $1 AND file_id = $2 AND chunk_no = $3 RETURNING payload";
     /// Live chunks in flight and waiting, by file: $1 lease (bigint seconds).
     pub const QUEUED_FILES: &str = "SELECT tenant_id, file_id, \
            count(*) FILTER (WHERE dispatched_at > now() - make_interval(secs => $1)) AS in_flight, \
-           count(*) FILTER (WHERE dispatched_at IS NULL \
-                              OR dispatched_at <= now() - make_interval(secs => $1)) AS waiting \
+           count(*) FILTER (WHERE NOT held AND (dispatched_at IS NULL \
+                              OR dispatched_at <= now() - make_interval(secs => $1))) AS waiting \
          FROM chunk_queue WHERE dead_at IS NULL GROUP BY tenant_id, file_id";
     /// Per tenant, its oldest open file not fully queued yet.
     pub const READING_FILES: &str = "SELECT tenant_id, min(id) AS file_id FROM import_files \
@@ -56,7 +73,7 @@ pub mod sql {
     /// Up to $4 (bigint) chunks of tenant $1, file $2 (bigint) waiting to be handed out, with
     /// the lease $3 (bigint seconds).
     pub const WAITING_CHUNKS: &str = "SELECT chunk_no, rows FROM chunk_queue \
-         WHERE tenant_id = $1 AND file_id = $2 AND dead_at IS NULL \
+         WHERE tenant_id = $1 AND file_id = $2 AND dead_at IS NULL AND NOT held \
            AND (dispatched_at IS NULL OR dispatched_at <= now() - make_interval(secs => $3)) \
          ORDER BY chunk_no LIMIT $4";
     /// Marks chunks $3 (integer[]) of tenant $1, file $2 (bigint) dispatched.
@@ -103,6 +120,70 @@ pub fn enqueue(
 
 /// Takes a queued chunk's payload, deleting its row (inside the caller's transaction: a
 /// rollback puts it back). `None`: it is not queued (imported already, or never queued).
+/// Queues a chunk like [`enqueue`], held back from the dispatcher when `held` (see
+/// [`sql::ENQUEUE_HELD`]).
+pub fn enqueue_held(
+    conn: &mut PgConnection,
+    chunk: ChunkRef,
+    rows: i32,
+    payload: &[u8],
+    held: bool,
+) -> QueryResult<()> {
+    diesel::sql_query(sql::ENQUEUE_HELD)
+        .bind::<BigInt, _>(chunk.tenant_id.0)
+        .bind::<BigInt, _>(chunk.file_id.0)
+        .bind::<Int4, _>(chunk.chunk_no as i32)
+        .bind::<Int4, _>(rows)
+        .bind::<diesel::sql_types::Bytea, _>(payload)
+        .bind::<Bool, _>(held)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Lets the dispatcher hand out a file's held chunks: every one, or (`first_only`) the
+/// first. Returns how many were released.
+pub fn release(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    file: ImportFileId,
+    first_only: bool,
+) -> QueryResult<usize> {
+    diesel::sql_query(sql::RELEASE)
+        .bind::<BigInt, _>(tenant.0)
+        .bind::<BigInt, _>(file.0)
+        .bind::<Bool, _>(first_only)
+        .execute(conn)
+}
+
+#[derive(QueryableByName)]
+struct QueuedPayload {
+    #[diesel(sql_type = diesel::sql_types::Bytea)]
+    payload: Vec<u8>,
+}
+
+/// A queued chunk's payload, left in the queue.
+pub fn peek(conn: &mut PgConnection, chunk: ChunkRef) -> QueryResult<Option<Vec<u8>>> {
+    let p: Option<QueuedPayload> = diesel::sql_query(sql::PEEK)
+        .bind::<BigInt, _>(chunk.tenant_id.0)
+        .bind::<BigInt, _>(chunk.file_id.0)
+        .bind::<Int4, _>(chunk.chunk_no as i32)
+        .get_result(conn)
+        .optional()?;
+    Ok(p.map(|p| p.payload))
+}
+
+/// Takes (deletes) every queued chunk of a file.
+pub fn take_file(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    file: ImportFileId,
+) -> QueryResult<usize> {
+    diesel::sql_query(sql::TAKE_FILE)
+        .bind::<BigInt, _>(tenant.0)
+        .bind::<BigInt, _>(file.0)
+        .execute(conn)
+}
+
 pub fn take(conn: &mut PgConnection, chunk: ChunkRef) -> QueryResult<Option<Vec<u8>>> {
     #[derive(QueryableByName)]
     struct Payload {
@@ -126,6 +207,22 @@ pub fn dead(conn: &mut PgConnection, chunk: ChunkRef) -> QueryResult<()> {
         chunk.file_id.0,
         chunk.chunk_no as i32,
     )))
+    .set(chunk_queue::dead_at.eq(diesel::dsl::now))
+    .execute(conn)?;
+    // A dry run's other chunks wait, held, for the one that died: they die with it, so the
+    // file no longer holds back the tenant's later files (a replay of the first chunk takes
+    // them all again). A file held by the guard is not a dry run and keeps holding.
+    diesel::update(
+        chunk_queue::table
+            .filter(chunk_queue::tenant_id.eq(chunk.tenant_id.0))
+            .filter(chunk_queue::file_id.eq(chunk.file_id.0))
+            .filter(chunk_queue::held)
+            .filter(diesel::dsl::exists(
+                crate::schema::import_files::table
+                    .filter(crate::schema::import_files::id.eq(chunk.file_id.0))
+                    .filter(crate::schema::import_files::dry_run),
+            )),
+    )
     .set(chunk_queue::dead_at.eq(diesel::dsl::now))
     .execute(conn)?;
     Ok(())
@@ -369,6 +466,10 @@ pub struct QueueLine {
     /// Chunks dead-lettered (`muictl dead-letters`).
     #[diesel(sql_type = BigInt)]
     pub dead: i64,
+    /// Chunks held back: a file held by the mass-deactivation guard (until `muictl files
+    /// approve`), or a dry run's chunks its worker takes with the first.
+    #[diesel(sql_type = BigInt)]
+    pub held: i64,
 }
 
 /// The dispatcher as the operator sees it (`muictl queue`).
@@ -407,7 +508,8 @@ pub fn overview(conn: &mut PgConnection) -> QueryResult<Overview> {
     .load(conn)?;
     let files = diesel::sql_query(
         "SELECT t.slug AS tenant, q.file_id, f.file_name, \
-           count(*) FILTER (WHERE q.dead_at IS NULL AND q.dispatched_at IS NULL) AS waiting, \
+           count(*) FILTER (WHERE q.dead_at IS NULL AND q.dispatched_at IS NULL AND NOT q.held) AS waiting, \
+           count(*) FILTER (WHERE q.dead_at IS NULL AND q.held) AS held, \
            count(*) FILTER (WHERE q.dead_at IS NULL AND q.dispatched_at IS NOT NULL) AS in_flight, \
            count(*) FILTER (WHERE q.dead_at IS NOT NULL) AS dead \
          FROM chunk_queue q JOIN tenants t ON t.id = q.tenant_id \

@@ -267,7 +267,8 @@ pub fn failures_csv_with_ends(
     Ok((out, ends))
 }
 
-fn codes(errors: &[RowError]) -> String {
+/// A failed row's error codes, as the failures CSV gives them.
+pub fn codes(errors: &[RowError]) -> String {
     errors
         .iter()
         .map(|e| e.code.as_str())
@@ -275,7 +276,8 @@ fn codes(errors: &[RowError]) -> String {
         .join("; ")
 }
 
-fn reasons(errors: &[RowError]) -> String {
+/// A failed row's reasons, as the failures CSV gives them.
+pub fn reasons(errors: &[RowError]) -> String {
     errors
         .iter()
         .map(|e| e.message.as_str())

@@ -177,9 +177,22 @@ pub struct FileLine {
     pub notices: Vec<String>,
     /// The file's OpenTelemetry trace id (32 hex digits), when traces are exported.
     pub trace_id: Option<String>,
+    /// A dry run (`*.validate.csv`): checked, nothing changed.
+    pub dry_run: bool,
+    /// The mass-deactivation guard's hold: `held`, `approved`, `rejected`, or none.
+    pub hold: Option<String>,
+    /// Users the held file would deactivate or archive.
+    pub hold_users: Option<i64>,
+    /// The tenant's active users when it was held.
+    pub hold_active_users: Option<i64>,
 }
 
 impl FileLine {
+    /// Whether the file waits for the operator's decision (`muictl files approve|reject`).
+    pub fn is_held(&self) -> bool {
+        self.hold.as_deref() == Some("held") && !self.state.is_finished()
+    }
+
     /// Rows imported: created, changed or already right.
     pub fn rows_imported(&self) -> i64 {
         self.rows_inserted + self.rows_updated + self.rows_unchanged

@@ -29,6 +29,7 @@ pub mod failpoint;
 pub mod failures;
 pub mod files;
 pub mod health;
+pub mod holds;
 pub mod messages;
 pub mod otel;
 pub mod outbox;

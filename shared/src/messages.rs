@@ -116,6 +116,9 @@ pub enum NotifyMessage {
     /// The file is finished (all chunks committed, or a file-level failure).
     #[serde(rename = "file_finished.v1")]
     FileFinishedV1(FileFinished),
+    /// The file is held by the mass-deactivation guard: the tenant is told what would happen.
+    #[serde(rename = "file_held.v1")]
+    FileHeldV1(FileFinished),
 }
 
 /// Failure records found while importing one chunk.

@@ -10,6 +10,10 @@ diesel::table! {
         archive_on_inactive -> Bool,
         created_at -> Timestamptz,
         archive_suffix_fields -> Array<Text>,
+        guard_percent -> Int4,
+        guard_min_users -> Int4,
+        success_mail -> Bool,
+        header_aliases -> Jsonb,
     }
 }
 
@@ -115,6 +119,21 @@ diesel::table! {
         notices -> Array<Text>,
         trace_id -> Nullable<Text>,
         trace_context -> Nullable<Jsonb>,
+        dry_run -> Bool,
+        hold -> Nullable<Text>,
+        hold_users -> Nullable<Int8>,
+        hold_active_users -> Nullable<Int8>,
+        hold_decided_at -> Nullable<Timestamptz>,
+        hold_decided_by -> Nullable<Text>,
+        hold_notified_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// The users a held file would deactivate or archive.
+    file_deactivations (file_id, unique_id) {
+        file_id -> Int8,
+        unique_id -> Text,
     }
 }
 
@@ -138,6 +157,7 @@ diesel::table! {
         dispatched_at -> Nullable<Timestamptz>,
         confirmed -> Bool,
         dead_at -> Nullable<Timestamptz>,
+        held -> Bool,
     }
 }
 
@@ -235,4 +255,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     drop_folder_status,
     chunk_queue,
     workers,
+    file_deactivations,
 );

@@ -45,10 +45,26 @@ where
     F: Fn(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    telemetry::init(service, common.log_format);
+    let http = common.http_addr.map(|addr| (addr, common.health.clone()));
+    serve_with(service, common.log_format, http, run).await
+}
+
+/// [`serve`] for a process without the pipeline's common arguments (the console): its log
+/// format, and where to serve `/metrics`, `/healthz` and `/readyz` with what health, if at all.
+pub async fn serve_with<F, Fut>(
+    service: &'static str,
+    log_format: config::LogFormat,
+    http: Option<(std::net::SocketAddr, health::Health)>,
+    run: F,
+) -> !
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    telemetry::init(service, log_format);
     let shutdown = CancellationToken::new();
-    if let Some(addr) = common.http_addr {
-        if let Err(e) = health::serve(addr, common.health.clone(), shutdown.child_token()).await {
+    if let Some((addr, health)) = http {
+        if let Err(e) = health::serve(addr, health, shutdown.child_token()).await {
             eprintln!("{service}: {e:#}");
             std::process::exit(2);
         }

@@ -25,6 +25,14 @@ pub struct Tenant {
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// Fields that get the `_YEAR` suffix when a user is archived.
     pub archive_suffix_fields: Vec<String>,
+    /// Mass-deactivation guard: share of the active users, percent (0: off).
+    pub guard_percent: i32,
+    /// Mass-deactivation guard: minimum number of users.
+    pub guard_min_users: i32,
+    /// Mail a short report also when a file imported with no failures.
+    pub success_mail: bool,
+    /// The tenant's own header names for our columns (`{"employee_id": "unique_id"}`).
+    pub header_aliases: serde_json::Value,
 }
 
 impl Tenant {
@@ -102,6 +110,44 @@ pub struct SettingsChange {
     pub archive_on_inactive: Option<bool>,
     /// New list of fields suffixed on archive.
     pub archive_suffix_fields: Option<Vec<String>>,
+    /// New guard share, percent (0: off).
+    pub guard_percent: Option<i32>,
+    /// New guard minimum.
+    pub guard_min_users: Option<i32>,
+    /// New success-mail setting.
+    pub success_mail: Option<bool>,
+    /// New header names (replaces the map).
+    pub header_aliases: Option<serde_json::Value>,
+}
+
+impl SettingsChange {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.reply_to_email.is_none()
+            && self.failed_import_emails.is_none()
+            && self.archive_on_inactive.is_none()
+            && self.archive_suffix_fields.is_none()
+            && self.guard_percent.is_none()
+            && self.guard_min_users.is_none()
+            && self.success_mail.is_none()
+            && self.header_aliases.is_none()
+    }
+}
+
+/// The tenant's own header names, normalised (`normalise_header`), each with the column it
+/// stands for.
+pub fn header_aliases(t: &Tenant) -> Vec<(String, crate::domain::Column)> {
+    let mut out = Vec::new();
+    if let Some(map) = t.header_aliases.as_object() {
+        for (k, v) in map {
+            if let Some(col) = v.as_str().and_then(crate::domain::Column::from_header) {
+                out.push((crate::domain::normalise_header(k), col));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// Applies a settings change.

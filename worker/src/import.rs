@@ -163,11 +163,26 @@ pub fn import_queued(
                 })
             }
         };
+        if crate::dryrun::is_dry_run(conn, chunk.file_id)? {
+            return crate::dryrun::import_dry_run(conn, chunk);
+        }
         import_in_tx(conn, &chunk)
     })
 }
 
 fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, ImportError> {
+    match apply_chunk(conn, chunk)? {
+        None => Ok(ChunkOutcome::default()),
+        Some((outcome, failures)) => record_chunk(conn, chunk, outcome, failures),
+    }
+}
+
+/// Steps 1 to 3: the chunk's marker, the checks and the write. `None`: a redelivery. The
+/// outcome and the failure records are what [`record_chunk`] then counts and reports.
+pub(crate) fn apply_chunk(
+    conn: &mut PgConnection,
+    chunk: &Chunk,
+) -> Result<Option<(ChunkOutcome, Vec<RowFailure>)>, ImportError> {
     let file = chunk.file_id;
     let owner: Option<i64> = import_files::table
         .find(file.0)
@@ -192,7 +207,7 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
         .on_conflict_do_nothing()
         .execute(conn)?;
     if fresh == 0 {
-        return Ok(ChunkOutcome::default());
+        return Ok(None);
     }
 
     let map = HeaderMap::parse(&chunk.header)?;
@@ -279,7 +294,18 @@ fn import_in_tx(conn: &mut PgConnection, chunk: &Chunk) -> Result<ChunkOutcome, 
             repeated.as_deref(),
         )?;
     }
-    // 4. Count, and hand the failure records (and "file finished") to the outbox.
+    Ok(Some((outcome, failures)))
+}
+
+/// Step 4: count, and hand the failure records (and "file finished") to the outbox. The
+/// chunk's marker exists.
+pub(crate) fn record_chunk(
+    conn: &mut PgConnection,
+    chunk: &Chunk,
+    mut outcome: ChunkOutcome,
+    mut failures: Vec<RowFailure>,
+) -> Result<ChunkOutcome, ImportError> {
+    let file = chunk.file_id;
     failures.sort_by_key(|f| f.row);
     outcome.failed = failures.len() as i64;
 

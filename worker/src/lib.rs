@@ -25,6 +25,7 @@
 //!     `src/sql/`, the generated ones pinned in `src/sql/generated/`; [`sql`] has them all).
 
 pub mod dispatcher;
+mod dryrun;
 mod duplicate;
 mod identity;
 pub mod import;

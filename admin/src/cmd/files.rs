@@ -9,6 +9,7 @@ use mui_shared::deadletters;
 use mui_shared::domain::ImportFileId;
 use mui_shared::failures;
 use mui_shared::files::{self, FileLine, FileState};
+use mui_shared::holds;
 use mui_shared::tenants::Tenant;
 
 #[derive(Debug, Subcommand)]
@@ -38,6 +39,30 @@ pub enum FilesCmd {
         /// The file id (from `files list`).
         file_id: i64,
     },
+    /// Import a file held by the mass-deactivation guard, exactly as it was uploaded (the
+    /// tenant's later files, waiting behind it, follow). Approving it again does nothing.
+    Approve {
+        /// The file id (from `files list`).
+        file_id: i64,
+        /// Who approves it, for the record (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Drop a file held by the mass-deactivation guard: nothing of it is imported, and the
+    /// tenant is mailed that it was rejected. Rejecting it again does nothing.
+    Reject {
+        /// The file id (from `files list`).
+        file_id: i64,
+        /// Who rejects it, for the record (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+}
+
+fn operator(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .filter(|b| !b.trim().is_empty())
+        .unwrap_or_else(|| "muictl".to_owned())
 }
 
 impl FilesCmd {
@@ -59,6 +84,32 @@ impl FilesCmd {
                 );
                 Ok(())
             }
+            FilesCmd::Approve { file_id, by } => {
+                let file = ImportFileId(file_id);
+                match holds::approve(conn, file, &operator(by))? {
+                    holds::Outcome::Done => writeln!(
+                        out,
+                        "file {file_id} approved: it is imported as uploaded; the tenant's later files follow"
+                    )?,
+                    holds::Outcome::Already => {
+                        writeln!(out, "file {file_id} was approved already: nothing to do")?
+                    }
+                }
+                Ok(())
+            }
+            FilesCmd::Reject { file_id, by } => {
+                let file = ImportFileId(file_id);
+                match holds::reject(conn, file, &operator(by))? {
+                    holds::Outcome::Done => writeln!(
+                        out,
+                        "file {file_id} rejected: nothing of it was imported, and the tenant is mailed why"
+                    )?,
+                    holds::Outcome::Already => {
+                        writeln!(out, "file {file_id} was rejected already: nothing to do")?
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -72,6 +123,7 @@ fn list_files(
 ) -> anyhow::Result<()> {
     let files: Vec<FileLine> = files::list_file_lines(conn, t.tenant_id(), limit)?;
     let dead = deadletters::pending_by_file(conn, t.id)?;
+    let held = holds::oldest_held(conn, t.tenant_id())?;
     if json {
         serde_json::to_writer_pretty(&mut *out, &files)?;
         writeln!(out)?;
@@ -102,8 +154,15 @@ fn list_files(
             f.state.to_string()
         };
         let dead_letters = dead.get(&f.id).copied().unwrap_or(0);
+        let waits = held.filter(|h| *h < f.id && !f.state.is_finished());
         let state = if dead_letters > 0 && f.state != FileState::Done {
             "dead-lettered".to_owned()
+        } else if f.is_held() {
+            "held".to_owned()
+        } else if waits.is_some() {
+            "waiting".to_owned()
+        } else if f.dry_run && f.state == FileState::Done {
+            "validated".to_owned()
         } else {
             state
         };
@@ -124,6 +183,31 @@ fn list_files(
                 out,
                 "{:>6} archived {} user(s), reactivated {}, released {} permit(s)",
                 "", f.users_archived, f.users_reactivated, f.permits_released
+            )?;
+        }
+        if f.dry_run {
+            writeln!(
+                out,
+                "{:>6} dry run (.validate.csv): nothing was changed; the counts are what an import would give",
+                ""
+            )?;
+        }
+        if f.is_held() {
+            writeln!(
+                out,
+                "{:>6} held: it would deactivate or archive {} of {} active users; `muictl files approve {}` or `muictl files reject {}`",
+                "",
+                f.hold_users.unwrap_or(0),
+                f.hold_active_users.unwrap_or(0),
+                f.id,
+                f.id
+            )?;
+        }
+        if let Some(h) = waits {
+            writeln!(
+                out,
+                "{:>6} waits behind held file {h} (files take effect in arrival order)",
+                ""
             )?;
         }
         if let Some(msg) = f.error_message {

@@ -46,8 +46,8 @@ impl QueueCmd {
         }
         writeln!(
             out,
-            "\n{:<20} {:>8} {:<28} {:>8} {:>9} {:>5}",
-            "TENANT", "FILE", "NAME", "WAITING", "IN FLIGHT", "DEAD"
+            "\n{:<20} {:>8} {:<28} {:>8} {:>9} {:>5} {:>5}",
+            "TENANT", "FILE", "NAME", "WAITING", "IN FLIGHT", "DEAD", "HELD"
         )?;
         if o.files.is_empty() {
             writeln!(out, "(the chunk queue is empty)")?;
@@ -55,8 +55,8 @@ impl QueueCmd {
         for f in &o.files {
             writeln!(
                 out,
-                "{:<20} {:>8} {:<28} {:>8} {:>9} {:>5}",
-                f.tenant, f.file_id, f.file_name, f.waiting, f.in_flight, f.dead
+                "{:<20} {:>8} {:<28} {:>8} {:>9} {:>5} {:>5}",
+                f.tenant, f.file_id, f.file_name, f.waiting, f.in_flight, f.dead, f.held
             )?;
         }
         Ok(())

@@ -68,6 +68,22 @@ pub struct SettingsArgs {
     /// last_name,user_name,email).
     #[arg(long, value_delimiter = ',')]
     archive_fields: Option<Vec<String>>,
+    /// Mass-deactivation guard: hold a file that would deactivate or archive more than this
+    /// percentage of the tenant's active users (and more than --guard-min-users) until an
+    /// operator approves it; 0 switches the guard off (default 10).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=100))]
+    guard_percent: Option<i32>,
+    /// Mass-deactivation guard: ... and more than this many users (default 25).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
+    guard_min_users: Option<i32>,
+    /// Mail a short report also when a file imported with no failures (on|off; default off).
+    #[arg(long, value_parser = parse_on_off)]
+    success_mail: Option<bool>,
+    /// The tenant's own header name for one of our columns, as `"Their Name=column"`
+    /// (e.g. `--header "Employee ID=unique_id"`); repeat for several. Replaces the map;
+    /// `--header ""` clears it.
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -171,16 +187,50 @@ fn apply(
             None => None,
             Some(fields) => Some(archive_fields(fields)?),
         },
+        guard_percent: s.guard_percent,
+        guard_min_users: s.guard_min_users,
+        success_mail: s.success_mail,
+        header_aliases: if s.headers.is_empty() {
+            None
+        } else {
+            Some(header_aliases(&s.headers)?)
+        },
     };
-    if change.name.is_none()
-        && change.reply_to_email.is_none()
-        && change.failed_import_emails.is_none()
-        && change.archive_on_inactive.is_none()
-        && change.archive_suffix_fields.is_none()
-    {
+    if change.is_empty() {
         return Ok(t.clone());
     }
     Ok(tenants::update(conn, t.tenant_id(), &change)?)
+}
+
+/// Parses `--header "Their Name=column"` settings into the stored map (their name, normalised
+/// as headers are matched, to our column's name).
+fn header_aliases(pairs: &[String]) -> anyhow::Result<serde_json::Value> {
+    use mui_shared::domain::{normalise_header, Column};
+    let mut map = serde_json::Map::new();
+    for pair in pairs.iter().filter(|p| !p.trim().is_empty()) {
+        let Some((theirs, ours)) = pair.rsplit_once('=') else {
+            bail!(
+                "--header {pair:?}: expected \"Their Name=column\", e.g. \"Employee ID=unique_id\""
+            );
+        };
+        let Some(col) = Column::from_header(ours) else {
+            bail!("--header {pair:?}: {:?} is not one of our columns (unique_id, login_source, first_name, ...)", ours.trim());
+        };
+        let key = normalise_header(theirs);
+        if key.is_empty() {
+            bail!("--header {pair:?}: the tenant's header name is empty");
+        }
+        if Column::from_header(theirs).is_some_and(|c| c != col) {
+            bail!(
+                "--header {pair:?}: {:?} is already our name for another column",
+                theirs.trim()
+            );
+        }
+        if map.insert(key, col.name().into()).is_some() {
+            bail!("--header {pair:?}: {:?} is mapped twice", theirs.trim());
+        }
+    }
+    Ok(serde_json::Value::Object(map))
 }
 
 /// Checks the fields named for the archive suffix: text columns other than the key fields.
@@ -237,6 +287,37 @@ fn print_tenant(
         out,
         "archive suffix on:    {}",
         t.archive_suffix_fields.join(", ")
+    )?;
+    writeln!(
+        out,
+        "deactivation guard:   {}",
+        if t.guard_percent == 0 {
+            "off".to_owned()
+        } else {
+            format!(
+                "hold a file deactivating more than {}% of active users and more than {} users",
+                t.guard_percent, t.guard_min_users
+            )
+        }
+    )?;
+    writeln!(
+        out,
+        "success mail:         {}",
+        if t.success_mail { "on" } else { "off" }
+    )?;
+    let aliases = tenants::header_aliases(t);
+    writeln!(
+        out,
+        "header names:         {}",
+        if aliases.is_empty() {
+            "(ours only)".to_owned()
+        } else {
+            aliases
+                .iter()
+                .map(|(k, c)| format!("{k} = {c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
     )?;
     writeln!(
         out,

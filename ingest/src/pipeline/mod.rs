@@ -79,6 +79,12 @@ pub enum ChunkDispatch {
     Direct,
 }
 
+/// Whether `name` asks for a dry run: it ends in `.validate.csv` (any case). Such a file is
+/// checked exactly as an import would check it and changes nothing.
+pub fn is_dry_run(name: &str) -> bool {
+    name.to_lowercase().ends_with(".validate.csv")
+}
+
 /// Whether `name` is a temporary upload name left alone until renamed.
 pub fn is_temporary(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
@@ -245,8 +251,31 @@ pub async fn handle(
                 fail(ctx, file_id, tenant, &problem, Some(&sniff)).await?;
             } else {
                 let chunking = registered.chunking;
+                let dry_run = is_dry_run(&display);
+                if dry_run {
+                    db::run(&ctx.pool, move |conn| {
+                        Ok(diesel::update(
+                            mui_shared::schema::import_files::table.find(file_id.0),
+                        )
+                        .set(mui_shared::schema::import_files::dry_run.eq(true))
+                        .execute(conn)
+                        .map(|_| ())?)
+                    })
+                    .await?;
+                }
+                // The tenant's settings as they are now (the watcher's copy is refreshed
+                // only every rescan): its header names and its guard.
+                let tid = tenant.tenant_id();
+                let fresh = db::run(&ctx.pool, move |conn| {
+                    Ok(mui_shared::tenants::find(conn, tid)?)
+                })
+                .await?
+                .unwrap_or_else(|| tenant.clone());
+                let aliases = mui_shared::tenants::header_aliases(&fresh);
+                // A dry run is never held, but says whether its import would be.
+                let guarded = mui_shared::holds::Guard::of(&fresh).on();
                 let read = tracing::info_span!("file.read", mui.file.bytes = sniff.size as i64);
-                match validate_whole(&file, &sniff, ctx.limits, chunking)
+                match validate_whole(&file, &sniff, ctx.limits, chunking, aliases.clone(), guarded)
                     .instrument(read)
                     .await?
                 {
@@ -262,9 +291,43 @@ pub async fn handle(
                         lock.release().await;
                         return Ok(());
                     }
-                    Validated::Good(repeats) => {
+                    Validated::Good {
+                        repeats,
+                        deactivating,
+                    } => {
+                        let held = if guarded && dry_run {
+                            let t = fresh.clone();
+                            let notice = db::run(&ctx.pool, move |conn| {
+                                Ok(mui_shared::holds::assess(conn, &t, &deactivating)?
+                                    .map(|(would, active)| {
+                                        mui_shared::holds::dry_run_notice(&t, would.len(), active)
+                                    }))
+                            })
+                            .await?;
+                            if let Some(notice) = notice {
+                                add_notice(&ctx.pool, file_id, notice).await?;
+                            }
+                            false
+                        } else if guarded {
+                            let t = fresh.clone();
+                            let check = db::run(&ctx.pool, move |conn| {
+                                Ok(mui_shared::holds::evaluate(conn, &t, file_id, &deactivating)?)
+                            })
+                            .await?;
+                            if let mui_shared::holds::Check::Held { would, active } = check {
+                                tracing::warn!(would, active, "FileHeldByGuard");
+                            }
+                            check != mui_shared::holds::Check::Pass
+                        } else {
+                            false
+                        };
                         ctx.hooks.pause("ingest.before_publish", &display).await;
                         mui_shared::failpoint::stop("ingest.after_register");
+                        let mode = publish::Mode {
+                            held,
+                            dry_run,
+                            aliases,
+                        };
                         let chunked = tracing::info_span!(
                             "file.chunk",
                             mui.dispatch = ?ctx.dispatch,
@@ -272,7 +335,8 @@ pub async fn handle(
                             mui.chunks = tracing::field::Empty,
                         );
                         publish_rows(
-                            ctx, tenant, file_id, &file, &sniff, chunking, &display, repeats,
+                            ctx, tenant, file_id, &file, &sniff, chunking, &display, &mode,
+                            repeats,
                         )
                         .instrument(chunked)
                         .await?;

@@ -3,14 +3,21 @@
 
 use super::repeats::{Collect, Repeats};
 use super::*;
+use mui_shared::domain::Column;
 
 /// Chunks in flight (published, confirm not yet awaited) per file.
 const CONFIRM_WINDOW: usize = 8;
 
 /// What the validating pass found.
 pub(super) enum Validated {
-    /// Nothing stops the import; which rows share their unique_id with another.
-    Good(Repeats),
+    /// Nothing stops the import.
+    Good {
+        /// Which rows share their unique_id with another row of the file.
+        repeats: Repeats,
+        /// When asked for: the `unique_id`s whose last row in the file says `active=0` (for
+        /// the mass-deactivation guard).
+        deactivating: Vec<String>,
+    },
     /// A file-level problem: nothing is published.
     Problem(FileProblem),
     /// The content is not what was registered (someone is writing to it).
@@ -20,29 +27,58 @@ pub(super) enum Validated {
 /// Reads the whole file once without publishing anything, so that every file-level problem
 /// (header, unclosed quote, row limit…) is decided before the first row is handed over, and
 /// the rows whose unique_id another row of the file has too are known ([`Repeats`]).
+///
+/// With `deactivating`, it also collects the `unique_id`s whose last row says `active=0`:
+/// only those are held in memory (a later row of the same id with another value takes it
+/// out), so a file that deactivates no one costs nothing more.
 pub(super) async fn validate_whole(
     file: &File,
     sniff: &Sniff,
     limits: reader::Limits,
     chunking: Chunking,
+    aliases: Vec<(String, Column)>,
+    deactivating: bool,
 ) -> anyhow::Result<Validated> {
     let mut f = file.try_clone()?;
     let sniff = sniff.clone();
     tokio::task::spawn_blocking(move || {
+        let mut zeros: std::collections::HashSet<String> = std::collections::HashSet::new();
         f.seek(SeekFrom::Start(0))?;
         let mut hashing = HashingReader {
             inner: f,
             hasher: Sha256::new(),
         };
         let mut ids = Collect::default();
-        let outcome = reader::read_chunks(
+        let outcome = reader::read_chunks_mapped(
             &mut hashing,
             &sniff,
             limits,
             chunking,
+            &aliases,
             |_, _, _| {},
             |_, _, map, rows| {
                 ids.observe(map, &rows);
+                if !deactivating {
+                    return Ok(());
+                }
+                let (Some(uid), Some(active)) =
+                    (map.position(Column::UniqueId), map.position(Column::Active))
+                else {
+                    return Ok(());
+                };
+                for row in rows.iter().filter(|r| r.too_large.is_none()) {
+                    let Some(id) = row.fields.get(uid).map(|v| v.trim()) else {
+                        continue;
+                    };
+                    if id.is_empty() {
+                        continue;
+                    }
+                    if row.fields.get(active).map(|v| v.trim()) == Some("0") {
+                        zeros.insert(id.to_owned());
+                    } else if !zeros.is_empty() {
+                        zeros.remove(id);
+                    }
+                }
                 Ok(())
             },
         );
@@ -52,7 +88,10 @@ pub(super) async fn validate_whole(
             return Ok(Validated::Changed);
         }
         Ok(match outcome {
-            Ok(_) => Validated::Good(ids.finish()),
+            Ok(_) => Validated::Good {
+                repeats: ids.finish(),
+                deactivating: zeros.into_iter().collect(),
+            },
             Err(problem) => Validated::Problem(problem),
         })
     })
@@ -64,6 +103,9 @@ pub(super) async fn validate_whole(
 /// whole before, so a problem found now means its content changed since: the rows already
 /// published are imported, and the report says exactly which. (`repeats` is from the
 /// validating pass: rows of changed content are listed as that pass found them.)
+///
+/// `mode` says whether the chunks are held back from the dispatcher (a file held by the
+/// mass-deactivation guard, a dry run); such chunks are always queued in the database.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn publish_rows(
     ctx: &Context,
@@ -73,8 +115,11 @@ pub(super) async fn publish_rows(
     sniff: &Sniff,
     chunking: Chunking,
     name: &str,
+    mode: &Mode,
     repeats: Repeats,
 ) -> anyhow::Result<()> {
+    let held_back = mode.held || mode.dry_run;
+    let aliases = mode.aliases.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, i32, Vec<u8>)>(4);
     let tenant_id = tenant.tenant_id();
     let sniff_for_read = sniff.clone();
@@ -89,11 +134,12 @@ pub(super) async fn publish_rows(
         let mut header_seen: Option<(Vec<String>, Vec<String>, u8)> = None;
         let mut published_rows: u64 = 0;
         let mut published_chunks: u32 = 0;
-        let outcome = reader::read_chunks(
+        let outcome = reader::read_chunks_mapped(
             &mut hashing,
             &sniff_for_read,
             limits,
             chunking,
+            &aliases,
             |cells, map, delimiter| {
                 header_seen = Some((cells.to_vec(), map.ignored.clone(), delimiter));
             },
@@ -133,7 +179,12 @@ pub(super) async fn publish_rows(
         if publish_error.is_some() {
             continue; // keep draining so the reader finishes
         }
-        match ctx.dispatch {
+        let how = if held_back {
+            ChunkDispatch::Fair
+        } else {
+            ctx.dispatch
+        };
+        match how {
             ChunkDispatch::Direct => {
                 let queue = ctx.publisher.topology().queue(QueueKind::Chunks);
                 let span = tracing::info_span!(
@@ -177,7 +228,9 @@ pub(super) async fn publish_rows(
                     otel.kind = "producer",
                 );
                 let queued = db::run(&ctx.pool, move |conn| {
-                    Ok(dispatch::enqueue(conn, chunk, rows, &bytes)?)
+                    Ok(dispatch::enqueue_held(
+                        conn, chunk, rows, &bytes, held_back,
+                    )?)
                 })
                 .instrument(span.clone())
                 .await;
@@ -248,12 +301,35 @@ pub(super) async fn publish_rows(
         ignored: serde_json::to_value(&ignored)?,
     };
     let kick = ctx.kick.clone();
+    let (held, dry_run) = (mode.held, mode.dry_run);
     db::run(&ctx.pool, move |conn| {
-        Ok(files::totals_known(conn, file_id, tenant_id, &totals)?)
+        Ok(conn.transaction(|conn| {
+            files::totals_known(conn, file_id, tenant_id, &totals)?;
+            if held {
+                // The tenant is told what would happen; the operator decides.
+                mui_shared::holds::announce_held(conn, file_id, tenant_id)?;
+            } else if dry_run {
+                // Queued whole: the worker that gets the first chunk checks them all in
+                // one transaction and rolls it back.
+                dispatch::release(conn, tenant_id, file_id, true)?;
+            }
+            Ok::<_, diesel::result::Error>(())
+        })?)
     })
     .await?;
     kick.kick();
     Ok(())
+}
+
+/// How a file's chunks are queued.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Mode {
+    /// Held by the mass-deactivation guard: queued held back until approved.
+    pub(super) held: bool,
+    /// A dry run (`*.validate.csv`): queued held back, the first chunk released at the end.
+    pub(super) dry_run: bool,
+    /// The tenant's own header names.
+    pub(super) aliases: Vec<(String, Column)>,
 }
 
 struct HashingReader<R> {

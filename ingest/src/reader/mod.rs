@@ -14,7 +14,7 @@ mod sniff;
 use std::io::{self, BufReader, Read};
 
 use mui_shared::codes::FileErrorCode;
-use mui_shared::domain::HeaderMap;
+use mui_shared::domain::{Column, HeaderMap};
 use mui_shared::messages::{RawRow, TooLargeRow};
 
 pub use records::MAX_RECORD_BYTES;
@@ -170,6 +170,43 @@ pub fn read_chunks<R, H, C>(
     sniff: &Sniff,
     limits: Limits,
     chunking: Chunking,
+    on_header: H,
+    on_chunk: C,
+) -> Result<Result<ReadSummary, FileProblem>, io::Error>
+where
+    R: Read,
+    H: FnMut(&[String], &HeaderMap, u8),
+    C: FnMut(u32, &[String], &HeaderMap, Vec<RawRow>) -> io::Result<()>,
+{
+    read_chunks_mapped(file, sniff, limits, chunking, &[], on_header, on_chunk)
+}
+
+/// Replaces each header cell that is one of the tenant's own names (`aliases`: normalised
+/// name, our column) by our column's name.
+pub fn apply_aliases(cells: &[String], aliases: &[(String, Column)]) -> Vec<String> {
+    cells
+        .iter()
+        .map(|cell| {
+            let key = mui_shared::domain::normalise_header(cell);
+            match aliases.iter().find(|(k, _)| *k == key) {
+                Some((_, col)) => col.name().to_owned(),
+                None => cell.clone(),
+            }
+        })
+        .collect()
+}
+
+/// [`read_chunks`] for a tenant with its own header names (`aliases`, see
+/// `mui_shared::tenants::header_aliases`): the header is matched after they are replaced by
+/// ours, and the chunks carry the replaced header; `on_header` gets the header as uploaded
+/// (the failures CSV shows the tenant's own names).
+#[allow(clippy::too_many_arguments)]
+pub fn read_chunks_mapped<R, H, C>(
+    file: R,
+    sniff: &Sniff,
+    limits: Limits,
+    chunking: Chunking,
+    aliases: &[(String, Column)],
     mut on_header: H,
     mut on_chunk: C,
 ) -> Result<Result<ReadSummary, FileProblem>, io::Error>
@@ -273,6 +310,8 @@ where
                 while cells.last().is_some_and(|c| c.trim().is_empty()) {
                     cells.pop();
                 }
+                let uploaded = cells;
+                let cells = apply_aliases(&uploaded, aliases);
                 let map = match HeaderMap::parse(&cells) {
                     Ok(map) => map,
                     Err(e) => {
@@ -285,7 +324,7 @@ where
                         return Ok(Err(FileProblem::new(code, e.to_string())));
                     }
                 };
-                on_header(&cells, &map, delimiter);
+                on_header(&uploaded, &map, delimiter);
                 header = Some((cells, map));
             }
             Some(_) => {

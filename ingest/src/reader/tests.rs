@@ -220,3 +220,50 @@ fn chunks_are_bounded_in_bytes() {
     assert!(sizes.len() >= 10, "{sizes:?}");
     assert!(sizes.iter().all(|n| *n <= 10), "{sizes:?}");
 }
+
+#[test]
+fn a_tenants_own_header_names_are_read_as_ours_and_handed_on_as_uploaded() {
+    use mui_shared::domain::Column;
+    let aliases = vec![
+        ("employee_id".to_owned(), Column::UniqueId),
+        ("sso".to_owned(), Column::LoginSource),
+    ];
+    let cells: Vec<String> = ["Employee ID", " SSO ", "First Name", "Badge"]
+        .map(String::from)
+        .to_vec();
+    assert_eq!(
+        super::apply_aliases(&cells, &aliases),
+        ["unique_id", "login_source", "First Name", "Badge"]
+    );
+    let data = b"Employee ID,SSO,First Name\nE1,sso,Ann\n";
+    let sniff = super::sniff(&mut std::io::Cursor::new(&data[..])).unwrap();
+    let mut uploaded = Vec::new();
+    let mut chunk_header = Vec::new();
+    let r = super::read_chunks_mapped(
+        &data[..],
+        &sniff,
+        super::Limits::default(),
+        super::Chunking::rows(10),
+        &aliases,
+        |cells, _, _| uploaded = cells.to_vec(),
+        |_, header, _, _| {
+            chunk_header = header.to_vec();
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(uploaded, ["Employee ID", "SSO", "First Name"]);
+    assert_eq!(chunk_header, ["unique_id", "login_source", "First Name"]);
+    // Without the names, the file lacks our required columns.
+    let plain = super::read_chunks(
+        &data[..],
+        &sniff,
+        super::Limits::default(),
+        super::Chunking::rows(10),
+        |_, _, _| {},
+        |_, _, _, _| Ok(()),
+    )
+    .unwrap();
+    assert!(plain.is_err());
+}

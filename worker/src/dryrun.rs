@@ -1,0 +1,159 @@
+//! A dry run (`*.validate.csv`): every check and every write a real import makes, in one
+//! transaction for the whole file, rolled back; only the counts and the failure records are
+//! kept.
+//!
+//! ingest queues a dry run's chunks held back from the dispatcher and, once it has queued
+//! them all, releases the first alone. The worker that imports it finds the file marked
+//! `dry_run` and, inside one savepoint, imports that chunk and then each later one (read
+//! from the queue) exactly as a real import would — so a later chunk sees what the earlier
+//! ones wrote, as it would once they had committed: a `unique_id` repeated across chunks,
+//! an email an earlier row took, a user archived twice — then rolls the savepoint back. No
+//! user, no permit, no archive is left; what remains is what a real import records besides
+//! its writes: each chunk's marker and counts, its failure records (in the outbox, for the
+//! notifier), "file finished", and the queue emptied of the file's chunks. So the report
+//! gives the counts the real import of the same file would give, against the tenant's users
+//! as they are now (a real import's chunks may commit in another order; the totals are the
+//! same, see docs/architecture.md).
+//!
+//! A redelivery of the first chunk finds its marker (or, while the first transaction still
+//! runs, waits for its row lock) and does nothing.
+
+use diesel::prelude::*;
+use mui_shared::dispatch;
+use mui_shared::domain::ImportFileId;
+use mui_shared::messages::{self, Chunk, ChunkRef, RowFailure, WorkMessage};
+use mui_shared::schema::{file_chunks, import_files};
+
+use crate::import::{apply_chunk, record_chunk, ChunkOutcome, ImportError};
+
+/// Whether `file` is a dry run.
+pub(crate) fn is_dry_run(conn: &mut PgConnection, file: ImportFileId) -> QueryResult<bool> {
+    Ok(import_files::table
+        .find(file.0)
+        .select(import_files::dry_run)
+        .first::<bool>(conn)
+        .optional()?
+        .unwrap_or(false))
+}
+
+/// Why the savepoint ended.
+enum Ended {
+    /// Every chunk was checked: roll back, keep the results.
+    Checked,
+    /// A query failed.
+    Failed(ImportError),
+}
+
+impl From<diesel::result::Error> for Ended {
+    fn from(e: diesel::result::Error) -> Self {
+        Ended::Failed(e.into())
+    }
+}
+
+impl From<ImportError> for Ended {
+    fn from(e: ImportError) -> Self {
+        Ended::Failed(e)
+    }
+}
+
+/// Checks the whole dry-run file whose first chunk (taken from the queue by the caller) is
+/// `first`, in the caller's transaction; see the module docs. Returns the first chunk's
+/// outcome (`finished_file` set: a dry run finishes with its first chunk).
+pub(crate) fn import_dry_run(
+    conn: &mut PgConnection,
+    first: Chunk,
+) -> Result<ChunkOutcome, ImportError> {
+    let file = first.file_id;
+    let tenant = first.tenant_id;
+    let total: Option<i32> = import_files::table
+        .find(file.0)
+        .select(import_files::total_chunks)
+        .first(conn)?;
+    let total = total.unwrap_or(1).max(1) as u32;
+    let mut results: Vec<(Chunk, ChunkOutcome, Vec<RowFailure>)> = Vec::new();
+    let mut redelivered = false;
+    let ended = conn.transaction::<(), Ended, _>(|conn| {
+        let mut chunk = first.clone();
+        loop {
+            match apply_chunk(conn, &chunk)? {
+                Some((outcome, failures)) => {
+                    // The rows go; the chunk's header and number are kept for the report.
+                    let kept = Chunk {
+                        rows: Vec::new(),
+                        ..chunk
+                    };
+                    results.push((kept, outcome, failures));
+                }
+                None => {
+                    redelivered = true;
+                    return Err(Ended::Checked);
+                }
+            }
+            let next = results.len() as u32;
+            if next >= total {
+                return Err(Ended::Checked);
+            }
+            let r = ChunkRef {
+                file_id: file,
+                tenant_id: tenant,
+                chunk_no: next,
+            };
+            let Some(payload) = dispatch::peek(conn, r)? else {
+                return Err(Ended::Failed(ImportError::NotQueued(r)));
+            };
+            chunk = match messages::decode::<WorkMessage>(&payload) {
+                Ok(WorkMessage::ChunkV1(c))
+                    if c.file_id == file && c.tenant_id == tenant && c.chunk_no == next =>
+                {
+                    c
+                }
+                Ok(_) => {
+                    return Err(Ended::Failed(ImportError::BadPayload {
+                        chunk: r,
+                        why: "it names another chunk".into(),
+                    }))
+                }
+                Err(e) => {
+                    return Err(Ended::Failed(ImportError::BadPayload {
+                        chunk: r,
+                        why: e.to_string(),
+                    }))
+                }
+            };
+        }
+    });
+    match ended {
+        Err(Ended::Checked) => {}
+        Err(Ended::Failed(e)) => return Err(e),
+        Ok(()) => {}
+    }
+    if redelivered {
+        // Checked before: the markers are there.
+        return Ok(ChunkOutcome::default());
+    }
+    // Everything written is undone; keep what a real import records besides its writes.
+    dispatch::take_file(conn, tenant, file)?;
+    let mut first_outcome = None;
+    for (chunk, outcome, failures) in results {
+        diesel::insert_into(file_chunks::table)
+            .values((
+                file_chunks::file_id.eq(file.0),
+                file_chunks::chunk_no.eq(chunk.chunk_no as i32),
+                file_chunks::rows.eq(outcome.rows as i32),
+                file_chunks::failed.eq(0),
+            ))
+            .on_conflict_do_nothing()
+            .execute(conn)?;
+        let recorded = record_chunk(conn, &chunk, outcome, failures)?;
+        if first_outcome.is_none() {
+            first_outcome = Some(recorded.clone());
+        }
+        if recorded.finished_file {
+            if let Some(f) = first_outcome.as_mut() {
+                f.finished_file = true;
+            }
+        }
+    }
+    tracing::info!(file_id = file.0, chunks = total, "DryRunChecked");
+    Ok(first_outcome.unwrap_or_default())
+}
