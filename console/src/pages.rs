@@ -24,6 +24,7 @@ use mui_shared::dispatch::{self, WorkerLine};
 use mui_shared::domain::{ImportFileId, TenantId};
 use mui_shared::failures::{self, FailureFilter};
 use mui_shared::files::{self, FileDetail, FileLine, FileState, FileTotals, TenantFileLine};
+use mui_shared::holds::{self, HoldError};
 use mui_shared::messages::RowFailure;
 use mui_shared::tenants::{self, FolderStatus, Tenant};
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/dead-letters", get(dead_letters))
         .route("/dead-letters/replay", post(replay))
         .route("/held", get(held))
+        .route("/held/decide", post(decide))
         .route("/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -120,6 +122,8 @@ pub enum AppError {
     BadRequest(String),
     /// An action without the session's CSRF token.
     Forbidden(String),
+    /// An action the state of what it names does not allow (approving a rejected file).
+    Conflict(String),
     /// The database failed.
     Db(DbError),
 }
@@ -136,6 +140,7 @@ impl IntoResponse for AppError {
             AppError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             AppError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             AppError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+            AppError::Conflict(m) => (StatusCode::CONFLICT, m),
             AppError::Db(e) => {
                 let chain =
                     std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
@@ -293,6 +298,8 @@ impl FileView {
         let rows_done = file.rows_imported() + file.rows_failed;
         let status = if dead_letters > 0 && file.state != FileState::Done {
             "dead-lettered".to_owned()
+        } else if file.is_held() {
+            "held: waiting for approve or reject".to_owned()
         } else if file.state == FileState::Importing
             || (file.state == FileState::Received && file.chunks_done > 0)
         {
@@ -371,6 +378,8 @@ pub struct Overview {
     pub dead_letters: usize,
     /// Files whose report is held.
     pub held: usize,
+    /// Files held by the mass-deactivation guard, waiting for approve or reject.
+    pub awaiting_decision: usize,
     /// The chunk queue per tenant.
     pub queue: Vec<TenantQueue>,
     /// The worker leading the dispatcher, if one does.
@@ -386,6 +395,7 @@ pub fn load_overview(conn: &mut PgConnection) -> std::result::Result<Overview, D
     let letters = deadletters::list(conn, None, false)?;
     let dead = dead_per_file(&letters);
     let held = files::held(conn)?.len();
+    let awaiting_decision = files::awaiting_decision(conn)?.len();
     let q = dispatch::overview(conn)?;
     let mut queue: BTreeMap<String, TenantQueue> = BTreeMap::new();
     for f in q.files {
@@ -422,6 +432,7 @@ pub fn load_overview(conn: &mut PgConnection) -> std::result::Result<Overview, D
         failed_files_last_hour: failed_files,
         dead_letters: letters.len(),
         held,
+        awaiting_decision,
         queue: queue.into_values().collect(),
         dispatcher: q.leader,
         workers: q.workers,
@@ -948,15 +959,30 @@ pub struct HeldFile {
     pub why: String,
 }
 
+/// The held page: files the mass-deactivation guard holds before any change, waiting for
+/// the operator's decision, and files whose report mail is held.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldPage {
+    /// Files waiting for approve or reject, oldest first (later files of the same tenant
+    /// wait behind each).
+    pub awaiting_decision: Vec<FileView>,
+    /// Files whose report could not be mailed, and why.
+    pub held_mail: Vec<HeldFile>,
+}
+
 async fn held(
     State(state): State<AppState>,
     Extension(op): Extension<Operator>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response> {
-    let list = query(&state, |conn| {
+    let page = query(&state, |conn| {
         let now = Utc::now();
-        let mut out = Vec::new();
+        let awaiting_decision = files::awaiting_decision(conn)?
+            .into_iter()
+            .map(|TenantFileLine { tenant, file }| FileView::new(tenant, file, 0, now))
+            .collect();
+        let mut held_mail = Vec::new();
         let mut reasons: HashMap<String, Option<String>> = HashMap::new();
         for TenantFileLine { tenant, file } in files::held(conn)? {
             if !reasons.contains_key(&tenant) {
@@ -968,15 +994,121 @@ async fn held(
                 .clone()
                 .or_else(|| reasons.get(&tenant).cloned().flatten())
                 .unwrap_or_else(|| "no reason recorded".to_owned());
-            out.push(HeldFile {
+            held_mail.push(HeldFile {
                 file: FileView::new(tenant, file, 0, now),
                 why,
             });
         }
-        Ok(out)
+        Ok(HeldPage {
+            awaiting_decision,
+            held_mail,
+        })
     })
     .await?;
-    Ok(respond(wants_json(&headers, &uri), &list, |l| {
-        views::held(&op, l)
+    Ok(respond(wants_json(&headers, &uri), &page, |p| {
+        views::held(&op, p)
+    }))
+}
+
+/// The decision form: approve or reject one held file of the tenant it names.
+#[derive(Debug, Deserialize)]
+pub struct DecideForm {
+    /// The session's CSRF token.
+    pub csrf: Option<String>,
+    /// The tenant's slug: the file must be this tenant's.
+    pub tenant: Option<String>,
+    /// The held file's id.
+    pub file: Option<String>,
+    /// `approve` or `reject`.
+    pub decision: Option<String>,
+}
+
+/// What a decision did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionResult {
+    /// The tenant.
+    pub tenant: String,
+    /// The file.
+    pub file: i64,
+    /// `approve` or `reject`.
+    pub decision: String,
+    /// Whether it was taken now (`false`: it had been taken already, nothing changed).
+    pub done_now: bool,
+}
+
+/// Approves or rejects a held file through [`holds::approve`] / [`holds::reject`], as
+/// `muictl files approve|reject` does: idempotent (the same decision twice does nothing
+/// the second time); the opposite decision of one taken is refused (409).
+async fn decide(
+    State(state): State<AppState>,
+    Extension(op): Extension<Operator>,
+    headers: HeaderMap,
+    uri: Uri,
+    Form(f): Form<DecideForm>,
+) -> Result<Response> {
+    check_csrf(&op, f.csrf.as_deref())?;
+    let slug = non_empty(f.tenant).ok_or_else(|| {
+        AppError::BadRequest("say which tenant (the form's `tenant` field)".to_owned())
+    })?;
+    let file = non_empty(f.file)
+        .ok_or_else(|| AppError::BadRequest("say which file (the form's `file` field)".to_owned()))
+        .and_then(|raw| parse_id("file id", &raw))?;
+    let decision = non_empty(f.decision).unwrap_or_default();
+    let approve = match decision.as_str() {
+        "approve" => true,
+        "reject" => false,
+        other => {
+            return Err(AppError::BadRequest(format!(
+                "decision {other:?} is neither `approve` nor `reject`"
+            )))
+        }
+    };
+    let by = if op.csrf.is_some() {
+        "console"
+    } else {
+        "console (bearer token)"
+    };
+    let wanted = slug.clone();
+    let outcome = query(&state, move |conn| {
+        let Some(t) = find_tenant(conn, &wanted)? else {
+            return Ok(Err(AppError::NotFound(format!("no tenant {wanted:?}"))));
+        };
+        // Only a file of the tenant the form names is ever touched.
+        match files::file_line(conn, file)? {
+            Some((_, owner)) if owner == t.slug => {}
+            _ => {
+                return Ok(Err(AppError::NotFound(format!(
+                    "tenant {:?} has no file {file}",
+                    t.slug
+                ))))
+            }
+        }
+        let id = ImportFileId(file);
+        let r = if approve {
+            holds::approve(conn, id, by)
+        } else {
+            holds::reject(conn, id, by)
+        };
+        Ok(match r {
+            Ok(o) => Ok(o),
+            Err(HoldError::Db(e)) => return Err(DbError::from(e)),
+            Err(e @ (HoldError::Decided { .. } | HoldError::StillReading(_))) => {
+                Err(AppError::Conflict(e.to_string()))
+            }
+            Err(e @ HoldError::NoSuchFile(_)) => Err(AppError::NotFound(e.to_string())),
+            Err(e) => Err(AppError::BadRequest(e.to_string())),
+        })
+    })
+    .await??;
+    let done_now = outcome == holds::Outcome::Done;
+    tracing::info!(tenant = %slug, file, decision = %decision, done_now, "ConsoleDecision");
+    let result = DecisionResult {
+        tenant: slug,
+        file,
+        decision,
+        done_now,
+    };
+    Ok(respond(wants_json(&headers, &uri), &result, |r| {
+        views::decided(&op, r)
     }))
 }

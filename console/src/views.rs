@@ -8,8 +8,8 @@ use mui_shared::deadletters::DeadLetter;
 
 use crate::auth::Operator;
 use crate::pages::{
-    DeadLettersPage, FilePage, FileView, HeldFile, Overview, ReplayResult, TenantPage,
-    TenantSummary, CSS_PATH, HTMX_PATH, HTMX_SSE_PATH,
+    DeadLettersPage, DecisionResult, FilePage, FileView, HeldPage, Overview, ReplayResult,
+    TenantPage, TenantSummary, CSS_PATH, HTMX_PATH, HTMX_SSE_PATH,
 };
 
 fn when(t: DateTime<Utc>) -> String {
@@ -52,7 +52,7 @@ fn page(title: &str, op: Option<&Operator>, body: Markup) -> Markup {
                             a href="/" { "Overview" }
                             a href="/tenants" { "Tenants" }
                             a href="/dead-letters" { "Dead letters" }
-                            a href="/held" { "Held mail" }
+                            a href="/held" { "Held" }
                             form.inline method="post" action="/logout" {
                                 input type="hidden" name="csrf" value=(op.csrf_token());
                                 button type="submit" { "Log out" }
@@ -151,6 +151,7 @@ pub fn overview_live(o: &Overview) -> Markup {
         p.updated { "As of " span #generated-at { (when(o.generated_at)) } }
         ul.counts {
             li { a href="/dead-letters" { strong #dead-letter-count { (o.dead_letters) } " dead letter(s) to replay" } }
+            li { a href="/held" { strong #awaiting-count { (o.awaiting_decision) } " file(s) held by the mass-deactivation guard, waiting for approve or reject" } }
             li { a href="/held" { strong #held-count { (o.held) } " file(s) with mail held" } }
             li { strong { (o.failed_rows_last_hour) } " failed row(s) and " strong { (o.failed_files_last_hour) } " failed file(s) in the last hour" }
             li { strong { (o.workers.len()) } " live worker(s); dispatcher: "
@@ -376,6 +377,22 @@ pub fn file(op: &Operator, p: &FilePage) -> Markup {
                     ", delimiter " (p.detail.delimiter.as_deref().unwrap_or("?")) }
                 dt { "SHA-256" } dd { code { (p.detail.sha256) } }
                 dt { "in bak/ as" } dd { (f.file.archived_name.as_deref().unwrap_or("(not archived yet)")) }
+                @if f.file.dry_run {
+                    dt { "dry run" } dd #dry-run { "yes: checked like an import, nothing changed (the name ends in .validate.csv)" }
+                }
+                @if let Some(h) = &f.file.hold {
+                    dt { "mass-deactivation guard" } dd #hold {
+                        (h) ": would deactivate or archive " (f.file.hold_users.unwrap_or(0)) " of "
+                        (f.file.hold_active_users.unwrap_or(0)) " active user(s)"
+                        @if f.file.is_held() {
+                            " " (decide_form(op, &f.tenant, f.file.id, "approve", "Approve: import it as uploaded"))
+                            " " (decide_form(op, &f.tenant, f.file.id, "reject", "Reject: import nothing, mail the tenant"))
+                        }
+                    }
+                }
+                dt { "trace id" } dd #trace-id {
+                    @match &f.file.trace_id { Some(t) => code { (t) }, None => "none (traces were not exported when it arrived)" }
+                }
             }
             h2 { "Timeline" }
             table {
@@ -475,25 +492,83 @@ pub fn replayed(op: &Operator, r: &ReplayResult) -> Markup {
     )
 }
 
-/// Files whose mail is held, and why.
-pub fn held(op: &Operator, list: &[HeldFile]) -> Markup {
+fn decide_form(op: &Operator, tenant: &str, file: i64, decision: &str, label: &str) -> Markup {
+    html! {
+        form.inline method="post" action="/held/decide" {
+            input type="hidden" name="csrf" value=(op.csrf_token());
+            input type="hidden" name="tenant" value=(tenant);
+            input type="hidden" name="file" value=(file);
+            input type="hidden" name="decision" value=(decision);
+            button type="submit" class=(format!("decide-{decision}")) { (label) }
+        }
+    }
+}
+
+/// Files held before any change, waiting for a decision; files whose mail is held.
+pub fn held(op: &Operator, p: &HeldPage) -> Markup {
     page(
-        "Held mail",
+        "Held",
         Some(op),
         html! {
+            h2 { "Waiting for approve or reject" }
+            p.hint { "The mass-deactivation guard held these files before any change: each would deactivate or archive more of its tenant's active users than the tenant's threshold allows (muictl tenant set --guard-percent / --guard-min-users). The tenant was mailed the list. Approve imports the file as uploaded; reject imports nothing and mails the tenant. The tenant's later files wait behind a held one. Both are the same as muictl files approve|reject, and doing either twice does nothing the second time." }
+            table #awaiting {
+                thead { tr { th { "id" } th { "tenant" } th { "file" } th { "would deactivate" } th { "active users" } th { "received" } th { "decide" } } }
+                tbody {
+                    @for f in &p.awaiting_decision {
+                        tr id=(format!("held-{}", f.file.id)) {
+                            td { (f.file.id) } td { (tenant_link(&f.tenant)) } td { (file_link(f)) }
+                            td { (f.file.hold_users.unwrap_or(0)) } td { (f.file.hold_active_users.unwrap_or(0)) }
+                            td { (when(f.file.received_at)) }
+                            td {
+                                (decide_form(op, &f.tenant, f.file.id, "approve", "Approve"))
+                                " " (decide_form(op, &f.tenant, f.file.id, "reject", "Reject"))
+                            }
+                        }
+                    }
+                    @if p.awaiting_decision.is_empty() { tr { td colspan="7" { "No file waits for a decision." } } }
+                }
+            }
+            h2 { "Mail held" }
             p.hint { "A report is held when the tenant lacks mail settings (set them with muictl tenant set) or the mail server refused the address. The report is kept: the failures CSV can be downloaded from the file's page." }
-            table {
+            table #held-mail {
                 thead { tr { th { "id" } th { "tenant" } th { "file" } th { "state" } th { "failed rows" } th { "why" } th { "received" } } }
                 tbody {
-                    @for h in list {
+                    @for h in &p.held_mail {
                         tr {
                             td { (h.file.file.id) } td { (tenant_link(&h.file.tenant)) } td { (file_link(&h.file)) }
                             td { (h.file.status) } td { (h.file.file.rows_failed) } td.problem { (h.why) } td { (when(h.file.file.received_at)) }
                         }
                     }
-                    @if list.is_empty() { tr { td colspan="7" { "No report is held." } } }
+                    @if p.held_mail.is_empty() { tr { td colspan="7" { "No report is held." } } }
                 }
             }
+        },
+    )
+}
+
+/// What an approve or reject did.
+pub fn decided(op: &Operator, r: &DecisionResult) -> Markup {
+    let verb = if r.decision == "approve" {
+        "approved"
+    } else {
+        "rejected"
+    };
+    page(
+        "Decision",
+        Some(op),
+        html! {
+            p #decision-result {
+                "Tenant " (tenant_link(&r.tenant)) ", file " a href=(format!("/files/{}", r.file)) { (r.file) } ": "
+                @if r.done_now {
+                    (verb) " now."
+                    @if r.decision == "approve" { " Its chunks go to the workers; the tenant's later files follow it." }
+                    @else { " Nothing of it is imported; the tenant is mailed why." }
+                } @else {
+                    "it had been " (verb) " already; nothing changed."
+                }
+            }
+            p { a href="/held" { "Back to the held files" } " · " a href="/" { "the overview" } }
         },
     )
 }

@@ -284,6 +284,21 @@ pub fn held(conn: &mut PgConnection) -> QueryResult<Vec<TenantFileLine>> {
     Ok(tenant_file_lines(rows))
 }
 
+/// Files of every tenant held by the mass-deactivation guard and waiting for the operator's
+/// decision (`muictl files approve|reject`, the console's held page), oldest first. Reads
+/// through the open-files index: only files still `received` or `importing` are looked at.
+pub fn awaiting_decision(conn: &mut PgConnection) -> QueryResult<Vec<TenantFileLine>> {
+    use crate::schema::tenants;
+    let rows = import_files::table
+        .inner_join(tenants::table)
+        .filter(import_files::state.eq_any([FileState::Received, FileState::Importing]))
+        .filter(import_files::hold.eq("held"))
+        .order(import_files::id)
+        .select((tenants::slug, FileLine::as_select()))
+        .load(conn)?;
+    Ok(tenant_file_lines(rows))
+}
+
 /// What the operator's page of one file shows beyond its [`FileLine`]: whose it is, what
 /// it was, and when each step happened.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, serde::Serialize)]

@@ -2,6 +2,7 @@
 //! tenant's threshold is held before any change, the tenant's later files wait behind it,
 //! and the operator's approve imports it exactly once, reject drops it; both idempotent.
 
+use axum::http::{Method, StatusCode};
 use diesel::prelude::*;
 use mui_shared::domain::ImportFileId;
 use mui_shared::files::FileState;
@@ -9,6 +10,8 @@ use mui_shared::holds::{self, HoldError, Outcome};
 use mui_shared::schema::{chunk_queue, file_chunks, import_files, tenants};
 use mui_shared::tenants::Tenant;
 use mui_tests::{parse_csv, spawn_app, App, FileRow, TestEnv};
+
+use crate::console::Console;
 
 /// A tenant with `n` active users u01.. and the guard at 10 % and more than 2 users.
 async fn tenant_with_users(app: &App, n: usize) -> Tenant {
@@ -142,16 +145,42 @@ async fn a_held_file_changes_nothing_until_approved_then_imports_once_before_lat
     let env = &app.env;
     let (held, _later) = hold_leavers(&app, &t).await;
 
-    let mut conn = env.db.conn();
-    assert_eq!(
-        holds::approve(&mut conn, ImportFileId(held.id), "tester").unwrap(),
-        Outcome::Done
+    // Approved from the file's own page in the console (the HTML form, as a browser posts it).
+    let console = Console::new(&env.db.url);
+    let (cookie, csrf) = console.login().await;
+    let page = console.get(&format!("/files/{}", held.id), &cookie).await;
+    assert!(
+        page.body.contains("value=\"approve\"") && page.body.contains("value=\"reject\""),
+        "a held file's page offers the decision: {}",
+        page.body
     );
+    let form = format!(
+        "csrf={csrf}&tenant={}&file={}&decision=approve",
+        t.slug, held.id
+    );
+    let r = console
+        .call(
+            Method::POST,
+            "/held/decide",
+            Some(&cookie),
+            Some(&form),
+            false,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("approved now"), "{}", r.body);
+    let mut conn = env.db.conn();
     assert_eq!(
         holds::approve(&mut conn, ImportFileId(held.id), "tester").unwrap(),
         Outcome::Already,
         "approving twice changes nothing"
     );
+    let by: Option<String> = import_files::table
+        .find(held.id)
+        .select(import_files::hold_decided_by)
+        .first(&mut conn)
+        .unwrap();
+    assert_eq!(by.as_deref(), Some("console"));
     let files = app.wait_files_settled(&t, 3).await;
     let leavers = &files[1];
     let later = &files[2];
@@ -209,22 +238,86 @@ async fn a_held_file_changes_nothing_until_approved_then_imports_once_before_lat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rejected_file_changes_nothing_is_mailed_and_lets_later_files_through() {
+async fn a_file_rejected_in_the_console_changes_nothing_is_mailed_and_lets_later_files_through() {
     let mut app = spawn_app().await;
     let t = tenant_with_users(&app, 10).await;
     let env = &app.env;
     let before = people(env, &t);
     let (held, _later) = hold_leavers(&app, &t).await;
+    let other = env.tenant("other").unwrap();
+
+    // The operator finds the file on the console's held page and rejects it there.
+    let console = Console::new(&env.db.url);
+    let (cookie, csrf) = console.login().await;
+    let page = console.json("/held?format=json", &cookie).await;
+    let waiting = page["awaiting_decision"].as_array().unwrap();
+    assert_eq!(waiting.len(), 1, "{page}");
+    assert_eq!(waiting[0]["id"], held.id);
+    assert_eq!(waiting[0]["tenant"], "acme");
+    assert_eq!(waiting[0]["hold_users"], 5);
+    assert_eq!(
+        console.json("/?format=json", &cookie).await["awaiting_decision"],
+        1
+    );
+    let html = console.get("/held", &cookie).await;
+    assert!(
+        html.body.contains("action=\"/held/decide\""),
+        "the held page offers the decision: {}",
+        html.body
+    );
+    let decide = |csrf: &str, tenant: &str, decision: &str| {
+        format!(
+            "csrf={csrf}&tenant={tenant}&file={}&decision={decision}",
+            held.id
+        )
+    };
+    let post = |form: String| {
+        let console = &console;
+        let cookie = cookie.clone();
+        async move {
+            console
+                .call(
+                    Method::POST,
+                    "/held/decide",
+                    Some(&cookie),
+                    Some(&form),
+                    true,
+                )
+                .await
+        }
+    };
+    let r = post(decide("", "acme", "reject")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "no CSRF token: {}", r.body);
+    let r = post(decide(&csrf, &other.slug, "reject")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "another tenant's file: {}",
+        r.body
+    );
+    let r = post(decide(&csrf, "acme", "maybe")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(
+        env.files(&t).iter().any(|f| f.id == held.id && f.is_held()),
+        "refused actions change nothing"
+    );
+    let r = post(decide(&csrf, "acme", "reject")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["done_now"], true, "{v}");
+    let r = post(decide(&csrf, "acme", "reject")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["done_now"], false, "rejecting twice changes nothing: {v}");
+    let r = post(decide(&csrf, "acme", "approve")).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("rejected already by console"), "{}", r.body);
 
     let mut conn = env.db.conn();
     assert_eq!(
         holds::reject(&mut conn, ImportFileId(held.id), "tester").unwrap(),
-        Outcome::Done
-    );
-    assert_eq!(
-        holds::reject(&mut conn, ImportFileId(held.id), "tester").unwrap(),
         Outcome::Already,
-        "rejecting twice changes nothing"
+        "muictl sees the console's decision"
     );
     assert!(matches!(
         holds::approve(&mut conn, ImportFileId(held.id), "tester"),
