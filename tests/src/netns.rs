@@ -191,6 +191,14 @@ impl NetNs {
         self.ip(&["link", "set", &self.host_if, "down"])?;
         self.ip(&["-n", &self.name, "link", "set", &self.ns_if, "down"])
     }
+
+    /// Mends a [`cut`](Self::cut) link: both ends up again. The addresses stayed, so the
+    /// kernel puts the link's routes back; connections the servers dropped meanwhile stay
+    /// dropped, and the program inside has to connect again, as after a real outage.
+    pub fn restore(&self) -> anyhow::Result<()> {
+        self.ip(&["-n", &self.name, "link", "set", &self.ns_if, "up"])?;
+        self.ip(&["link", "set", &self.host_if, "up"])
+    }
 }
 
 impl Drop for NetNs {

@@ -14,6 +14,10 @@
 //! forwarders, see [`FaultProxy::start_on`]), which ends the dead worker's session, its
 //! open transaction and its locks.
 //!
+//! A second test mends the cut link instead of killing the worker: the worker comes back on
+//! its own (it connects again), what the others finished stays exactly as it was whatever
+//! the returning worker still had in hand, and it then imports the next file's chunks.
+//!
 //! Needs root and `ip` (iproute2): without them the test fails, it does not skip.
 
 use std::time::Duration;
@@ -141,8 +145,26 @@ impl Host {
     }
 }
 
+/// What becomes of the worker whose link is cut.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Then {
+    /// Killed with SIGKILL right after the cut: a host gone for good.
+    Kill,
+    /// Left running; its link is mended once the others finished the file.
+    Restore,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_on_other_hosts_import_a_file_once_when_one_host_is_cut_off_and_killed() {
+    one_host_cut_off(Then::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_cut_off_and_back_changes_nothing_of_what_others_finished_and_works_again() {
+    one_host_cut_off(Then::Restore).await;
+}
+
+async fn one_host_cut_off(then: Then) {
     if let Err(e) = ip_command() {
         panic!("{e:#}");
     }
@@ -191,11 +213,13 @@ async fn workers_on_other_hosts_import_a_file_once_when_one_host_is_cut_off_and_
         "the cut comes in the middle of the import"
     );
     hosts[victim].ns.cut().unwrap();
-    hosts[victim].worker.kill9().await;
+    if then == Then::Kill {
+        hosts[victim].worker.kill9().await;
+    }
     let imported_by: Vec<usize> = hosts.iter().map(|h| h.log_count("ChunkImported")).collect();
     eprintln!(
-        "cut and killed worker {victim} (namespace {}); chunks imported so far by each worker: \
-         {imported_by:?}",
+        "cut worker {victim} (namespace {}, then {then:?}); chunks imported so far by each \
+         worker: {imported_by:?}",
         hosts[victim].ns.name
     );
 
@@ -248,15 +272,20 @@ async fn workers_on_other_hosts_import_a_file_once_when_one_host_is_cut_off_and_
         dead.pg.open() == 0 && dead.amqp.open() == 0
     })
     .await;
+    if then == Then::Restore {
+        back_again(&env, &t, &hosts, victim, &files[0]).await;
+    }
     // The surviving workers finished the file, and stop cleanly.
     for (i, h) in hosts.iter_mut().enumerate() {
-        if i == victim {
+        if i == victim && then == Then::Kill {
             continue;
         }
-        assert!(
-            h.log_count("ChunkImported") > imported_by[i],
-            "worker {i} imported after the cut"
-        );
+        if i != victim {
+            assert!(
+                h.log_count("ChunkImported") > imported_by[i],
+                "worker {i} imported after the cut"
+            );
+        }
         let log = h.worker.log_text();
         match h.worker.terminate(Duration::from_secs(30)).await {
             Some((status, _)) => assert!(status.success(), "worker {i}: exit {status}:\n{log}"),
@@ -270,4 +299,82 @@ async fn workers_on_other_hosts_import_a_file_once_when_one_host_is_cut_off_and_
             None => panic!("did not stop on SIGTERM:\n{log}"),
         }
     }
+}
+
+/// The cut worker's link is mended after the others finished `done`: the worker connects
+/// again by itself; `done` (its rows, chunks, users and the one mail) is unchanged by
+/// whatever the worker still had in hand; a next file of the same users is imported with
+/// the returning worker taking part, and mailed once.
+async fn back_again(
+    env: &TestEnv,
+    t: &mui_shared::tenants::Tenant,
+    hosts: &[Host],
+    victim: usize,
+    done: &mui_tests::FileRow,
+) {
+    let h = &hosts[victim];
+    let ready = h.log_count("WorkerReady");
+    let users = env.users(t);
+    h.ns.restore().unwrap();
+    env.wait_until(120, "the cut worker connected again", || {
+        h.log_count("WorkerReady") > ready
+    })
+    .await;
+    let imported_before = h.log_count("ChunkImported");
+
+    let (csv, bad) = users_csv(ROWS / 3, BAD_EVERY, "hosts-next");
+    env.drop_file("acme", "next.csv", csv.as_bytes()).unwrap();
+    let files = wait_settled(env, t, 2, 300).await;
+    let first = files
+        .iter()
+        .find(|f| f.id == done.id)
+        .expect("the first file");
+    assert_eq!(
+        (
+            first.state.as_str(),
+            first.rows_inserted,
+            first.rows_updated,
+            first.rows_failed,
+            first.chunks_done,
+            first.notify_status.as_str()
+        ),
+        (
+            done.state.as_str(),
+            done.rows_inserted,
+            done.rows_updated,
+            done.rows_failed,
+            done.chunks_done,
+            done.notify_status.as_str()
+        ),
+        "the first file is as the other workers left it"
+    );
+    assert_eq!(
+        chunk_markers(env, done.id),
+        i64::from(done.chunks_done),
+        "no chunk of the first file imported twice"
+    );
+    let next = files
+        .iter()
+        .find(|f| f.file_name == "next.csv")
+        .expect("next.csv");
+    let good = (ROWS / 3 - bad.len()) as i64;
+    assert_eq!(
+        (
+            next.state.as_str(),
+            next.rows_inserted + next.rows_updated + next.rows_unchanged,
+            next.rows_failed
+        ),
+        ("done", good, bad.len() as i64),
+        "state, rows imported, rows failed of next.csv"
+    );
+    assert_eq!(
+        env.users(t).len(),
+        users.len(),
+        "next.csv names users the first file created: nobody new"
+    );
+    assert!(
+        h.log_count("ChunkImported") > imported_before,
+        "the returning worker imported chunks of next.csv"
+    );
+    assert_eq!(env.smtp.messages().len(), 2, "one email per file");
 }
