@@ -67,6 +67,22 @@ pub fn init(service: &'static str, format: LogFormat) {
     }
 }
 
+/// For tests that run the services in their own process: human log lines written through
+/// the test harness (`print!`), so that they are captured and shown only for a failing test;
+/// no exporter. `RUST_LOG` filters as in [`init`]. A second call does nothing.
+pub fn init_for_tests() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let _ = tracing_subscriber::registry()
+        .with(
+            fmt::layer()
+                .with_target(false)
+                .with_test_writer()
+                .with_filter(filter),
+        )
+        .try_init();
+}
+
 /// A JSON event format that adds the OpenTelemetry `trace_id` and `span_id` of the span the
 /// event happened in (entering a span makes its OpenTelemetry context current), so that a
 /// log line leads to its trace.

@@ -5,7 +5,6 @@ use crate::*;
 use mui_shared::files::{FileState, NotifyStatus};
 use std::time::Duration;
 
-use mui_shared::config::LogFormat;
 use mui_shared::service::supervise;
 use mui_shared::tenants::Tenant;
 use tokio::task::JoinHandle;
@@ -32,7 +31,7 @@ pub async fn spawn_app() -> App {
 
 /// [`spawn_app`] with options.
 pub async fn spawn_app_with(options: AppOptions) -> App {
-    mui_shared::telemetry::init("tests", LogFormat::Human);
+    mui_shared::telemetry::init_for_tests();
     let env = TestEnv::new(options).expect("test resources");
     let mut app = App {
         env,

@@ -407,7 +407,7 @@ impl Services {
         workers: Vec<mui_worker::WorkerConfig>,
         notifier: Option<mui_notifier::NotifierConfig>,
     ) -> Self {
-        mui_shared::telemetry::init("tests", mui_shared::config::LogFormat::Human);
+        mui_shared::telemetry::init_for_tests();
         let shutdown = CancellationToken::new();
         let mut handles = Vec::new();
         for c in ingest {
