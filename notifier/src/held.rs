@@ -99,20 +99,10 @@ fn held_report(plan: &HeldPlan, file_id: ImportFileId) -> Result<Report, MailErr
         "User import \"{name}\" is ON HOLD: it would deactivate {} of your {} active users",
         plan.would, plan.active
     );
-    let csv_name = {
-        let clean: String = plan
-            .file_name
-            .chars()
-            .map(|c| {
-                if c == '/' || c == '\\' || c.is_control() {
-                    '_'
-                } else {
-                    c
-                }
-            })
-            .collect();
-        format!("{clean}.would-deactivate.csv")
-    };
+    let csv_name = format!(
+        "{}.would-deactivate.csv",
+        mui_shared::failures::safe_name(&plan.file_name)
+    );
     let paragraphs = vec![
         format!(
             "Your file \"{}\" (received {}) was NOT imported yet, and nothing was changed: it \

@@ -186,7 +186,13 @@ pub fn failure_facets(
 /// The failures CSV's file name as mailed (and as the console downloads it): `<file>.failures.csv`, with path separators and control
 /// characters replaced.
 pub fn attachment_name(file_name: &str) -> String {
-    let clean: String = file_name
+    format!("{}.failures.csv", safe_name(file_name))
+}
+
+/// A tenant's file name made fit to name an attachment: path separators and control
+/// characters replaced by `_`.
+pub fn safe_name(file_name: &str) -> String {
+    file_name
         .chars()
         .map(|c| {
             if c == '/' || c == '\\' || c.is_control() {
@@ -195,8 +201,7 @@ pub fn attachment_name(file_name: &str) -> String {
                 c
             }
         })
-        .collect();
-    format!("{clean}.failures.csv")
+        .collect()
 }
 
 /// A cell made safe to open in a spreadsheet: a value that a spreadsheet would run as a
