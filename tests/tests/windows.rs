@@ -44,6 +44,11 @@ impl Run {
     /// Starts the three services, `stop` (if any) told to stop at `point`, and drops the
     /// file.
     fn start(stop: Option<(Kind, &str)>) -> Self {
+        Self::start_with(stop, None)
+    }
+
+    /// [`Run::start`], with ingest's `CHUNK_DISPATCH` set to `dispatch` when given.
+    fn start_with(stop: Option<(Kind, &str)>, dispatch: Option<&str>) -> Self {
         let env = TestEnv::new(AppOptions {
             chunk_rows: CHUNK_ROWS,
             settle_ms: 200,
@@ -54,6 +59,9 @@ impl Run {
         let logs = tempfile::tempdir().unwrap();
         let start = |kind: Kind, name: &str| {
             let mut vars = service_env(&env, kind);
+            if let (Kind::Ingest, Some(mode)) = (kind, dispatch) {
+                vars.push(("CHUNK_DISPATCH".to_owned(), mode.to_owned()));
+            }
             if let Some((k, point)) = stop {
                 if k == kind {
                     vars.push((failpoint::ENV.to_owned(), point.to_owned()));
@@ -213,6 +221,29 @@ async fn a_worker_killed_after_its_commit_and_before_its_ack_changes_nothing() {
     // The broker gives the unacknowledged chunk back and it is recognised as imported.
     run.worker.wait_log("ChunkAlreadyImported", 120).await;
     run.check_clean(1, "worker killed after commit").await;
+    run.stop().await;
+}
+
+/// The same window with ingest publishing the chunks' rows straight to the broker
+/// (`CHUNK_DISPATCH=direct`): the redelivered message carries the rows again, and only the
+/// chunk's marker (`file_chunks`, written in the committed transaction) tells the worker it
+/// was imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_direct_dispatch_a_worker_killed_after_its_commit_and_before_its_ack_changes_nothing()
+{
+    let mut run = Run::start_with(Some((Kind::Worker, "worker.after_commit")), Some("direct"));
+    run.stopped_at(Kind::Worker, "worker.after_commit").await;
+    let file = run.file_ids()[0];
+    assert!(chunk_markers(&run.env, file) >= 1, "a chunk committed");
+    assert_eq!(
+        run.queued_or_imported(file),
+        chunk_markers(&run.env, file),
+        "nothing goes through the database's chunk queue"
+    );
+    run.kill_and_restart(Kind::Worker).await;
+    run.worker.wait_log("ChunkAlreadyImported", 120).await;
+    run.check_clean(1, "worker killed after commit, direct dispatch")
+        .await;
     run.stop().await;
 }
 
