@@ -306,7 +306,12 @@ async fn an_operator_watches_an_import_gets_its_report_and_replays_a_dead_letter
         let done: Vec<PathBuf> = std::fs::read_dir(downloads.path())
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| !p.to_string_lossy().ends_with(".crdownload"))
+            // Chromium writes a download first as `<name>.crdownload` or as a hidden
+            // `.org.chromium.Chromium.XXXXXX`, then renames it: only the final name counts.
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                name.is_some_and(|n| !n.ends_with(".crdownload") && !n.starts_with('.'))
+            })
             .collect();
         if let [one] = done.as_slice() {
             saved = Some(one.clone());
