@@ -164,6 +164,12 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                         tracing::warn!("WatchOverflow");
                         let _ = tx.send((root.clone(), None));
                     }
+                    if only_read(&ev.kind) {
+                        // Opening or reading (ingest's own scans and reads among them)
+                        // changes nothing; taken as a change, each scan's own open of the
+                        // folder asked for the next rescan, in a loop.
+                        return;
+                    }
                     let finish = upload_finished(&ev.kind);
                     let last = ev.paths.len().saturating_sub(1);
                     for (i, p) in ev.paths.into_iter().enumerate() {
@@ -201,6 +207,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = rescan.tick() => {
+                metrics::counter!("mui_ingest_rescans_total").increment(1);
                 match refresh_tenants(&pool).await {
                     Ok(t) => st.tenants = t,
                     Err(e) => tracing::warn!(error = format!("{e:#}"), "TenantRefreshError"),
@@ -310,6 +317,18 @@ fn upload_finished(kind: &notify::EventKind) -> Option<watch::Finish> {
             Some(watch::Finish::Renamed)
         }
         _ => None,
+    }
+}
+
+/// Whether an event only says that something was opened or read, or closed without being
+/// written: inotify reports those too (notify watches `IN_OPEN`), and they change nothing in
+/// a folder.
+fn only_read(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => false,
+        EventKind::Access(_) => true,
+        _ => false,
     }
 }
 

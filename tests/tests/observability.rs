@@ -6,6 +6,7 @@
 //!   span's parent present, the chunk spans under the file's span, counts matching;
 //!   the JSON logs carry the trace and span ids;
 //! - `/metrics` counts files and rows exactly across an import;
+//! - an idle ingest rescans its folders at its interval, not in a loop;
 //! - `/readyz` is not ready while the broker is unreachable, and ready again after.
 
 use std::collections::{HashMap, HashSet};
@@ -390,6 +391,39 @@ async fn metrics_count_files_and_rows_exactly() {
         "chunk imports timed"
     );
     assert_eq!(after.6 - before.6, 1.0, "upload-to-mail latencies");
+    run.stop().await;
+}
+
+/// Ingest rescans the drop folders at its interval and when a folder appears or goes, not
+/// when something in them is merely opened or read: once (notify reports `IN_OPEN`) each
+/// rescan's own opening of the folders asked for the next one, and an idle ingest rescanned
+/// and listed the tenants in PostgreSQL hundreds of times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_ingest_rescans_at_its_interval_not_in_a_loop() {
+    let mut run = Run::start(&[
+        ("MUI_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+        ("INGEST_RESCAN_SECS", "60".to_owned()),
+    ]);
+    let ingest = [http_addr(&run.procs[0]).await];
+    let t = mui_shared::tenants::find_by_slug(&mut run.env.db.conn(), "acme")
+        .unwrap()
+        .unwrap();
+    // A file imported and archived first: its folder and bak/ exist and were read.
+    let (csv, _) = users_csv(5, 7, "idle");
+    run.env
+        .drop_file("acme", "idle.csv", csv.as_bytes())
+        .unwrap();
+    wait_settled(&run.env, &t, 1, 180).await;
+    let before = scrape(&ingest, "mui_ingest_rescans_total", "").await;
+    assert!(before >= 1.0, "the rescan at start is counted");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = scrape(&ingest, "mui_ingest_rescans_total", "").await;
+    // In 4 s of a 60-s interval: at most the one that may fall due.
+    assert!(
+        after - before <= 1.0,
+        "ingest rescanned {} times in 4 s while idle",
+        after - before
+    );
     run.stop().await;
 }
 
