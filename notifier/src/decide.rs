@@ -40,6 +40,20 @@ pub(crate) fn decide(
     file_id: ImportFileId,
     max_attached: i64,
 ) -> Result<Decision, diesel::result::Error> {
+    // Without a lock first: a file still importing has nothing to decide. Its workers'
+    // transactions hold its row between counting a chunk and committing, so taking the lock
+    // here queued this session (and every failure record of a large import another one)
+    // behind them, and the notifier's connections with it, while other tenants' reports
+    // waited. Its last chunk commits before "file finished" is published, so that message's
+    // decision, or a later failure record's, sees it finished.
+    let state: Option<FileState> = import_files::table
+        .find(file_id.0)
+        .select(import_files::state)
+        .first(conn)
+        .optional()?;
+    if !state.is_some_and(|s| s.is_finished()) {
+        return Ok(Decision::Nothing);
+    }
     let Some(f): Option<FileRow> = import_files::table
         .find(file_id.0)
         .select((
