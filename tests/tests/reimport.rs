@@ -142,6 +142,57 @@ u2,sso,Alan M.,alan@example.org
     assert_eq!(rewritten(&v2, &v3), ["u1", "u2"], "only the changed users");
 }
 
+/// Unchanged rows are left out before the email and user name checks (they take no value
+/// from anyone): the rows that change something are still checked against them. u3 takes
+/// u2's email and new user u8 takes u7's, while u2 and u7 are unchanged in the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_re_import_still_refuses_an_email_that_an_unchanged_user_holds() {
+    let app = spawn_app().await;
+    let env = &app.env;
+    let t = env.tenant("acme").unwrap();
+    env.drop_file("acme", "export.csv", EXPORT.as_bytes())
+        .unwrap();
+    app.wait_files_settled(&t, 1).await;
+    let v1 = versions(env, &t);
+    let again = "\
+unique_id,login_source,first_name,email
+u1,sso,Ada,ada@example.org
+u2,sso,Alan,alan@example.org
+u3,sso,Grace,Alan@Example.org
+u4,sso,Edsger,edsger@example.org
+u5,sso,Barbara,barbara@example.org
+u6,sso,Donald,don@example.org
+u7,sso,Ken,ken@example.org
+u8,sso,Kenneth,KEN@example.org
+";
+    env.drop_file("acme", "export-again.csv", again.as_bytes())
+        .unwrap();
+    let files = app.wait_files_settled(&t, 2).await;
+    assert_eq!(files[1].state, FileState::Done);
+    assert_eq!(
+        counts(&files[1]),
+        (0, 0, 6, 2),
+        "inserted, updated, unchanged, failed"
+    );
+    let failures =
+        mui_shared::failures::load_failures(&mut env.db.conn(), ImportFileId(files[1].id), 100)
+            .unwrap();
+    let refused: Vec<(u64, RowErrorCode)> =
+        failures.iter().map(|f| (f.row, f.errors[0].code)).collect();
+    assert_eq!(
+        refused,
+        [(4, RowErrorCode::EmailTaken), (9, RowErrorCode::EmailTaken)],
+        "{failures:?}"
+    );
+    let users = env.users(&t);
+    assert_eq!(users.len(), 7, "u8 was not created");
+    assert_eq!(
+        rewritten(&v1, &versions(env, &t)),
+        Vec::<String>::new(),
+        "no user rewritten"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn while_an_older_file_is_unfinished_every_row_is_written_with_its_version() {
     // Chunks straight to the broker: the fair dispatcher would (rightly) hold the newer file

@@ -7,7 +7,10 @@
 //! 1. [`check_identities`], before the write, reports the rows whose value another user
 //!    holds (as committed) or an earlier row of the chunk gives to another unique_id. A user
 //!    of the chunk whose row gives it another value does not hold its old one, so users of
-//!    one chunk may swap their values.
+//!    one chunk may swap their values. Where the chunk's unchanged rows are left alone
+//!    (`upsert.rs`), they are left out first and the rest is checked
+//!    ([`refused_identities`]): a row that changes nothing takes no value from anyone, and a
+//!    re-import of an unchanged export then probes no value at all.
 //! 2. [`conflicts_after_write`], after the chunk's users are written (inside a savepoint,
 //!    `upsert.rs`), finds every user this chunk wrote whose stored value another user holds:
 //!    the stored value is what counts (an empty cell keeps the old one, a reactivation takes
@@ -86,6 +89,25 @@ pub(crate) fn check_identities(
     good: Vec<UserRow>,
     failures: &mut Vec<RowFailure>,
 ) -> Result<Vec<UserRow>, ImportError> {
+    let refused = refused_identities(conn, chunk, map, &good.iter().collect::<Vec<_>>())?;
+    if refused.is_empty() {
+        return Ok(good);
+    }
+    let rows: std::collections::HashSet<u64> = refused.iter().map(|f| f.row).collect();
+    failures.extend(refused);
+    Ok(good
+        .into_iter()
+        .filter(|u| !rows.contains(&u.row))
+        .collect())
+}
+
+/// [`check_identities`] on `good`, in chunk order: the failure records of the rows refused.
+pub(crate) fn refused_identities(
+    conn: &mut PgConnection,
+    chunk: &Chunk,
+    map: &HeaderMap,
+    good: &[&UserRow],
+) -> Result<Vec<RowFailure>, ImportError> {
     let mut problems: HashMap<u64, Vec<RowError>> = HashMap::new();
     for (column, code, what, owners_sql, _) in IDENTITIES {
         // Each distinct value once: one index probe each.
@@ -121,7 +143,7 @@ pub(crate) fn check_identities(
             .collect();
         let label = label_of(chunk, map, column);
         let mut first_in_chunk: HashMap<String, (u64, &str)> = HashMap::new();
-        for u in &good {
+        for u in good {
             let Some(value) = u.value(column) else {
                 continue;
             };
@@ -159,22 +181,18 @@ pub(crate) fn check_identities(
         }
     }
     if problems.is_empty() {
-        return Ok(good);
+        return Ok(Vec::new());
     }
     let raw_of: HashMap<u64, &Vec<String>> =
         chunk.rows.iter().map(|r| (r.row, &r.fields)).collect();
     Ok(good
-        .into_iter()
-        .filter_map(|u| match problems.remove(&u.row) {
-            None => Some(u),
-            Some(errors) => {
-                failures.push(RowFailure {
-                    row: u.row,
-                    fields: raw_of.get(&u.row).map(|f| f.to_vec()).unwrap_or_default(),
-                    errors,
-                });
-                None
-            }
+        .iter()
+        .filter_map(|u| {
+            problems.remove(&u.row).map(|errors| RowFailure {
+                row: u.row,
+                fields: raw_of.get(&u.row).map(|f| f.to_vec()).unwrap_or_default(),
+                errors,
+            })
         })
         .collect())
 }

@@ -77,6 +77,9 @@ struct Updated {
 struct Written {
     skipped: HashSet<i64>,
     inserted: HashSet<i64>,
+    /// Rows refused because another user holds their email or user name (checked here, after
+    /// the unchanged rows were left out, when those are).
+    refused: HashSet<i64>,
 }
 
 #[derive(QueryableByName)]
@@ -340,7 +343,9 @@ pub(crate) fn upsert(
                 .iter()
                 .filter(|u| {
                     let row = u.row as i64;
-                    !done.skipped.contains(&row) && (attempt > 0 || !done.inserted.contains(&row))
+                    !done.skipped.contains(&row)
+                        && !done.refused.contains(&row)
+                        && (attempt > 0 || !done.inserted.contains(&row))
                 })
                 .copied()
                 .collect();
@@ -415,6 +420,25 @@ fn write(
         pending -= done.skipped.len();
         if pending == 0 {
             return Ok(done);
+        }
+        // The identity checks, on the rows that change something only: a re-import of an
+        // unchanged export probes no email or user name (`import::apply_chunk` leaves them
+        // to this point when unchanged rows are skipped).
+        let left: Vec<&UserRow> = good
+            .iter()
+            .filter(|u| !done.skipped.contains(&(u.row as i64)))
+            .copied()
+            .collect();
+        let refused = identity::refused_identities(conn, chunk, map, &left)?;
+        if !refused.is_empty() {
+            done.refused = refused.iter().map(|f| f.row as i64).collect();
+            let rows: Vec<i64> = done.refused.iter().copied().collect();
+            staging::unstage(conn, &rows)?;
+            failures.extend(refused);
+            pending -= done.refused.len();
+            if pending == 0 {
+                return Ok(done);
+            }
         }
     }
     let mut release: Vec<String> = Vec::new();
