@@ -83,9 +83,11 @@ struct Written {
 }
 
 #[derive(QueryableByName)]
-struct Skipped {
+struct Found {
     #[diesel(sql_type = BigInt)]
     row_no: i64,
+    #[diesel(sql_type = Bool)]
+    same: bool,
 }
 
 #[derive(QueryableByName)]
@@ -208,19 +210,25 @@ fn assignments() -> (Vec<String>, Vec<String>) {
 /// - the row says `active=0`: it releases the user's permits, whatever else it changes.
 ///
 /// Each staged row is one probe of the primary key (LATERAL, OFFSET 0), as in
-/// `sql/lock_existing.sql`. The rows taken out are counted as unchanged.
+/// `sql/lock_existing.sql`. Returns every staged row whose user exists, and whether it was
+/// taken out (`same`: counted as unchanged). A staged row not returned had no user when the
+/// probe ran: [`write`] then inserts it without probing the key again to lock it (a user
+/// inserted meanwhile by another transaction makes the insert do nothing, and the row goes
+/// round again as an existing user).
 fn skip_unchanged_statement() -> String {
     let (_, differs) = assignments();
     format!(
-        "WITH same AS (\n  \
-           SELECT s.row_no FROM users_stage s\n  \
-           CROSS JOIN LATERAL (\n    \
-             SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u\n  \
-           WHERE s.active IS NOT FALSE AND s.row_no <> ALL ($5::bigint[])\n    \
+        "WITH found AS (\n  \
+           SELECT s.row_no,\n    \
+             (s.active IS NOT FALSE AND s.row_no <> ALL ($5::bigint[])\n    \
              AND u.last_file_id < $2\n    \
-             AND NOT ({}))\n\
-         DELETE FROM users_stage t USING same WHERE t.row_no = same.row_no\n\
-         RETURNING t.row_no\n",
+             AND NOT ({})) AS same\n  \
+           FROM users_stage s\n  \
+           CROSS JOIN LATERAL (\n    \
+             SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u),\n\
+         gone AS (\n  \
+           DELETE FROM users_stage t USING found WHERE t.row_no = found.row_no AND found.same)\n\
+         SELECT row_no, same FROM found\n",
         differs.join("\n      OR ")
     )
 }
@@ -405,16 +413,21 @@ fn write(
     let tenant = chunk.tenant_id.0;
     let mut pending = good.len();
     let mut done = Written::default();
+    // Whether a staged row may belong to an existing user: without the probe below, any.
+    let mut may_exist = true;
     if let Some(repeated) = skip {
-        done.skipped = diesel::sql_query(&sql.skip_unchanged)
+        let found = diesel::sql_query(&sql.skip_unchanged)
             .bind::<BigInt, _>(tenant)
             .bind::<BigInt, _>(file.0)
             .bind::<Bool, _>(archive.on)
             .bind::<Array<Text>, _>(&archive.fields)
             .bind::<Array<BigInt>, _>(repeated)
-            .load::<Skipped>(conn)?
+            .load::<Found>(conn)?;
+        may_exist = found.iter().any(|f| !f.same);
+        done.skipped = found
             .into_iter()
-            .map(|s| s.row_no)
+            .filter(|f| f.same)
+            .map(|f| f.row_no)
             .collect();
         outcome.unchanged += done.skipped.len() as i64;
         pending -= done.skipped.len();
@@ -445,25 +458,35 @@ fn write(
     // Each round: lock and update the users that exist, drop them from the staging table,
     // insert the rest. A concurrent transaction may insert one of our new users first; such
     // rows stay staged and go round again, now as existing users.
-    for _round in 0..5 {
-        let existing: Vec<Existing> = diesel::sql_query(LOCK_EXISTING)
-            .bind::<BigInt, _>(tenant)
-            .bind::<BigInt, _>(file.0)
-            .load(conn)?;
+    for round in 0..5 {
+        // The first round of a chunk whose probe found no user for any staged row (a new
+        // tenant's import, new users) goes straight to the insert.
+        let existing: Vec<Existing> = if round == 0 && !may_exist {
+            Vec::new()
+        } else {
+            diesel::sql_query(LOCK_EXISTING)
+                .bind::<BigInt, _>(tenant)
+                .bind::<BigInt, _>(file.0)
+                .load(conn)?
+        };
         // Only the users just locked are updated: each statement sees newly committed rows,
         // so a user another chunk inserted after the SELECT must wait for the next round
         // (updating it here would make this round read its own write as someone else's).
         let locked: Vec<&str> = existing.iter().map(|e| e.unique_id.as_str()).collect();
-        let updated: HashMap<i64, Updated> = diesel::sql_query(&sql.update)
-            .bind::<BigInt, _>(tenant)
-            .bind::<BigInt, _>(file.0)
-            .bind::<Bool, _>(archive.on)
-            .bind::<Array<Text>, _>(&archive.fields)
-            .bind::<Array<Text>, _>(&locked)
-            .load::<Updated>(conn)?
-            .into_iter()
-            .map(|u| (u.row_no, u))
-            .collect();
+        let updated: HashMap<i64, Updated> = if locked.is_empty() {
+            HashMap::new()
+        } else {
+            diesel::sql_query(&sql.update)
+                .bind::<BigInt, _>(tenant)
+                .bind::<BigInt, _>(file.0)
+                .bind::<Bool, _>(archive.on)
+                .bind::<Array<Text>, _>(&archive.fields)
+                .bind::<Array<Text>, _>(&locked)
+                .load::<Updated>(conn)?
+                .into_iter()
+                .map(|u| (u.row_no, u))
+                .collect()
+        };
         let mut resolved: Vec<i64> = Vec::with_capacity(existing.len());
         for ex in existing {
             let Some(user) = by_uid.get(ex.unique_id.as_str()) else {

@@ -1,8 +1,6 @@
-WITH same AS (
-  SELECT s.row_no FROM users_stage s
-  CROSS JOIN LATERAL (
-    SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u
-  WHERE s.active IS NOT FALSE AND s.row_no <> ALL ($5::bigint[])
+WITH found AS (
+  SELECT s.row_no,
+    (s.active IS NOT FALSE AND s.row_no <> ALL ($5::bigint[])
     AND u.last_file_id < $2
     AND NOT (u.login_source IS DISTINCT FROM s.login_source
       OR u.first_name IS DISTINCT FROM (CASE WHEN 'first_name' = ANY($4) THEN mui_suffix(mui_unsuffix(COALESCE(s.first_name, u.first_name), u.archive_suffix), (CASE WHEN ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL)) THEN COALESCE(u.archive_suffix, ('_' || to_char(now(), 'YYYY'))) END), 100) ELSE COALESCE(s.first_name, u.first_name) END)
@@ -27,6 +25,10 @@ WITH same AS (
       OR u.drivers_license_prov IS DISTINCT FROM (CASE WHEN 'drivers_license_prov' = ANY($4) THEN mui_suffix(mui_unsuffix(COALESCE(s.drivers_license_prov, u.drivers_license_prov), u.archive_suffix), (CASE WHEN ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL)) THEN COALESCE(u.archive_suffix, ('_' || to_char(now(), 'YYYY'))) END), 50) ELSE COALESCE(s.drivers_license_prov, u.drivers_license_prov) END)
       OR u.date_of_birth IS DISTINCT FROM COALESCE(s.date_of_birth, u.date_of_birth)
       OR u.active IS DISTINCT FROM COALESCE(s.active, u.active)
-      OR (u.archived_at IS NOT NULL) IS DISTINCT FROM ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL))))
-DELETE FROM users_stage t USING same WHERE t.row_no = same.row_no
-RETURNING t.row_no
+      OR (u.archived_at IS NOT NULL) IS DISTINCT FROM ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL)))) AS same
+  FROM users_stage s
+  CROSS JOIN LATERAL (
+    SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u),
+gone AS (
+  DELETE FROM users_stage t USING found WHERE t.row_no = found.row_no AND found.same)
+SELECT row_no, same FROM found
