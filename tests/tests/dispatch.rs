@@ -401,3 +401,53 @@ async fn the_dispatching_leader_killed_mid_import_is_replaced_and_nothing_is_los
         let _ = p.terminate(std::time::Duration::from_secs(30)).await;
     }
 }
+
+/// A queued chunk's payload is stored compressed with lz4 (it all goes through the WAL) and
+/// taken back byte for byte.
+#[test]
+fn a_queued_payload_is_stored_lz4_compressed_and_taken_back_whole() {
+    use mui_shared::domain::{ImportFileId, TenantId};
+    use mui_shared::messages::ChunkRef;
+    let db = mui_tests::TestDb::new().unwrap();
+    let mut conn = db.conn();
+    let slug = mui_shared::domain::TenantSlug::parse("acme").unwrap();
+    let tenant = mui_shared::tenants::create(&mut conn, &slug, "Acme").unwrap();
+    let file =
+        mui_tests::register_file(&mut conn, tenant.id, "a.csv", &["unique_id"], 1, 3000).unwrap();
+    // Rows as a chunk carries them: repetitive JSON, like any export.
+    let payload: Vec<u8> = (0..3000)
+        .map(|i| format!(r#"{{"row":{i},"fields":["u{i}","sso","Ada","Lovelace"]}},"#))
+        .collect::<String>()
+        .into_bytes();
+    let chunk = ChunkRef {
+        file_id: ImportFileId(file),
+        tenant_id: TenantId(tenant.id),
+        chunk_no: 0,
+    };
+    mui_shared::dispatch::enqueue(&mut conn, chunk, 3000, &payload).unwrap();
+    #[derive(QueryableByName)]
+    struct Stored {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        method: Option<String>,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        size: i32,
+    }
+    let stored: Stored = diesel::sql_query(
+        "SELECT pg_column_compression(payload) AS method, pg_column_size(payload) AS size \
+         FROM chunk_queue WHERE file_id = $1",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(file)
+    .get_result(&mut conn)
+    .unwrap();
+    assert_eq!(stored.method.as_deref(), Some("lz4"));
+    assert!(
+        (stored.size as usize) < payload.len() / 2,
+        "{} bytes stored for {}",
+        stored.size,
+        payload.len()
+    );
+    let taken = conn
+        .transaction(|c| mui_shared::dispatch::take(c, chunk))
+        .unwrap();
+    assert_eq!(taken.as_deref(), Some(payload.as_slice()));
+}

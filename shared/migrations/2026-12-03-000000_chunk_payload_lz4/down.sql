@@ -1,0 +1,3 @@
+ALTER TABLE chunk_queue
+    ALTER COLUMN payload SET STORAGE EXTERNAL,
+    ALTER COLUMN payload SET COMPRESSION default;
