@@ -164,9 +164,55 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, serde_json::
     serde_json::from_slice(bytes)
 }
 
+/// How this version writes a `chunk.v1` message's start: the tag first.
+const CHUNK_V1_START: &[u8] = br#"{"type":"chunk.v1","#;
+
+/// Parses a work message, as [`decode`] does. A chunk written tag first (as ingest writes
+/// them) is read straight into a [`Chunk`], whose fields ignore the tag: the generic path
+/// must buffer the whole message before it can look at the tag, which for a chunk of 5,000
+/// rows doubled the work and the memory of parsing it.
+pub fn decode_work(bytes: &[u8]) -> Result<WorkMessage, serde_json::Error> {
+    if bytes.starts_with(CHUNK_V1_START) {
+        return serde_json::from_slice::<Chunk>(bytes).map(WorkMessage::ChunkV1);
+    }
+    decode(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast path reads what the generic one reads, and only chunks take it.
+    #[test]
+    fn a_chunk_decodes_the_same_either_way() {
+        let chunk = WorkMessage::ChunkV1(Chunk {
+            file_id: ImportFileId(7),
+            tenant_id: TenantId(3),
+            chunk_no: 2,
+            header: vec!["unique_id".into(), "email".into()],
+            rows: vec![RawRow {
+                row: 5,
+                fields: vec!["u1".into(), "a\"b@example.org".into()],
+                too_large: None,
+            }],
+            repeated: Some(vec![5]),
+        });
+        let bytes = encode(&chunk).unwrap();
+        assert!(
+            bytes.starts_with(CHUNK_V1_START),
+            "the tag is written first"
+        );
+        assert_eq!(decode_work(&bytes).unwrap(), chunk);
+        assert_eq!(decode::<WorkMessage>(&bytes).unwrap(), chunk);
+        let queued = WorkMessage::QueuedChunkV1(ChunkRef {
+            file_id: ImportFileId(7),
+            tenant_id: TenantId(3),
+            chunk_no: 2,
+        });
+        assert_eq!(decode_work(&encode(&queued).unwrap()).unwrap(), queued);
+        assert!(decode_work(br#"{"type":"chunk.v1","file_id":"x"}"#).is_err());
+        assert!(decode_work(br#"{"type":"chunk.v9"}"#).is_err());
+    }
 
     #[test]
     fn messages_carry_a_versioned_type_tag() {

@@ -101,7 +101,7 @@ pub(crate) fn import_dry_run(
             let Some(payload) = dispatch::peek(conn, r)? else {
                 return Err(Ended::Failed(ImportError::NotQueued(r)));
             };
-            chunk = match messages::decode::<WorkMessage>(&payload) {
+            chunk = match messages::decode_work(&payload) {
                 Ok(WorkMessage::ChunkV1(c))
                     if c.file_id == file && c.tenant_id == tenant && c.chunk_no == next =>
                 {

@@ -143,7 +143,7 @@ pub fn import_queued(
                 Err(ImportError::NotQueued(chunk_ref))
             };
         };
-        let chunk = match messages::decode::<WorkMessage>(&payload) {
+        let chunk = match messages::decode_work(&payload) {
             Ok(WorkMessage::ChunkV1(c))
                 if c.file_id == chunk_ref.file_id
                     && c.tenant_id == chunk_ref.tenant_id

@@ -443,7 +443,7 @@ async fn handle_delivery(
     delivery: lapin::message::Delivery,
     stop: &CancellationToken,
 ) {
-    let msg: WorkMessage = match messages::decode(&delivery.data) {
+    let msg: WorkMessage = match messages::decode_work(&delivery.data) {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(error = %e, "ChunkUndecodableError");
