@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Parser;
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use mui_shared::schema::import_files;
 use mui_tests::bench::{generate, make_tenant, peak_rss_kib, spawn, Setup, COLUMNS};
@@ -67,6 +68,66 @@ struct Args {
     /// the cost of tracing.
     #[arg(long)]
     otel: bool,
+    /// Print the pipeline run's statements, slowest first, from `pg_stat_statements` (the
+    /// server must load it: `shared_preload_libraries = 'pg_stat_statements'`, then a
+    /// restart). Resets the server's statement statistics, every database's, before the run.
+    #[arg(long)]
+    statements: bool,
+}
+
+/// One line of the per-statement profile.
+#[derive(QueryableByName)]
+struct StatementTime {
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    ms: f64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    calls: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rows: i64,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    wal_mb: f64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    query: String,
+}
+
+/// Starts the statement statistics afresh; false (and says why) when the server has none.
+fn reset_statements(conn: &mut PgConnection) -> bool {
+    let ready = conn
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset();",
+        )
+        .map_err(|e| {
+            eprintln!(
+                "--statements: no statement statistics ({e}); set shared_preload_libraries = 'pg_stat_statements' and restart PostgreSQL"
+            )
+        });
+    ready.is_ok()
+}
+
+/// The statements this database ran since [`reset_statements`], by their total time
+/// (summed over sessions running at once, so more than the wall-clock time).
+fn print_statements(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let top: Vec<StatementTime> = diesel::sql_query(
+        "SELECT sum(total_exec_time) AS ms, sum(calls)::bigint AS calls, sum(rows)::bigint AS rows, \
+           (sum(wal_bytes) / 1e6)::float8 AS wal_mb, \
+           left(regexp_replace(query, '\\s+', ' ', 'g'), 72) AS query \
+         FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         GROUP BY 5 ORDER BY 1 DESC LIMIT 15",
+    )
+    .load(conn)?;
+    println!("statements of the pipeline run (pg_stat_statements, time summed over sessions):");
+    println!(
+        "{:>10} {:>7} {:>9} {:>8}  statement",
+        "ms", "calls", "rows", "WAL MB"
+    );
+    for t in top {
+        println!(
+            "{:>10.0} {:>7} {:>9} {:>8.0}  {}",
+            t.ms, t.calls, t.rows, t.wal_mb, t.query
+        );
+    }
+    Ok(())
 }
 
 /// Waits until `tenant` has `files` files done and mailed (or needing no mail).
@@ -313,6 +374,7 @@ fn main() -> anyhow::Result<()> {
     children.push(("mui-ingest".into(), spawn(bin, "mui-ingest", &envs, logs)?));
     std::thread::sleep(Duration::from_secs(3)); // connect, declare, start watching
 
+    let statements = args.statements && reset_statements(&mut conn);
     eprintln!("pipeline: drop folder → … → email…");
     let ticks_before = machine_ticks();
     let mut peak_connections = db_connections(&mut conn);
@@ -375,6 +437,9 @@ fn main() -> anyhow::Result<()> {
         .collect();
     // The main run's mail (it was accepted before the clock stopped).
     let main_mails = smtp.messages().len();
+    if statements {
+        print_statements(&mut conn)?;
+    }
     // After the peaks and CPU times of the main run were read.
     let onboarding = match args.onboarding_rows.as_slice() {
         [small, large] if *small > 0 && *large > 0 => {
