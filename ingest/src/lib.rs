@@ -199,6 +199,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
     // a new inode, and needs a new watch.
     let mut watched: HashMap<PathBuf, (u64, u64)> = HashMap::new();
     let mut tasks: JoinSet<(String, OsString, anyhow::Result<()>)> = JoinSet::new();
+    // Files an ingest moved into bak/ and died before recording: looked for once the
+    // folders are open, at the first rescan.
+    let mut archives_checked = false;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut rescan = tokio::time::interval(Duration::from_secs(config.rescan_secs.max(1)));
     tracing::info!("IngestReady");
@@ -234,6 +237,12 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                         if let Some(t) = st.tenants.get(&slug) {
                             changed.push((t.id, folder_path.display().to_string(), problem.clone(), slug.clone()));
                         }
+                    }
+                }
+                if !archives_checked {
+                    match record_interrupted_archives(&pool, &st).await {
+                        Ok(()) => archives_checked = true,
+                        Err(e) => tracing::warn!(error = format!("{e:#}"), "ArchiveRecoveryError"),
                     }
                 }
                 for (tenant_id, path, problem, slug) in changed {
@@ -365,6 +374,49 @@ fn rewatch(
             }
         }
     }
+}
+
+/// Records the files that an ingest moved into `bak/` and then died before recording (the
+/// one step of a file's handling that is not redone: the file is no longer in the drop
+/// folder to be taken again). Such a file is past registration and queueing, its archive
+/// name unknown, and its inode (from its arrival key) is in its tenant's `bak/` and not in the
+/// drop folder. Run once at start: the window is left only by a process that died.
+async fn record_interrupted_archives(pool: &db::PgPool, st: &watch::Watch) -> anyhow::Result<()> {
+    use mui_shared::schema::import_files as f;
+    let open: Vec<(i64, i64, String)> = db::run(pool, |conn| {
+        Ok(f::table
+            .filter(f::archived_name.is_null())
+            .filter(f::state.ne("received"))
+            .filter(f::arrival_key.not_like("%:special"))
+            .select((f::id, f::tenant_id, f::arrival_key))
+            .load(conn)?)
+    })
+    .await?;
+    let folders: HashMap<i64, Arc<folder::TenantFolder>> = st
+        .tenants
+        .values()
+        .filter_map(|t| Some((t.id, st.folders.get(&t.slug)?.clone())))
+        .collect();
+    for (id, tenant_id, key) in open {
+        let Some(folder) = folders.get(&tenant_id).cloned() else {
+            continue;
+        };
+        // tenant:dev:ino:mtime:size:sha256
+        let Some(ino) = key.split(':').nth(2).and_then(|i| i.parse::<u64>().ok()) else {
+            continue;
+        };
+        let Some(name) = tokio::task::spawn_blocking(move || folder.archived_as(ino)).await? else {
+            continue;
+        };
+        let file = mui_shared::domain::ImportFileId(id);
+        let recorded = name.clone();
+        db::run(pool, move |conn| {
+            Ok(mui_shared::files::archived(conn, file, &recorded)?)
+        })
+        .await?;
+        tracing::info!(file_id = id, archived = %name, "InterruptedArchiveRecorded");
+    }
+    Ok(())
 }
 
 async fn refresh_tenants(pool: &db::PgPool) -> anyhow::Result<HashMap<String, Tenant>> {

@@ -16,6 +16,7 @@
 //! | --- | --- |
 //! | `ingest.after_register` | the file is registered (and checked), none of its chunks queued yet |
 //! | `ingest.before_archive` | every chunk queued or published, the file not yet moved to `bak/` |
+//! | `ingest.after_archive` | the file moved into `bak/`, that not yet recorded |
 //! | `worker.mid_copy` | a chunk's `COPY` into the staging table started, its rows being sent |
 //! | `worker.after_commit` | a chunk's transaction committed, its delivery not yet acknowledged |
 //! | `notifier.after_accept` | the SMTP server accepted the report (250), the `sent` mark not yet written |

@@ -2,7 +2,8 @@
 //! processes (`mui-service`) and tells the one under test to stop at a named point
 //! (`MUI_STOP_AT`, `mui_shared::failpoint`): after a chunk's commit and before its ack, in
 //! the middle of a `COPY`, after ingest registered a file and before it queued a chunk,
-//! after it queued them all and before it moved the file to `bak/`, after the SMTP server
+//! after it queued them all and before it moved the file to `bak/`, after it moved it and
+//! before it recorded that, after the SMTP server
 //! accepted a report and before the notifier recorded it. The test sees the process say it
 //! stopped there, checks the window from outside (the database, the drop folder, the SMTP
 //! server), kills it with SIGKILL, starts it again without the stop point, and checks that
@@ -310,6 +311,26 @@ async fn ingest_killed_after_queueing_every_chunk_and_before_archiving_imports_e
     run.kill_and_restart(Kind::Ingest).await;
     run.check_clean(1, "ingest killed before archiving").await;
     assert_eq!(run.file_ids(), ids, "the same registration was carried on");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_killed_after_moving_the_file_to_bak_and_before_recording_it_records_it() {
+    let mut run = Run::start(Some((Kind::Ingest, "ingest.after_archive")));
+    run.stopped_at(Kind::Ingest, "ingest.after_archive").await;
+    // In the window: the file is in bak/, no longer in the drop folder, and the database
+    // does not know it was archived.
+    let ids = run.file_ids();
+    assert_eq!(ids.len(), 1, "registered");
+    assert!(!run.in_drop_folder());
+    assert!(run.env.files(&run.tenant)[0].archived_name.is_none());
+    run.kill_and_restart(Kind::Ingest).await;
+    run.check_clean(1, "ingest killed after archiving").await;
+    let files = run.env.files(&run.tenant);
+    assert_eq!(run.file_ids(), ids, "the same registration was carried on");
+    let bak = run.env.folder("acme").join("bak");
+    let archived = files[0].archived_name.clone().unwrap();
+    assert!(bak.join(&archived).is_file(), "{archived} is in bak/");
     run.stop().await;
 }
 

@@ -360,6 +360,26 @@ impl TenantFolder {
         })
     }
 
+    /// The name in `bak/` of inode `ino`, if this folder's `bak/` holds it and the drop
+    /// folder itself does not (a file moved into `bak/`, not one still being uploaded or
+    /// imported).
+    pub fn archived_as(&self, ino: u64) -> Option<String> {
+        let here = self
+            .entries()
+            .ok()?
+            .into_iter()
+            .any(|n| self.stat(&n).is_ok_and(|s| s.ino == ino));
+        if here {
+            return None;
+        }
+        let bak = rustix::fs::openat2(&self.fd, BAK, dir_flags(), Mode::empty(), beneath()).ok()?;
+        let dir = rustix::fs::Dir::read_from(&bak).ok()?;
+        dir.flatten()
+            .filter(|e| e.ino() == ino)
+            .find_map(|e| e.file_name().to_str().ok().map(str::to_owned))
+            .filter(|n| n != "." && n != "..")
+    }
+
     /// Moves the handled file — the inode `file` holds open, which was `name` in this folder
     /// when it was taken — into `bak/` under a name that never overwrites anything, and
     /// returns that name plus any notice for the tenant.

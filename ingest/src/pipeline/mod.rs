@@ -354,6 +354,7 @@ pub async fn handle(
         })
         .await?
         .with_context(|| format!("move {display:?} to bak/"))?;
+        mui_shared::failpoint::stop("ingest.after_archive");
         if let Some(notice) = notice {
             add_notice(&ctx.pool, file_id, notice).await?;
         }
