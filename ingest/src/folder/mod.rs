@@ -347,22 +347,22 @@ impl TenantFolder {
 
     /// Whether `bak/` (if it is a real folder) holds a name for inode `ino`.
     pub fn bak_holds(&self, ino: u64) -> bool {
-        let Ok(bak) = rustix::fs::openat2(&self.fd, BAK, dir_flags(), Mode::empty(), beneath())
-        else {
-            return false;
-        };
-        let Ok(dir) = rustix::fs::Dir::read_from(&bak) else {
-            return false;
-        };
-        dir.flatten().any(|e| {
+        self.bak_name_of(ino).is_some()
+    }
+
+    /// A name `bak/` (if it is a real folder) holds for inode `ino`.
+    fn bak_name_of(&self, ino: u64) -> Option<Vec<u8>> {
+        let bak = rustix::fs::openat2(&self.fd, BAK, dir_flags(), Mode::empty(), beneath()).ok()?;
+        let dir = rustix::fs::Dir::read_from(&bak).ok()?;
+        dir.flatten().find_map(|e| {
             let n = e.file_name().to_bytes();
-            n != b"." && n != b".." && e.ino() == ino
+            (n != b"." && n != b".." && e.ino() == ino).then(|| n.to_vec())
         })
     }
 
     /// The name in `bak/` of inode `ino`, if this folder's `bak/` holds it and the drop
     /// folder itself does not (a file moved into `bak/`, not one still being uploaded or
-    /// imported).
+    /// imported). Names in `bak/` are written as UTF-8 ([`display_name`]).
     pub fn archived_as(&self, ino: u64) -> Option<String> {
         let here = self
             .entries()
@@ -372,12 +372,7 @@ impl TenantFolder {
         if here {
             return None;
         }
-        let bak = rustix::fs::openat2(&self.fd, BAK, dir_flags(), Mode::empty(), beneath()).ok()?;
-        let dir = rustix::fs::Dir::read_from(&bak).ok()?;
-        dir.flatten()
-            .filter(|e| e.ino() == ino)
-            .find_map(|e| e.file_name().to_str().ok().map(str::to_owned))
-            .filter(|n| n != "." && n != "..")
+        String::from_utf8(self.bak_name_of(ino)?).ok()
     }
 
     /// Moves the handled file — the inode `file` holds open, which was `name` in this folder
