@@ -7,10 +7,9 @@
 //! 1. [`check_identities`], before the write, reports the rows whose value another user
 //!    holds (as committed) or an earlier row of the chunk gives to another unique_id. A user
 //!    of the chunk whose row gives it another value does not hold its old one, so users of
-//!    one chunk may swap their values. Where the chunk's unchanged rows are left alone
-//!    (`upsert.rs`), they are left out first and the rest is checked
-//!    ([`refused_identities`]): a row that changes nothing takes no value from anyone, and a
-//!    re-import of an unchanged export then probes no value at all.
+//!    one chunk may swap their values. It runs on the staged rows (`upsert.rs`) after those
+//!    that change nothing were left out, where they are: such a row takes no value from
+//!    anyone, and a re-import of an unchanged export then probes no value at all.
 //! 2. [`conflicts_after_write`], after the chunk's users are written (inside a savepoint,
 //!    `upsert.rs`), finds every user this chunk wrote whose stored value another user holds:
 //!    the stored value is what counts (an empty cell keeps the old one, a reactivation takes
@@ -81,28 +80,8 @@ fn label_of(chunk: &Chunk, map: &HeaderMap, column: Column) -> String {
 /// user of the tenant, or to an earlier row of this chunk with another unique_id. A user
 /// whose own row in this chunk gives it another value is not counted as holding its old one
 /// (a swap); whether that row applied is checked after the write ([`conflicts_after_write`]).
-/// Returns the rows that may be imported.
+/// Returns the failure records of the rows refused, in chunk order.
 pub(crate) fn check_identities(
-    conn: &mut PgConnection,
-    chunk: &Chunk,
-    map: &HeaderMap,
-    good: Vec<UserRow>,
-    failures: &mut Vec<RowFailure>,
-) -> Result<Vec<UserRow>, ImportError> {
-    let refused = refused_identities(conn, chunk, map, &good.iter().collect::<Vec<_>>())?;
-    if refused.is_empty() {
-        return Ok(good);
-    }
-    let rows: std::collections::HashSet<u64> = refused.iter().map(|f| f.row).collect();
-    failures.extend(refused);
-    Ok(good
-        .into_iter()
-        .filter(|u| !rows.contains(&u.row))
-        .collect())
-}
-
-/// [`check_identities`] on `good`, in chunk order: the failure records of the rows refused.
-pub(crate) fn refused_identities(
     conn: &mut PgConnection,
     chunk: &Chunk,
     map: &HeaderMap,

@@ -6,8 +6,8 @@
 //!    before (a redelivery) and nothing else happens;
 //! 2. check every row ([`crate::validate`]); within the chunk, a later row with the same
 //!    `unique_id` wins and the earlier is reported (`duplicate.rs`); a row whose email
-//!    or user name belongs to another user of the tenant is reported (`identity.rs`; after
-//!    the unchanged rows are left out, where they are: step 3);
+//!    or user name belongs to another user of the tenant is reported (`identity.rs`, run in
+//!    step 3 on the staged rows that change something);
 //! 3. `COPY` the good rows into a temporary staging table (`staging.rs`) and upsert
 //!    them into `users` with set-based statements (`upsert.rs`: versions, so any
 //!    number of workers may import a file's chunks in any order; archive-on-inactive;
@@ -32,7 +32,6 @@ use mui_shared::outbox;
 use mui_shared::schema::{file_chunks, import_files, tenants};
 
 use crate::duplicate::duplicate_failure;
-use crate::identity::check_identities;
 use crate::sql::COUNT_CHUNK;
 use crate::upsert::{upsert, ArchiveSettings};
 use crate::validate::{self, TenantRules, UserRow};
@@ -266,28 +265,22 @@ pub(crate) fn apply_chunk(
         }
     }
 
-    // Rows that change nothing are left alone when no older row can follow them (see
-    // `upsert::skip_unchanged_statement`); their identities are then checked after they are
-    // left out (in `upsert`), since a row that changes nothing takes no value from anyone.
-    let repeated: Option<Vec<i64>> = match &chunk.repeated {
-        Some(rows) if !good.is_empty() && !older_open(conn, chunk.tenant_id, file)? => {
-            Some(rows.iter().map(|&r| r as i64).collect())
-        }
-        _ => None,
-    };
-    let good = if repeated.is_some() {
-        good
-    } else {
-        check_identities(conn, chunk, &map, good, &mut failures)?
-    };
     let mut outcome = ChunkOutcome {
         applied: true,
         rows: chunk.rows.len() as i64,
         tenant: slug,
         ..ChunkOutcome::default()
     };
-    // 3. Stage the good rows and write them into `users`.
+    // 3. Stage the good rows, check their emails and user names, and write them into
+    // `users`; rows that change nothing are left alone, before those checks, when no older
+    // row can follow them (see `upsert::skip_unchanged_statement`).
     if !good.is_empty() {
+        let repeated: Option<Vec<i64>> = match &chunk.repeated {
+            Some(rows) if !older_open(conn, chunk.tenant_id, file)? => {
+                Some(rows.iter().map(|&r| r as i64).collect())
+            }
+            _ => None,
+        };
         upsert(
             conn,
             chunk,

@@ -77,8 +77,8 @@ struct Updated {
 struct Written {
     skipped: HashSet<i64>,
     inserted: HashSet<i64>,
-    /// Rows refused because another user holds their email or user name (checked here, after
-    /// the unchanged rows were left out, when those are).
+    /// Rows refused because another user holds their email or user name (checked after the
+    /// unchanged rows were left out).
     refused: HashSet<i64>,
 }
 
@@ -434,24 +434,24 @@ fn write(
         if pending == 0 {
             return Ok(done);
         }
-        // The identity checks, on the rows that change something only: a re-import of an
-        // unchanged export probes no email or user name (`import::apply_chunk` leaves them
-        // to this point when unchanged rows are skipped).
-        let left: Vec<&UserRow> = good
-            .iter()
-            .filter(|u| !done.skipped.contains(&(u.row as i64)))
-            .copied()
-            .collect();
-        let refused = identity::refused_identities(conn, chunk, map, &left)?;
-        if !refused.is_empty() {
-            done.refused = refused.iter().map(|f| f.row as i64).collect();
-            let rows: Vec<i64> = done.refused.iter().copied().collect();
-            staging::unstage(conn, &rows)?;
-            failures.extend(refused);
-            pending -= done.refused.len();
-            if pending == 0 {
-                return Ok(done);
-            }
+    }
+    // The identity checks (layer 1, `identity.rs`), on the rows left: a row that changes
+    // nothing takes no value from anyone, so a re-import of an unchanged export probes no
+    // email or user name.
+    let left: Vec<&UserRow> = good
+        .iter()
+        .filter(|u| !done.skipped.contains(&(u.row as i64)))
+        .copied()
+        .collect();
+    let refused = identity::check_identities(conn, chunk, map, &left)?;
+    if !refused.is_empty() {
+        done.refused = refused.iter().map(|f| f.row as i64).collect();
+        let rows: Vec<i64> = done.refused.iter().copied().collect();
+        staging::unstage(conn, &rows)?;
+        failures.extend(refused);
+        pending -= done.refused.len();
+        if pending == 0 {
+            return Ok(done);
         }
     }
     let mut release: Vec<String> = Vec::new();
