@@ -324,6 +324,7 @@ mod tests {
             guard_min_users: 25,
             success_mail: false,
             header_aliases: serde_json::json!({}),
+            region: None,
         }
     }
 

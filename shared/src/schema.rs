@@ -14,6 +14,7 @@ diesel::table! {
         guard_min_users -> Int4,
         success_mail -> Bool,
         header_aliases -> Jsonb,
+        region -> Nullable<Text>,
     }
 }
 

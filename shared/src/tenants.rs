@@ -33,6 +33,9 @@ pub struct Tenant {
     pub success_mail: bool,
     /// The tenant's own header names for our columns (`{"employee_id": "unique_id"}`).
     pub header_aliases: serde_json::Value,
+    /// The tenant's country (`cz`, `pl`, `ru`), the encoding detector's hint for files that
+    /// are not UTF-8 (see [`parse_region`]); `None`: Western Europe and the Americas.
+    pub region: Option<String>,
 }
 
 impl Tenant {
@@ -118,6 +121,8 @@ pub struct SettingsChange {
     pub success_mail: Option<bool>,
     /// New header names (replaces the map).
     pub header_aliases: Option<serde_json::Value>,
+    /// New region (Some(None) clears it).
+    pub region: Option<Option<String>>,
 }
 
 impl SettingsChange {
@@ -132,6 +137,23 @@ impl SettingsChange {
             && self.guard_min_users.is_none()
             && self.success_mail.is_none()
             && self.header_aliases.is_none()
+            && self.region.is_none()
+    }
+}
+
+/// Reads a tenant's region: a two-letter country code (ISO 3166, as in its internet domain:
+/// `cz`, `pl`, `ru`, `tr`), any case. The encoding detector takes it as its hint for a file
+/// that is not UTF-8: the code page Excel writes in that country wins when the text alone is
+/// ambiguous (a one-line file with `Þór` is Windows-1252 in Iceland and Windows-1250's `Ţór`
+/// in Romania).
+pub fn parse_region(s: &str) -> Result<String, String> {
+    let r = s.trim().to_ascii_lowercase();
+    if r.len() == 2 && r.bytes().all(|b| b.is_ascii_lowercase()) {
+        Ok(r)
+    } else {
+        Err(format!(
+            "a region is a two-letter country code such as cz, pl or ru, not {s:?}"
+        ))
     }
 }
 

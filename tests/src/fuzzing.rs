@@ -23,7 +23,7 @@ use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRu
 /// Feeds `data` through the whole file path; panics if a step panics or a row is lost.
 pub fn parse_and_check(data: &[u8]) {
     let mut cur = Cursor::new(data.to_vec());
-    let Ok(sniff) = reader::sniff(&mut cur) else {
+    let Ok(sniff) = reader::sniff(&mut cur, None) else {
         return;
     };
     let rules = TenantRules::new(vec!["sso".into(), "Local".into()], vec!["1".into()]);

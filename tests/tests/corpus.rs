@@ -5,7 +5,8 @@
 //! `delimiter: comma|semicolon|tab`, `ignored: COLUMN`, `failure: ROW CODE[,CODE…]` (the exact
 //! list of failed rows), `user: UNIQUE_ID COLUMN=VALUE` (`\n` for a line break),
 //! `message: TEXT` (in the file's error or a failure reason), `attachment: TEXT` (in the
-//! failures CSV mailed).
+//! failures CSV mailed), `notice: TEXT` (in one of the file's notices), `region: CC` (the
+//! tenant's region, set before the file is dropped).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -76,8 +77,14 @@ async fn every_fixture_ends_as_its_expect_file_says() {
     .await;
     let env = &app.env;
     let mut tenants = Vec::new();
-    for (i, (name, (path, _))) in cases.iter().enumerate() {
+    for (i, (name, (path, expect))) in cases.iter().enumerate() {
         let t = env.tenant(&format!("c{i:02}")).unwrap();
+        if let Some(region) = expect.get("region").first() {
+            diesel::update(mui_shared::schema::tenants::table.find(t.id))
+                .set(mui_shared::schema::tenants::region.eq(*region))
+                .execute(&mut env.db.conn())
+                .unwrap();
+        }
         let file_name = path.file_name().unwrap().to_str().unwrap().to_owned();
         env.drop_file(&t.slug, &file_name, &std::fs::read(path).unwrap())
             .unwrap();
@@ -154,6 +161,11 @@ async fn every_fixture_ends_as_its_expect_file_says() {
             .filter(|m| m.to == [format!("it@{}.example.org", t.slug)])
             .collect();
 
+        let notices: Vec<String> = import_files::table
+            .find(f.0)
+            .select(import_files::notices)
+            .first(&mut conn)
+            .unwrap();
         match expect.get("file_error").first() {
             Some(code) => {
                 if f.1 != "failed" || f.2.as_deref() != Some(*code) {
@@ -178,7 +190,8 @@ async fn every_fixture_ends_as_its_expect_file_says() {
                 if failure_lines != want {
                     fail(format!("failures {failure_lines:?}, expected {want:?}"));
                 }
-                let want_mails = usize::from(!want.is_empty());
+                // A report goes out for failures, and for a notice the tenant must read.
+                let want_mails = usize::from(!want.is_empty() || !notices.is_empty());
                 if mail.len() != want_mails {
                     fail(format!(
                         "expected {want_mails} email(s), got {}",
@@ -225,6 +238,14 @@ async fn every_fixture_ends_as_its_expect_file_says() {
                     f.7
                 ));
             }
+        }
+        for n in expect.get("notice") {
+            if !notices.iter().any(|x| x.contains(n)) {
+                fail(format!("no notice contains {n:?} (notices {notices:?})"));
+            }
+        }
+        if expect.get("notice").is_empty() && !notices.is_empty() {
+            fail(format!("unexpected notices {notices:?}"));
         }
         for a in expect.get("attachment") {
             let found = mail.iter().any(|m| {

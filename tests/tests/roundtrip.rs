@@ -83,7 +83,7 @@ fn encode(text: &str, enc: Enc) -> Vec<u8> {
 
 fn read_back(bytes: Vec<u8>) -> Vec<UserRow> {
     let mut cur = Cursor::new(bytes);
-    let sniff = reader::sniff(&mut cur).unwrap();
+    let sniff = reader::sniff(&mut cur, None).unwrap();
     let rules = TenantRules::new(vec!["sso".into()], vec![]);
     let mut out = Vec::new();
     let outcome = reader::read_chunks(

@@ -84,6 +84,11 @@ pub struct SettingsArgs {
     /// `--header ""` clears it.
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// The tenant's country, a two-letter code (cz, pl, ru, tr, gr...): a file that is not
+    /// UTF-8 is read in the encoding Excel writes there when its text alone is ambiguous.
+    /// Default (and `--region ""`): Western Europe and the Americas, Windows-1252.
+    #[arg(long)]
+    region: Option<String>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -195,6 +200,11 @@ fn apply(
         } else {
             Some(header_aliases(&s.headers)?)
         },
+        region: match s.region.as_deref().map(str::trim) {
+            None => None,
+            Some("") => Some(None),
+            Some(r) => Some(Some(tenants::parse_region(r).map_err(anyhow::Error::msg)?)),
+        },
     };
     if change.is_empty() {
         return Ok(t.clone());
@@ -304,6 +314,13 @@ fn print_tenant(
         out,
         "success mail:         {}",
         if t.success_mail { "on" } else { "off" }
+    )?;
+    writeln!(
+        out,
+        "region:               {}",
+        t.region
+            .as_deref()
+            .unwrap_or("(none: Western Europe and the Americas, Windows-1252)")
     )?;
     let aliases = tenants::header_aliases(t);
     writeln!(

@@ -191,8 +191,17 @@ pub async fn handle(
             }
         }
     }
+    // The tenant's region as it is now (the watcher's copy is refreshed only every rescan):
+    // the encoding detector's hint.
+    let tid = tenant.tenant_id();
+    let region = db::run(&ctx.pool, move |conn| {
+        Ok(mui_shared::tenants::find(conn, tid)?)
+    })
+    .await?
+    .map_or_else(|| tenant.region.clone(), |t| t.region);
     let mut for_sniff = file.try_clone()?;
-    let sniff = tokio::task::spawn_blocking(move || reader::sniff(&mut for_sniff))
+    let hint = region.clone();
+    let sniff = tokio::task::spawn_blocking(move || reader::sniff(&mut for_sniff, hint.as_deref()))
         .await?
         .with_context(|| format!("read {display:?}"))?;
     let arrival_key = format!(
@@ -228,6 +237,22 @@ pub async fn handle(
                     file_id,
                     format!(
                         "The file's name is not valid UTF-8 (your SFTP client sent it in another character set); it is shown here and kept in bak/ as {display:?}, each byte that is not UTF-8 written as %XX"
+                    ),
+                )
+                .await?;
+            }
+            if let Some(other) = sniff.unhinted_guess {
+                add_notice(
+                    &ctx.pool,
+                    file_id,
+                    format!(
+                        "The file is not UTF-8; it was read as {} ({}). Its text could also be {}: if names in it look wrong, save it as \"CSV UTF-8\" (or ask for your region to be set) and upload it again",
+                        sniff.encoding.name(),
+                        match region.as_deref() {
+                            None => "what Excel writes in Western Europe and the Americas".to_owned(),
+                            Some(r) => format!("what Excel writes in your region, {r}"),
+                        },
+                        other.name()
                     ),
                 )
                 .await?;
@@ -442,6 +467,7 @@ async fn report_unopened(
         rows_at_most: None,
         long_line: None,
         broken_utf8: None,
+        unhinted_guess: None,
     };
     let registered = register(ctx, tenant.tenant_id(), name, &arrival_key, &sniff).await?;
     if registered.new {

@@ -1,5 +1,5 @@
 //! The first pass over a file: hash, size, encoding (BOM, else valid UTF-8, else the
-//! detector's guess, typically Windows-1252 from Excel), binaries recognised, line lengths
+//! detector's guess with the tenant's region as its hint, typically Windows-1252 from Excel), binaries recognised, line lengths
 //! and an upper bound of the rows, so that a file breaking a limit is refused before
 //! anything is read as rows.
 
@@ -32,6 +32,10 @@ pub struct Sniff {
     pub long_line: Option<u64>,
     /// For a damaged UTF-8 file: byte offset and line of the first invalid byte.
     pub broken_utf8: Option<(u64, u64)>,
+    /// For a file read in a guessed encoding: the detector's guess without the region's
+    /// hint, when it differs (a file the operator may want to look at: a Turkish tenant
+    /// without its region has its files read as Windows-1252).
+    pub unhinted_guess: Option<&'static Encoding>,
 }
 
 impl Sniff {
@@ -190,10 +194,36 @@ impl RecordCount {
     }
 }
 
+/// The detector's hint when the tenant has no region: a country of Western Europe or the
+/// Americas (for chardetng, any two-letter domain it does not list), where Excel writes
+/// Windows-1252.
+const WESTERN: &[u8] = b"us";
+
+/// The detector's hint for a tenant's region (`mui_shared::tenants::parse_region`); anything
+/// else (the database checks it too) is taken as no region rather than risk chardetng's
+/// panic on a label it does not accept.
+///
+/// chardetng's hints are made for web pages: for Poland, Hungary and Slovenia it prefers
+/// ISO-8859-2, which their sites use; Excel there writes Windows-1250, as in Czechia, so those
+/// regions get Czechia's hint.
+fn region_hint(region: Option<&str>) -> &[u8] {
+    match region {
+        Some("pl" | "hu" | "si") => b"cz",
+        Some(r) if r.len() == 2 && r.bytes().all(|b| b.is_ascii_lowercase()) => r.as_bytes(),
+        _ => WESTERN,
+    }
+}
+
 /// First pass: hash, size, encoding, binary detection, and the structural limits (line
 /// length, row count) so that a file breaking them is refused before anything is imported.
 /// Leaves `file` at its start.
-pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
+///
+/// A file with a BOM is read in its BOM's encoding, a file of valid UTF-8 as UTF-8, a damaged
+/// UTF-8 file is refused (`broken_utf8`); any other is the encoding chardetng guesses, with the
+/// tenant's `region` as its hint: without one, Windows-1252 (what Excel writes in Western
+/// Europe and the Americas) unless the text is clearly another script's (Cyrillic, Greek...);
+/// with `cz`, Windows-1250 unless clearly another.
+pub fn sniff<R: Read + Seek>(file: &mut R, region: Option<&str>) -> io::Result<Sniff> {
     file.seek(SeekFrom::Start(0))?;
     let mut hasher = Sha256::new();
     let mut detector = chardetng::EncodingDetector::new(chardetng::Iso2022JpDetection::Deny);
@@ -260,11 +290,17 @@ pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
         Some(at) if bom_encoding == Some(encoding_rs::UTF_8) => Some(at),
         _ => None,
     };
+    let mut unhinted_guess = None;
     let encoding = match bom_encoding {
         Some(enc) => enc,
         None if utf8.invalid == 0 => encoding_rs::UTF_8,
         None if broken_utf8.is_some() => encoding_rs::UTF_8,
-        None => detector.guess(None, chardetng::Utf8Detection::Deny),
+        None => {
+            let hinted = detector.guess(Some(region_hint(region)), chardetng::Utf8Detection::Deny);
+            let unhinted = detector.guess(None, chardetng::Utf8Detection::Deny);
+            unhinted_guess = (unhinted != hinted).then_some(unhinted);
+            hinted
+        }
     };
     Ok(Sniff {
         sha256: hex::encode(hasher.finalize()),
@@ -277,6 +313,7 @@ pub fn sniff<R: Read + Seek>(file: &mut R) -> io::Result<Sniff> {
         rows_at_most: (!utf16).then(|| records.records.saturating_sub(1)),
         long_line,
         broken_utf8,
+        unhinted_guess,
     })
 }
 

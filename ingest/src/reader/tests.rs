@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 fn read(bytes: &[u8]) -> (Sniff, Result<ReadSummary, FileProblem>, Vec<RawRow>) {
     let mut cur = Cursor::new(bytes.to_vec());
-    let s = sniff(&mut cur).unwrap();
+    let s = sniff(&mut cur, None).unwrap();
     let mut all = Vec::new();
     let r = read_chunks(
         cur,
@@ -99,7 +99,7 @@ fn utf16_with_bom() {
 #[test]
 fn limits_refuse_before_reading_rows() {
     let mut cur = Cursor::new(b"unique_id,login_source\n1,a\n\"2\nstill 2\",a\n3,a\n".to_vec());
-    let s = sniff(&mut cur).unwrap();
+    let s = sniff(&mut cur, None).unwrap();
     assert_eq!(s.rows_at_most, Some(3));
     let limits = Limits {
         max_bytes: 1 << 20,
@@ -198,7 +198,7 @@ fn chunks_are_bounded_in_bytes() {
         data.extend_from_slice(format!("{i},sso,{}\n", "s".repeat(1000)).as_bytes());
     }
     let mut cur = Cursor::new(data);
-    let s = sniff(&mut cur).unwrap();
+    let s = sniff(&mut cur, None).unwrap();
     let mut sizes = Vec::new();
     let r = read_chunks(
         cur,
@@ -236,7 +236,7 @@ fn a_tenants_own_header_names_are_read_as_ours_and_handed_on_as_uploaded() {
         ["unique_id", "login_source", "First Name", "Badge"]
     );
     let data = b"Employee ID,SSO,First Name\nE1,sso,Ann\n";
-    let sniff = super::sniff(&mut std::io::Cursor::new(&data[..])).unwrap();
+    let sniff = super::sniff(&mut std::io::Cursor::new(&data[..]), None).unwrap();
     let mut uploaded = Vec::new();
     let mut chunk_header = Vec::new();
     let r = super::read_chunks_mapped(
@@ -266,4 +266,86 @@ fn a_tenants_own_header_names_are_read_as_ours_and_handed_on_as_uploaded() {
     )
     .unwrap();
     assert!(plain.is_err());
+}
+
+/// The encoding a file of `text`, saved in `enc`, is read as for a tenant of `region`, and the
+/// detector's guess without the region when it differs.
+fn read_as(
+    text: &str,
+    enc: &'static encoding_rs::Encoding,
+    region: Option<&str>,
+) -> (&'static str, Option<&'static str>) {
+    let (bytes, _, unmappable) = enc.encode(text);
+    assert!(!unmappable, "{text:?} is all {}", enc.name());
+    let s = sniff(&mut Cursor::new(bytes.to_vec()), region).unwrap();
+    (s.encoding.name(), s.unhinted_guess.map(|e| e.name()))
+}
+
+#[test]
+fn a_one_line_excel_file_of_western_names_is_windows_1252_without_a_region() {
+    // chardetng alone reads these bytes as Windows-1250 ("Ţór"): a one-row file is too
+    // little text for it to tell.
+    let text =
+        "unique_id,login_source,first_name,last_name,street,city\nu0,sso,Zürich,O'Brien,Þór,José\n";
+    assert_eq!(
+        read_as(text, encoding_rs::WINDOWS_1252, None),
+        ("windows-1252", Some("windows-1250"))
+    );
+    // For a Romanian tenant the same bytes are Windows-1250's "Ţór".
+    assert_eq!(
+        read_as(text, encoding_rs::WINDOWS_1252, Some("ro")).0,
+        "windows-1250"
+    );
+}
+
+#[test]
+fn a_central_european_file_is_read_in_its_regions_excel_encoding() {
+    let czech = "unique_id,login_source,first_name,last_name\nu1,sso,Antonín,Dvořák\nu2,sso,Božena,Němcová\n";
+    assert_eq!(
+        read_as(czech, encoding_rs::WINDOWS_1250, Some("cz")),
+        ("windows-1250", None)
+    );
+    // Polish Excel writes Windows-1250, not the ISO-8859-2 of Polish web pages.
+    let polish = "unique_id,login_source,first_name,last_name\nu1,sso,Łukasz,Wąsowski\nu2,sso,Żaneta,Świątek\n";
+    assert_eq!(
+        read_as(polish, encoding_rs::WINDOWS_1250, Some("pl")).0,
+        "windows-1250"
+    );
+    let turkish = "unique_id,login_source,first_name,last_name\nu1,sso,Ayşe,Yılmaz\n";
+    assert_eq!(
+        read_as(turkish, encoding_rs::WINDOWS_1254, Some("tr")).0,
+        "windows-1254"
+    );
+    // Without its region a Czech file is read as Windows-1252, and the detector's other
+    // reading is kept for the file's notice.
+    assert_eq!(
+        read_as(czech, encoding_rs::WINDOWS_1250, None),
+        ("windows-1252", Some("windows-1250"))
+    );
+}
+
+#[test]
+fn other_scripts_are_found_without_a_region() {
+    let russian = "unique_id,login_source,first_name,last_name\nu1,sso,Иван,Петров\n";
+    assert_eq!(
+        read_as(russian, encoding_rs::WINDOWS_1251, None).0,
+        "windows-1251"
+    );
+    let greek = "unique_id,login_source,first_name,last_name\nu1,sso,Γιώργος,Παπαδόπουλος\n";
+    assert_eq!(
+        read_as(greek, encoding_rs::WINDOWS_1253, None).0,
+        "windows-1253"
+    );
+}
+
+#[test]
+fn a_region_that_is_not_a_country_code_is_no_region() {
+    let text = "unique_id,login_source,first_name\nu0,sso,Þór\n";
+    for bad in ["", "CZ", "c.", "czech", "ñ1"] {
+        assert_eq!(
+            read_as(text, encoding_rs::WINDOWS_1252, Some(bad)).0,
+            "windows-1252",
+            "{bad:?}"
+        );
+    }
 }
