@@ -193,8 +193,9 @@ fn assignments() -> (Vec<String>, Vec<String>) {
     (sets, differs)
 }
 
-/// Takes out of the staging table the rows that would change nothing, before anything is
-/// locked or written: a re-import of an unchanged export then reads each user once and
+/// Finds the staged rows that would change nothing, before anything is locked or written
+/// ([`write`] takes them out of the staging table when other rows are left to write; a chunk
+/// that changes nothing leaves them to the table's emptying at commit): a re-import of an unchanged export then reads each user once and
 /// writes none (rewriting them, and their version, cost ten times the database's own
 /// upsert that skips unchanged rows).
 ///
@@ -218,17 +219,13 @@ fn assignments() -> (Vec<String>, Vec<String>) {
 fn skip_unchanged_statement() -> String {
     let (_, differs) = assignments();
     format!(
-        "WITH found AS (\n  \
-           SELECT s.row_no,\n    \
+        "SELECT s.row_no,\n    \
              (s.active IS NOT FALSE AND s.row_no <> ALL ($5::bigint[])\n    \
              AND u.last_file_id < $2\n    \
              AND NOT ({})) AS same\n  \
            FROM users_stage s\n  \
            CROSS JOIN LATERAL (\n    \
-             SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u),\n\
-         gone AS (\n  \
-           DELETE FROM users_stage t USING found WHERE t.row_no = found.row_no AND found.same)\n\
-         SELECT row_no, same FROM found\n",
+             SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u\n",
         differs.join("\n      OR ")
     )
 }
@@ -434,6 +431,8 @@ fn write(
         if pending == 0 {
             return Ok(done);
         }
+        let skipped: Vec<i64> = done.skipped.iter().copied().collect();
+        staging::unstage(conn, &skipped)?;
     }
     // The identity checks (layer 1, `identity.rs`), on the rows left: a row that changes
     // nothing takes no value from anyone, so a re-import of an unchanged export probes no

@@ -91,6 +91,12 @@ struct StatementTime {
 }
 
 /// Starts the statement statistics afresh; false (and says why) when the server has none.
+#[derive(diesel::QueryableByName)]
+struct Secs {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    secs: Option<f64>,
+}
+
 fn reset_statements(conn: &mut PgConnection) -> bool {
     let ready = conn
         .batch_execute(
@@ -106,7 +112,7 @@ fn reset_statements(conn: &mut PgConnection) -> bool {
 
 /// The statements this database ran since [`reset_statements`], by their total time
 /// (summed over sessions running at once, so more than the wall-clock time).
-fn print_statements(conn: &mut PgConnection) -> anyhow::Result<()> {
+fn print_statements(conn: &mut PgConnection, run: &str) -> anyhow::Result<()> {
     let top: Vec<StatementTime> = diesel::sql_query(
         "SELECT sum(total_exec_time) AS ms, sum(calls)::bigint AS calls, sum(rows)::bigint AS rows, \
            (sum(wal_bytes) / 1e6)::float8 AS wal_mb, \
@@ -116,7 +122,7 @@ fn print_statements(conn: &mut PgConnection) -> anyhow::Result<()> {
          GROUP BY 5 ORDER BY 1 DESC LIMIT 15",
     )
     .load(conn)?;
-    println!("statements of the pipeline run (pg_stat_statements, time summed over sessions):");
+    println!("statements of {run} (pg_stat_statements, time summed over sessions):");
     println!(
         "{:>10} {:>7} {:>9} {:>8}  statement",
         "ms", "calls", "rows", "WAL MB"
@@ -438,7 +444,7 @@ fn main() -> anyhow::Result<()> {
     // The main run's mail (it was accepted before the clock stopped).
     let main_mails = smtp.messages().len();
     if statements {
-        print_statements(&mut conn)?;
+        print_statements(&mut conn, "the pipeline run")?;
     }
     // After the peaks and CPU times of the main run were read.
     let onboarding = match args.onboarding_rows.as_slice() {
@@ -473,6 +479,8 @@ fn main() -> anyhow::Result<()> {
         generate(&again, args.rows, 1000)?;
         let base = baseline(&db.url, base_tenant.id, &again, true)?;
         diesel::sql_query("CHECKPOINT").execute(&mut conn)?;
+        let statements = args.statements && reset_statements(&mut conn);
+        eprintln!("re-import: pipeline: drop folder → … → email…");
         let start = Instant::now();
         std::fs::rename(
             &again,
@@ -481,6 +489,22 @@ fn main() -> anyhow::Result<()> {
         let deadline = start + Duration::from_secs(args.timeout_secs);
         wait_files(&mut conn, tenant.id, 2, &mut children, deadline, logs)?;
         let took = start.elapsed();
+        if statements {
+            print_statements(&mut conn, "the re-import")?;
+        }
+        // How long ingest took to queue every chunk (its share of the time: the workers
+        // import while it reads on).
+        let queued: Option<f64> = diesel::sql_query(
+            "SELECT extract(epoch FROM queued_at - received_at)::float8 AS secs \
+             FROM import_files WHERE tenant_id = $1 ORDER BY id DESC LIMIT 1",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(tenant.id)
+        .get_result::<Secs>(&mut conn)
+        .ok()
+        .and_then(|s| s.secs);
+        if let Some(q) = queued {
+            println!("re-import: ingest queued the last chunk {q:.2} s after registering the file");
+        }
         let unchanged: i64 = import_files::table
             .filter(import_files::tenant_id.eq(tenant.id))
             .order(import_files::id.desc())

@@ -44,8 +44,7 @@ pub const USER_NAME_CONFLICTS: &str = include_str!("user_name_conflicts.sql");
 /// (bigint).
 pub const OLDER_OPEN: &str = include_str!("older_open.sql");
 
-/// The generated statement that takes out of the staging table the rows that would change
-/// nothing (`generated/skip_unchanged.sql`): $1 tenant, $2 file (bigint), $3 the tenant's
+/// The generated statement that finds the staged rows that would change nothing (`generated/skip_unchanged.sql`): $1 tenant, $2 file (bigint), $3 the tenant's
 /// archive-on-inactive setting (boolean), $4 the fields that get the suffix (text[]), $5 the
 /// rows whose unique_id another row of the file has too (bigint[]).
 pub fn skip_unchanged() -> &'static str {

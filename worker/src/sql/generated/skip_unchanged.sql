@@ -1,5 +1,4 @@
-WITH found AS (
-  SELECT s.row_no,
+SELECT s.row_no,
     (s.active IS NOT FALSE AND s.row_no <> ALL ($5::bigint[])
     AND u.last_file_id < $2
     AND NOT (u.login_source IS DISTINCT FROM s.login_source
@@ -28,7 +27,4 @@ WITH found AS (
       OR (u.archived_at IS NOT NULL) IS DISTINCT FROM ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL)))) AS same
   FROM users_stage s
   CROSS JOIN LATERAL (
-    SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u),
-gone AS (
-  DELETE FROM users_stage t USING found WHERE t.row_no = found.row_no AND found.same)
-SELECT row_no, same FROM found
+    SELECT * FROM users WHERE tenant_id = $1 AND unique_id = s.unique_id OFFSET 0) u
