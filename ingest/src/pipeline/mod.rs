@@ -241,17 +241,15 @@ pub async fn handle(
                 )
                 .await?;
             }
-            if let Some(other) = sniff.unhinted_guess {
+            // A close call made without a region: the tenant is told which other reading
+            // there was (a region set by the operator is a decision, not a guess).
+            if let (Some(other), None) = (sniff.unhinted_guess, region.as_deref()) {
                 add_notice(
                     &ctx.pool,
                     file_id,
                     format!(
-                        "The file is not UTF-8; it was read as {} ({}). Its text could also be {}: if names in it look wrong, save it as \"CSV UTF-8\" (or ask for your region to be set) and upload it again",
+                        "The file is not UTF-8; it was read as {} (what Excel writes in Western Europe and the Americas). Its text could also be {}: if names in it look wrong, save it as \"CSV UTF-8\" (or ask for your region to be set) and upload it again",
                         sniff.encoding.name(),
-                        match region.as_deref() {
-                            None => "what Excel writes in Western Europe and the Americas".to_owned(),
-                            Some(r) => format!("what Excel writes in your region, {r}"),
-                        },
                         other.name()
                     ),
                 )
