@@ -148,13 +148,19 @@ impl SettingsChange {
 /// in Romania).
 pub fn parse_region(s: &str) -> Result<String, String> {
     let r = s.trim().to_ascii_lowercase();
-    if r.len() == 2 && r.bytes().all(|b| b.is_ascii_lowercase()) {
+    if is_region(&r) {
         Ok(r)
     } else {
         Err(format!(
             "a region is a two-letter country code such as cz, pl or ru, not {s:?}"
         ))
     }
+}
+
+/// Whether `r` is a region as stored: two lowercase ASCII letters (the database checks the
+/// same).
+pub fn is_region(r: &str) -> bool {
+    r.len() == 2 && r.bytes().all(|b| b.is_ascii_lowercase())
 }
 
 /// The tenant's own header names, normalised (`normalise_header`), each with the column it

@@ -193,11 +193,11 @@ fn assignments() -> (Vec<String>, Vec<String>) {
     (sets, differs)
 }
 
-/// Finds the staged rows that would change nothing, before anything is locked or written
-/// ([`write`] takes them out of the staging table when other rows are left to write; a chunk
-/// that changes nothing leaves them to the table's emptying at commit): a re-import of an unchanged export then reads each user once and
-/// writes none (rewriting them, and their version, cost ten times the database's own
-/// upsert that skips unchanged rows).
+/// Finds the staged rows that would change nothing, before anything is locked or written:
+/// a re-import of an unchanged export then reads each user once and writes none (rewriting
+/// them, and their version, cost ten times the database's own upsert that skips unchanged
+/// rows). [`write`] takes them out of the staging table when other rows are left to write;
+/// a chunk that changes nothing leaves them to the table's emptying at commit.
 ///
 /// Leaving a user alone leaves its version `(file, row)` as it was, so a row is taken out
 /// only where no other row can need that version to lose to it. The caller runs this only
@@ -211,8 +211,8 @@ fn assignments() -> (Vec<String>, Vec<String>) {
 /// - the row says `active=0`: it releases the user's permits, whatever else it changes.
 ///
 /// Each staged row is one probe of the primary key (LATERAL, OFFSET 0), as in
-/// `sql/lock_existing.sql`. Returns every staged row whose user exists, and whether it was
-/// taken out (`same`: counted as unchanged). A staged row not returned had no user when the
+/// `sql/lock_existing.sql`. Returns every staged row whose user exists, and whether it
+/// changes nothing (`same`: counted as unchanged and left alone). A staged row not returned had no user when the
 /// probe ran: [`write`] then inserts it without probing the key again to lock it (a user
 /// inserted meanwhile by another transaction makes the insert do nothing, and the row goes
 /// round again as an existing user).

@@ -191,19 +191,20 @@ pub async fn handle(
             }
         }
     }
-    // The tenant's region as it is now (the watcher's copy is refreshed only every rescan):
-    // the encoding detector's hint.
+    // The tenant's settings as they are now (the watcher's copy is refreshed only every
+    // rescan): its region (the encoding detector's hint), header names and guard.
     let tid = tenant.tenant_id();
-    let region = db::run(&ctx.pool, move |conn| {
+    let fresh = db::run(&ctx.pool, move |conn| {
         Ok(mui_shared::tenants::find(conn, tid)?)
     })
     .await?
-    .map_or_else(|| tenant.region.clone(), |t| t.region);
+    .unwrap_or_else(|| tenant.clone());
     let mut for_sniff = file.try_clone()?;
-    let hint = region.clone();
-    let sniff = tokio::task::spawn_blocking(move || reader::sniff(&mut for_sniff, hint.as_deref()))
-        .await?
-        .with_context(|| format!("read {display:?}"))?;
+    let region = fresh.region.clone();
+    let sniff =
+        tokio::task::spawn_blocking(move || reader::sniff(&mut for_sniff, region.as_deref()))
+            .await?
+            .with_context(|| format!("read {display:?}"))?;
     let arrival_key = format!(
         "{}:{}:{}:{}:{}:{}",
         tenant.id, fmeta.dev, fmeta.ino, fmeta.mtime_ns, sniff.size, sniff.sha256
@@ -242,8 +243,8 @@ pub async fn handle(
                 .await?;
             }
             // A close call made without a region: the tenant is told which other reading
-            // there was (a region set by the operator is a decision, not a guess).
-            if let (Some(other), None) = (sniff.unhinted_guess, region.as_deref()) {
+            // there was.
+            if let Some(other) = sniff.unhinted_guess {
                 add_notice(
                     &ctx.pool,
                     file_id,
@@ -286,14 +287,6 @@ pub async fn handle(
                     })
                     .await?;
                 }
-                // The tenant's settings as they are now (the watcher's copy is refreshed
-                // only every rescan): its header names and its guard.
-                let tid = tenant.tenant_id();
-                let fresh = db::run(&ctx.pool, move |conn| {
-                    Ok(mui_shared::tenants::find(conn, tid)?)
-                })
-                .await?
-                .unwrap_or_else(|| tenant.clone());
                 let aliases = mui_shared::tenants::header_aliases(&fresh);
                 // A dry run is never held, but says whether its import would be.
                 let guarded = mui_shared::holds::Guard::of(&fresh).on();

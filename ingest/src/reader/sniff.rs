@@ -1,7 +1,7 @@
 //! The first pass over a file: hash, size, encoding (BOM, else valid UTF-8, else the
-//! detector's guess with the tenant's region as its hint, typically Windows-1252 from Excel), binaries recognised, line lengths
-//! and an upper bound of the rows, so that a file breaking a limit is refused before
-//! anything is read as rows.
+//! detector's guess with the tenant's region as its hint, typically Windows-1252 from Excel),
+//! binaries recognised, line lengths and an upper bound of the rows, so that a file breaking
+//! a limit is refused before anything is read as rows.
 
 use std::io::{self, Read, Seek, SeekFrom};
 
@@ -32,9 +32,10 @@ pub struct Sniff {
     pub long_line: Option<u64>,
     /// For a damaged UTF-8 file: byte offset and line of the first invalid byte.
     pub broken_utf8: Option<(u64, u64)>,
-    /// For a file read in a guessed encoding: the detector's guess without the region's
-    /// hint, when it differs (a file the operator may want to look at: a Turkish tenant
-    /// without its region has its files read as Windows-1252).
+    /// For a file of a tenant without a region, read in a guessed encoding: the detector's
+    /// guess without the Western hint, when it differs (a close call the tenant is told of:
+    /// a Turkish tenant without its region has its files read as Windows-1252). Never set
+    /// with a region: a region set by the operator is a decision, not a guess.
     pub unhinted_guess: Option<&'static Encoding>,
 }
 
@@ -199,18 +200,18 @@ impl RecordCount {
 /// Windows-1252.
 const WESTERN: &[u8] = b"us";
 
-/// The detector's hint for a tenant's region (`mui_shared::tenants::parse_region`); anything
-/// else (the database checks it too) is taken as no region rather than risk chardetng's
-/// panic on a label it does not accept.
+/// The detector's hint for a tenant's region (`mui_shared::tenants::parse_region`); `None`
+/// for no region, and for anything else (the database checks it too) rather than risk
+/// chardetng's panic on a label it does not accept.
 ///
 /// chardetng's hints are made for web pages: for Poland, Hungary and Slovenia it prefers
 /// ISO-8859-2, which their sites use; Excel there writes Windows-1250, as in Czechia, so those
 /// regions get Czechia's hint.
-fn region_hint(region: Option<&str>) -> &[u8] {
+fn region_hint(region: Option<&str>) -> Option<&[u8]> {
     match region {
-        Some("pl" | "hu" | "si") => b"cz",
-        Some(r) if r.len() == 2 && r.bytes().all(|b| b.is_ascii_lowercase()) => r.as_bytes(),
-        _ => WESTERN,
+        Some("pl" | "hu" | "si") => Some(b"cz"),
+        Some(r) if mui_shared::tenants::is_region(r) => Some(r.as_bytes()),
+        _ => None,
     }
 }
 
@@ -296,10 +297,16 @@ pub fn sniff<R: Read + Seek>(file: &mut R, region: Option<&str>) -> io::Result<S
         None if utf8.invalid == 0 => encoding_rs::UTF_8,
         None if broken_utf8.is_some() => encoding_rs::UTF_8,
         None => {
-            let hinted = detector.guess(Some(region_hint(region)), chardetng::Utf8Detection::Deny);
-            let unhinted = detector.guess(None, chardetng::Utf8Detection::Deny);
-            unhinted_guess = (unhinted != hinted).then_some(unhinted);
-            hinted
+            let guess = |tld| detector.guess(tld, chardetng::Utf8Detection::Deny);
+            match region_hint(region) {
+                Some(hint) => guess(Some(hint)),
+                None => {
+                    let western = guess(Some(WESTERN));
+                    let unhinted = guess(None);
+                    unhinted_guess = (unhinted != western).then_some(unhinted);
+                    western
+                }
+            }
         }
     };
     Ok(Sniff {

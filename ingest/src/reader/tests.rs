@@ -291,10 +291,11 @@ fn a_one_line_excel_file_of_western_names_is_windows_1252_without_a_region() {
         read_as(text, encoding_rs::WINDOWS_1252, None),
         ("windows-1252", Some("windows-1250"))
     );
-    // For a Romanian tenant the same bytes are Windows-1250's "Ţór".
+    // For a Romanian tenant the same bytes are Windows-1250's "Ţór", and not a close call
+    // (the region decides).
     assert_eq!(
-        read_as(text, encoding_rs::WINDOWS_1252, Some("ro")).0,
-        "windows-1250"
+        read_as(text, encoding_rs::WINDOWS_1252, Some("ro")),
+        ("windows-1250", None)
     );
 }
 

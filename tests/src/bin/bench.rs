@@ -68,9 +68,10 @@ struct Args {
     /// the cost of tracing.
     #[arg(long)]
     otel: bool,
-    /// Print the pipeline run's statements, slowest first, from `pg_stat_statements` (the
-    /// server must load it: `shared_preload_libraries = 'pg_stat_statements'`, then a
-    /// restart). Resets the server's statement statistics, every database's, before the run.
+    /// Print the statements of the pipeline run and of the re-import, slowest first, from
+    /// `pg_stat_statements` (the server must load it: `shared_preload_libraries =
+    /// 'pg_stat_statements'`, then a restart). Resets the server's statement statistics,
+    /// every database's, before each.
     #[arg(long)]
     statements: bool,
 }
