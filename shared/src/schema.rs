@@ -66,6 +66,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         archive_suffix -> Nullable<Varchar>,
+        row_digest -> Nullable<Bytea>,
     }
 }
 

@@ -197,6 +197,19 @@ fn hot_statements() -> Vec<Hot> {
             true,
         ),
         hot(
+            "same_digest",
+            sql::SAME_DIGEST,
+            "bigint, bigint, text[], bytea[], bigint[], boolean[]",
+            Box::new(|a| {
+                format!(
+                    "{}, {}, {}, array_fill('\\x0102'::bytea, ARRAY[{CHUNK}]), {}, \
+                     array_fill(true, ARRAY[{CHUNK}])",
+                    a.tenant, a.file, a.ids, a.rows
+                )
+            }),
+            false,
+        ),
+        hot(
             "skip_unchanged",
             sql::skip_unchanged(),
             "bigint, bigint, boolean, text[], bigint[]",
@@ -412,10 +425,10 @@ fn stage(conn: &mut PgConnection, tenant: i64) {
     let p = prefix(tenant);
     conn.batch_execute(&format!(
         "INSERT INTO users_stage (row_no, unique_id, login_source, first_name, last_name, \
-           user_name, email, city, active) \
+           user_name, email, city, active, row_digest) \
          SELECT i - {base} + 2, format('U%s', lpad(i::text, 9, '0')), 'sso', 'Amélie', \
            'Tremblay', '{p}tremblay' || i, '{p}.tremblay.' || i || '@staff.example.edu', \
-           'Montréal', true \
+           'Montréal', true, decode(md5(i::text), 'hex') \
          FROM generate_series({base}, {}) i",
         base + CHUNK - 1
     ))

@@ -244,3 +244,81 @@ async fn while_an_older_file_is_unfinished_every_row_is_written_with_its_version
         "no user rewritten"
     );
 }
+
+/// The digest stored with each user stands for the values the last import wrote: an
+/// operator's edit clears it (a trigger), so the next import of the same export compares that
+/// user by value and writes the file's value back; a user without a digest (written before
+/// digests were kept) is compared by value and, unchanged, left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hand_edited_user_is_compared_by_value_and_written_back() {
+    let app = spawn_app().await;
+    let env = &app.env;
+    let t = env.tenant("acme").unwrap();
+    env.drop_file("acme", "export.csv", EXPORT.as_bytes())
+        .unwrap();
+    app.wait_files_settled(&t, 1).await;
+    let mut conn = env.db.conn();
+    let digests = |conn: &mut PgConnection| -> i64 {
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        diesel::sql_query(
+            "SELECT count(*) AS n FROM users WHERE tenant_id = $1 AND row_digest IS NOT NULL",
+        )
+        .bind::<BigInt, _>(t.id)
+        .get_result::<N>(conn)
+        .unwrap()
+        .n
+    };
+    assert_eq!(
+        digests(&mut conn),
+        7,
+        "every imported user has its row's digest"
+    );
+
+    // By hand: u3's email changes (its digest is cleared), and u5 and u6 lose their digest as
+    // if written before digests were kept.
+    diesel::sql_query(
+        "UPDATE users SET email = 'someone.else@example.org' WHERE tenant_id = $1 AND unique_id = 'u3'",
+    )
+    .bind::<BigInt, _>(t.id)
+    .execute(&mut conn)
+    .unwrap();
+    diesel::sql_query(
+        "UPDATE users SET row_digest = NULL WHERE tenant_id = $1 AND unique_id IN ('u5', 'u6')",
+    )
+    .bind::<BigInt, _>(t.id)
+    .execute(&mut conn)
+    .unwrap();
+    assert_eq!(digests(&mut conn), 4, "the edit cleared u3's digest");
+    let before = versions(env, &t);
+
+    env.drop_file("acme", "export-again.csv", EXPORT.as_bytes())
+        .unwrap();
+    let again = wait_done(env, &t, "export-again.csv").await;
+    assert_eq!(
+        counts(&again),
+        (0, 1, 6, 0),
+        "u3 written back, the rest unchanged"
+    );
+    let after = versions(env, &t);
+    assert_eq!(rewritten(&before, &after), vec!["u3".to_owned()]);
+    #[derive(QueryableByName)]
+    struct Email {
+        #[diesel(sql_type = Text)]
+        email: String,
+    }
+    let email =
+        diesel::sql_query("SELECT email FROM users WHERE tenant_id = $1 AND unique_id = 'u3'")
+            .bind::<BigInt, _>(t.id)
+            .get_result::<Email>(&mut conn)
+            .unwrap();
+    assert_eq!(email.email, "grace@example.org");
+    assert_eq!(
+        digests(&mut conn),
+        5,
+        "u3 has its row's digest again; u5 and u6, left alone, still have none"
+    );
+}

@@ -24,6 +24,7 @@
 //!   - `upsert`: the set-based lock / update / insert statements (the fixed ones in
 //!     `src/sql/`, the generated ones pinned in `src/sql/generated/`; [`sql`] has them all).
 
+mod digest;
 pub mod dispatcher;
 mod dryrun;
 mod duplicate;

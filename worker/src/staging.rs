@@ -104,6 +104,9 @@ staging_table! {
     rest {
         date_of_birth: [Nullable<Date>], "DATE", Option<chrono::NaiveDate> = u.date_of_birth;
         active: [Nullable<Bool>], "BOOLEAN", Option<bool> = u.active;
+        // Not a user column: the digest of the row's values, written with them
+        // (`crate::digest`).
+        row_digest: [Binary], "BYTEA NOT NULL", &'a [u8] = &u.digest;
     }
 }
 
@@ -174,7 +177,7 @@ mod tests {
         let names: Vec<&str> = COLUMNS.iter().map(|(c, _)| *c).collect();
         let mut want = vec!["row_no", "unique_id", "login_source"];
         want.extend(TEXT_COLUMNS.iter().map(|c| c.name()));
-        want.extend(["date_of_birth", "active"]);
+        want.extend(["date_of_birth", "active", "row_digest"]);
         assert_eq!(names, want);
         // Every user column but `unique_id` and `login_source` is staged as the optional
         // value it is in `users`.
@@ -183,7 +186,7 @@ mod tests {
             .copied()
             .filter(|c| !Column::REQUIRED.contains(c))
             .collect();
-        let staged: Vec<&str> = names[3..].to_vec();
+        let staged: Vec<&str> = names[3..names.len() - 1].to_vec();
         assert_eq!(staged, rest.iter().map(|c| c.name()).collect::<Vec<_>>());
     }
 
@@ -197,7 +200,8 @@ mod tests {
              postal_code TEXT, street2 TEXT, city2 TEXT, state2 TEXT, zip2 TEXT, \
              phone_cell TEXT, user_type_id TEXT, employ_no TEXT, employee_phone TEXT, \
              student_no TEXT, student_phone TEXT, drivers_license_num TEXT, \
-             drivers_license_prov TEXT, date_of_birth DATE, active BOOLEAN) \
+             drivers_license_prov TEXT, date_of_birth DATE, active BOOLEAN, \
+             row_digest BYTEA NOT NULL) \
              ON COMMIT DELETE ROWS"
         );
     }
@@ -215,6 +219,7 @@ mod tests {
             text,
             date_of_birth: None,
             active: Some(false),
+            digest: [7; crate::digest::DIGEST_BYTES],
         };
         let staged = StageRow::of(&user);
         assert_eq!(staged.row_no.0, 7);
@@ -225,5 +230,6 @@ mod tests {
             Some("drivers_license_prov-value")
         );
         assert_eq!(staged.active, Some(false));
+        assert_eq!(staged.row_digest, &[7; crate::digest::DIGEST_BYTES]);
     }
 }

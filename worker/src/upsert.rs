@@ -25,14 +25,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Binary, Bool, Jsonb, Nullable, Text};
 use mui_shared::domain::{HeaderMap, ImportFileId};
 use mui_shared::messages::{Chunk, RowFailure};
 
 use crate::duplicate::{duplicate_failure, stored_fields};
 use crate::identity::{self, CHECK_NOW, DEFER_CHECKS};
 use crate::import::{ChunkOutcome, ImportError};
-use crate::sql::{LOCK_EXISTING, RELEASE_PERMITS};
+use crate::sql::{LOCK_EXISTING, RELEASE_PERMITS, SAME_DIGEST};
 use crate::staging::{self, TEXT_COLUMNS};
 use crate::validate::UserRow;
 
@@ -145,7 +145,7 @@ fn update_statement() -> String {
     let (sets, differs) = assignments();
     // One item a line, so the pinned text reads (and diffs) column by column.
     format!(
-        "UPDATE users u SET {},\n  last_file_id = $2, last_row = s.row_no,\n  \
+        "UPDATE users u SET {},\n  last_file_id = $2, last_row = s.row_no, row_digest = s.row_digest,\n  \
          updated_at = CASE WHEN {}\n  THEN now() ELSE u.updated_at END\n\
          FROM users_stage s\n\
          WHERE u.ctid = ANY (ARRAY(\n    \
@@ -246,11 +246,11 @@ fn insert_statement() -> String {
         .collect();
     format!(
         "INSERT INTO users (tenant_id, unique_id, login_source, {cols}, date_of_birth, active,\n  \
-           archived_at, archive_suffix, last_file_id, last_row)\n\
+           archived_at, archive_suffix, last_file_id, last_row, row_digest)\n\
          SELECT $1, s.unique_id, s.login_source,\n  {vals},\n  \
            s.date_of_birth, COALESCE(s.active, TRUE),\n  \
            CASE WHEN {ARCHIVE_NEW} THEN now() END, CASE WHEN {ARCHIVE_NEW} THEN {NEW_SUFFIX} END,\n  \
-           $2, s.row_no\n\
+           $2, s.row_no, s.row_digest\n\
          FROM users_stage s\n\
          ORDER BY s.unique_id\n\
          ON CONFLICT (tenant_id, unique_id) DO NOTHING\n\
@@ -405,34 +405,75 @@ fn write(
     skip: Option<&[i64]>,
 ) -> Result<Written, ImportError> {
     let sql = statements();
-    staging::stage(conn, good)?;
     let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), *u)).collect();
     let tenant = chunk.tenant_id.0;
     let mut pending = good.len();
     let mut done = Written::default();
-    // Whether a staged row may belong to an existing user: without the probe below, any.
+    // Whether a staged row may belong to an existing user: without the probes below, any.
     let mut may_exist = true;
-    if let Some(repeated) = skip {
-        let found = diesel::sql_query(&sql.skip_unchanged)
-            .bind::<BigInt, _>(tenant)
-            .bind::<BigInt, _>(file.0)
-            .bind::<Bool, _>(archive.on)
-            .bind::<Array<Text>, _>(&archive.fields)
-            .bind::<Array<BigInt>, _>(repeated)
-            .load::<Found>(conn)?;
-        may_exist = found.iter().any(|f| !f.same);
-        done.skipped = found
-            .into_iter()
-            .filter(|f| f.same)
-            .map(|f| f.row_no)
-            .collect();
-        outcome.unchanged += done.skipped.len() as i64;
-        pending -= done.skipped.len();
-        if pending == 0 {
-            return Ok(done);
+    match skip {
+        None => staging::stage(conn, good)?,
+        Some(repeated) => {
+            // First by digest, without staging anything: a re-import of an unchanged export
+            // sends each row's key and digest, and nothing else.
+            let listed: HashSet<i64> = repeated.iter().copied().collect();
+            let ids: Vec<&str> = good.iter().map(|u| u.unique_id.as_str()).collect();
+            let digests: Vec<&[u8]> = good.iter().map(|u| &u.digest[..]).collect();
+            let rows: Vec<i64> = good.iter().map(|u| u.row as i64).collect();
+            let may_skip: Vec<bool> = good
+                .iter()
+                .map(|u| u.active != Some(false) && !listed.contains(&(u.row as i64)))
+                .collect();
+            let found = diesel::sql_query(SAME_DIGEST)
+                .bind::<BigInt, _>(tenant)
+                .bind::<BigInt, _>(file.0)
+                .bind::<Array<Text>, _>(&ids)
+                .bind::<Array<Binary>, _>(&digests)
+                .bind::<Array<BigInt>, _>(&rows)
+                .bind::<Array<Bool>, _>(&may_skip)
+                .load::<Found>(conn)?;
+            let differ = found.iter().filter(|f| !f.same).count();
+            done.skipped = found
+                .into_iter()
+                .filter(|f| f.same)
+                .map(|f| f.row_no)
+                .collect();
+            let left: Vec<&UserRow> = good
+                .iter()
+                .filter(|u| !done.skipped.contains(&(u.row as i64)))
+                .copied()
+                .collect();
+            if !left.is_empty() {
+                staging::stage(conn, &left)?;
+            }
+            may_exist = differ > 0;
+            if may_exist {
+                // Then by value, for the users whose digest differs: written before digests
+                // were kept, or changed since by something else than an import (the digest
+                // was cleared), or archived.
+                let same: Vec<i64> = diesel::sql_query(&sql.skip_unchanged)
+                    .bind::<BigInt, _>(tenant)
+                    .bind::<BigInt, _>(file.0)
+                    .bind::<Bool, _>(archive.on)
+                    .bind::<Array<Text>, _>(&archive.fields)
+                    .bind::<Array<BigInt>, _>(repeated)
+                    .load::<Found>(conn)?
+                    .into_iter()
+                    .filter(|f| f.same)
+                    .map(|f| f.row_no)
+                    .collect();
+                may_exist = same.len() < differ;
+                if !same.is_empty() && same.len() < left.len() {
+                    staging::unstage(conn, &same)?;
+                }
+                done.skipped.extend(same);
+            }
+            outcome.unchanged += done.skipped.len() as i64;
+            pending -= done.skipped.len();
+            if pending == 0 {
+                return Ok(done);
+            }
         }
-        let skipped: Vec<i64> = done.skipped.iter().copied().collect();
-        staging::unstage(conn, &skipped)?;
     }
     // The identity checks (layer 1, `identity.rs`), on the rows left: a row that changes
     // nothing takes no value from anyone, so a re-import of an unchanged export probes no

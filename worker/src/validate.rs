@@ -63,6 +63,8 @@ pub struct UserRow {
     pub date_of_birth: Option<NaiveDate>,
     /// `active`.
     pub active: Option<bool>,
+    /// The digest of the values above ([`crate::digest::of`]; not of `row`).
+    pub digest: [u8; crate::digest::DIGEST_BYTES],
 }
 
 impl UserRow {
@@ -279,14 +281,17 @@ pub fn validate(
         return Err(errors);
     };
     let text = TEXT_COLUMNS.map(|c| values[c.index()].map(str::to_owned));
-    Ok(UserRow {
+    let mut user = UserRow {
         row: raw.row,
         unique_id: unique_id.to_owned(),
         login_source,
         text,
         date_of_birth,
         active,
-    })
+        digest: [0; crate::digest::DIGEST_BYTES],
+    };
+    user.digest = crate::digest::of(&user);
+    Ok(user)
 }
 
 fn err(code: RowErrorCode, column: &str, message: String) -> RowError {

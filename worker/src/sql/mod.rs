@@ -40,6 +40,11 @@ pub const EMAIL_CONFLICTS: &str = include_str!("email_conflicts.sql");
 /// file (bigint), $3 unique ids (text[]).
 pub const USER_NAME_CONFLICTS: &str = include_str!("user_name_conflicts.sql");
 
+/// Which rows of a chunk would change nothing, by the digest stored with their user: $1
+/// tenant, $2 file (bigint), $3 unique ids (text[]), $4 digests (bytea[]), $5 row numbers
+/// (bigint[]), $6 whether each row may be left alone (boolean[]).
+pub const SAME_DIGEST: &str = include_str!("same_digest.sql");
+
 /// Whether the tenant has an unfinished file older than this one: $1 tenant, $2 file
 /// (bigint).
 pub const OLDER_OPEN: &str = include_str!("older_open.sql");

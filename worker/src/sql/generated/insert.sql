@@ -1,5 +1,5 @@
 INSERT INTO users (tenant_id, unique_id, login_source, first_name, last_name, user_name, email, street, city, province, postal_code, street2, city2, state2, zip2, phone_cell, user_type_id, employ_no, employee_phone, student_no, student_phone, drivers_license_num, drivers_license_prov, date_of_birth, active,
-  archived_at, archive_suffix, last_file_id, last_row)
+  archived_at, archive_suffix, last_file_id, last_row, row_digest)
 SELECT $1, s.unique_id, s.login_source,
   CASE WHEN 'first_name' = ANY($4) AND (s.active IS FALSE AND $3) THEN mui_suffix(s.first_name, ('_' || to_char(now(), 'YYYY')), 100) ELSE s.first_name END,
   CASE WHEN 'last_name' = ANY($4) AND (s.active IS FALSE AND $3) THEN mui_suffix(s.last_name, ('_' || to_char(now(), 'YYYY')), 100) ELSE s.last_name END,
@@ -23,7 +23,7 @@ SELECT $1, s.unique_id, s.login_source,
   CASE WHEN 'drivers_license_prov' = ANY($4) AND (s.active IS FALSE AND $3) THEN mui_suffix(s.drivers_license_prov, ('_' || to_char(now(), 'YYYY')), 50) ELSE s.drivers_license_prov END,
   s.date_of_birth, COALESCE(s.active, TRUE),
   CASE WHEN (s.active IS FALSE AND $3) THEN now() END, CASE WHEN (s.active IS FALSE AND $3) THEN ('_' || to_char(now(), 'YYYY')) END,
-  $2, s.row_no
+  $2, s.row_no, s.row_digest
 FROM users_stage s
 ORDER BY s.unique_id
 ON CONFLICT (tenant_id, unique_id) DO NOTHING

@@ -23,7 +23,7 @@ UPDATE users u SET login_source = s.login_source,
   active = COALESCE(s.active, u.active),
   archived_at = CASE WHEN ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL)) THEN COALESCE(u.archived_at, now()) END,
   archive_suffix = (CASE WHEN ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL)) THEN COALESCE(u.archive_suffix, ('_' || to_char(now(), 'YYYY'))) END),
-  last_file_id = $2, last_row = s.row_no,
+  last_file_id = $2, last_row = s.row_no, row_digest = s.row_digest,
   updated_at = CASE WHEN u.login_source IS DISTINCT FROM s.login_source
   OR u.first_name IS DISTINCT FROM (CASE WHEN 'first_name' = ANY($4) THEN mui_suffix(mui_unsuffix(COALESCE(s.first_name, u.first_name), u.archive_suffix), (CASE WHEN ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL)) THEN COALESCE(u.archive_suffix, ('_' || to_char(now(), 'YYYY'))) END), 100) ELSE COALESCE(s.first_name, u.first_name) END)
   OR u.last_name IS DISTINCT FROM (CASE WHEN 'last_name' = ANY($4) THEN mui_suffix(mui_unsuffix(COALESCE(s.last_name, u.last_name), u.archive_suffix), (CASE WHEN ((s.active IS FALSE AND ($3 OR u.archived_at IS NOT NULL)) OR (s.active IS NULL AND u.archived_at IS NOT NULL)) THEN COALESCE(u.archive_suffix, ('_' || to_char(now(), 'YYYY'))) END), 100) ELSE COALESCE(s.last_name, u.last_name) END)
