@@ -49,12 +49,14 @@ pub(super) async fn validate_whole(
             hasher: Sha256::new(),
         };
         let mut ids = Collect::default();
-        let outcome = reader::read_chunks_mapped(
+        // Only the key and `active` are needed here: the other cells are not kept.
+        let outcome = reader::read_chunks_keeping(
             &mut hashing,
             &sniff,
             limits,
             chunking,
             &aliases,
+            &[Column::UniqueId, Column::Active],
             |_, _, _| {},
             |_, _, map, rows| {
                 ids.observe(map, &rows);

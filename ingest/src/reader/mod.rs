@@ -64,31 +64,38 @@ impl<R: Read> Read for Lines<R> {
                 }
                 return Ok(0);
             }
+            // Runs of ordinary bytes are copied whole; only the line breaks (found with
+            // memchr) are looked at one by one.
             let mut w = 0;
-            for &b in &self.buf[..n] {
-                match b {
-                    b'\r' => {
+            let mut start = 0;
+            let src = &self.buf[..n];
+            for at in memchr::memchr2_iter(b'\n', b'\r', src).chain(std::iter::once(n)) {
+                let run = &src[start..at];
+                if !run.is_empty() {
+                    self.prev_cr = false;
+                    out[w..w + run.len()].copy_from_slice(run);
+                    w += run.len();
+                    self.line += run.len();
+                    if self.line > MAX_LINE_BYTES {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, LineTooLong));
+                    }
+                }
+                match src.get(at) {
+                    Some(b'\r') => {
                         out[w] = b'\n';
                         w += 1;
                         self.prev_cr = true;
                         self.line = 0;
                     }
-                    b'\n' if self.prev_cr => self.prev_cr = false,
-                    b'\n' => {
+                    Some(b'\n') if self.prev_cr => self.prev_cr = false,
+                    Some(_) => {
                         out[w] = b'\n';
                         w += 1;
                         self.line = 0;
                     }
-                    _ => {
-                        self.prev_cr = false;
-                        out[w] = b;
-                        w += 1;
-                        self.line += 1;
-                        if self.line > MAX_LINE_BYTES {
-                            return Err(io::Error::new(io::ErrorKind::InvalidData, LineTooLong));
-                        }
-                    }
+                    None => {}
                 }
+                start = at + 1;
             }
             if w > 0 {
                 self.at_line_start = out[w - 1] == b'\n';
@@ -207,6 +214,60 @@ pub fn read_chunks_mapped<R, H, C>(
     limits: Limits,
     chunking: Chunking,
     aliases: &[(String, Column)],
+    on_header: H,
+    on_chunk: C,
+) -> Result<Result<ReadSummary, FileProblem>, io::Error>
+where
+    R: Read,
+    H: FnMut(&[String], &HeaderMap, u8),
+    C: FnMut(u32, &[String], &HeaderMap, Vec<RawRow>) -> io::Result<()>,
+{
+    read_rows(
+        file, sniff, limits, chunking, aliases, None, on_header, on_chunk,
+    )
+}
+
+/// [`read_chunks_mapped`] for a pass that needs only the cells of the columns in `keep`:
+/// every other cell of a row is handed over empty (the row keeps its length and positions),
+/// which spares a string for each. The file-level checks are the same, so this pass decides
+/// exactly what [`read_chunks_mapped`] would; but chunks may be cut elsewhere (their size is
+/// counted from the cells kept).
+#[allow(clippy::too_many_arguments)]
+pub fn read_chunks_keeping<R, H, C>(
+    file: R,
+    sniff: &Sniff,
+    limits: Limits,
+    chunking: Chunking,
+    aliases: &[(String, Column)],
+    keep: &[Column],
+    on_header: H,
+    on_chunk: C,
+) -> Result<Result<ReadSummary, FileProblem>, io::Error>
+where
+    R: Read,
+    H: FnMut(&[String], &HeaderMap, u8),
+    C: FnMut(u32, &[String], &HeaderMap, Vec<RawRow>) -> io::Result<()>,
+{
+    read_rows(
+        file,
+        sniff,
+        limits,
+        chunking,
+        aliases,
+        Some(keep),
+        on_header,
+        on_chunk,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_rows<R, H, C>(
+    file: R,
+    sniff: &Sniff,
+    limits: Limits,
+    chunking: Chunking,
+    aliases: &[(String, Column)],
+    keep: Option<&[Column]>,
     mut on_header: H,
     mut on_chunk: C,
 ) -> Result<Result<ReadSummary, FileProblem>, io::Error>
@@ -240,6 +301,8 @@ where
     let mut records = Records::new(source, delimiter);
 
     let mut header: Option<(Vec<String>, HeaderMap)> = None;
+    // Which cells of a row are handed over (with `keep`, once the header is known).
+    let mut mask: Option<Vec<bool>> = None;
     let mut full = false;
     let mut rows: Vec<RawRow> = Vec::with_capacity(chunk_rows.min(100_000));
     let mut chunk_bytes: usize = 0;
@@ -251,7 +314,7 @@ where
     let mut last_row: u64 = 0;
     let mut line_after_last: u64 = 1;
     loop {
-        let item = match records.next() {
+        let item = match records.next(mask.as_deref()) {
             Ok(item) => item,
             Err(e) => {
                 return match line_error(e) {
@@ -264,7 +327,7 @@ where
                 }
             }
         };
-        let (fields, too_large, breaks_inside) = match item {
+        let (fields, blank, too_large, breaks_inside) = match item {
             Item::End => break,
             Item::Unclosed {
                 breaks_inside,
@@ -283,9 +346,10 @@ where
             }
             Item::Record {
                 fields,
+                blank,
                 too_large,
                 breaks_inside,
-            } => (fields, too_large, breaks_inside),
+            } => (fields, blank, too_large, breaks_inside),
         };
         let after = records.line();
         let start_line = after.saturating_sub(1 + breaks_inside);
@@ -294,7 +358,6 @@ where
         last_row = row;
         line_after_last = after;
 
-        let blank = too_large.is_none() && fields.iter().all(|f| f.trim().is_empty());
         match &header {
             None => {
                 if blank {
@@ -325,6 +388,14 @@ where
                     }
                 };
                 on_header(&uploaded, &map, delimiter);
+                if let Some(keep) = keep {
+                    mask = Some(
+                        map.positions
+                            .iter()
+                            .map(|c| c.is_some_and(|c| keep.contains(&c)))
+                            .collect(),
+                    );
+                }
                 header = Some((cells, map));
             }
             Some(_) => {

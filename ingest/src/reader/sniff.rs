@@ -200,6 +200,9 @@ impl RecordCount {
 /// Windows-1252.
 const WESTERN: &[u8] = b"us";
 
+/// Bytes of a file that is not UTF-8 the encoding detector reads.
+const DETECTOR_BYTES: u64 = 4 * 1024 * 1024;
+
 /// The detector's hint for a tenant's region (`mui_shared::tenants::parse_region`); `None`
 /// for no region, and for anything else (the database checks it too) rather than risk
 /// chardetng's panic on a label it does not accept.
@@ -233,7 +236,7 @@ pub fn sniff<R: Read + Seek>(file: &mut R, region: Option<&str>) -> io::Result<S
     let mut size: u64 = 0;
     let mut utf8 = Utf8Scan::default();
     let mut records = RecordCount::new();
-    let mut fed: usize = 0;
+    let mut fed_detector = false;
     let mut nul = false;
     let mut line_len: usize = 0;
     let mut line_no: u64 = 1;
@@ -250,30 +253,42 @@ pub fn sniff<R: Read + Seek>(file: &mut R, region: Option<&str>) -> io::Result<S
             head.extend_from_slice(&bytes[..bytes.len().min(16 - head.len())]);
         }
         nul |= bytes.contains(&0);
-        if fed < 4 * 1024 * 1024 {
-            detector.feed(bytes, false);
-            fed += n;
-        }
         utf8.feed(bytes);
         records.feed(bytes);
-        for &b in bytes {
-            if b == b'\n' || b == b'\r' {
-                line_len = 0;
-                if b == b'\n' {
+        // Line lengths from the line breaks alone (memchr), a line's length checked at its
+        // end or at the end of this buffer.
+        let mut start = 0;
+        for at in memchr::memchr2_iter(b'\n', b'\r', bytes).chain(std::iter::once(n)) {
+            line_len += at - start;
+            if line_len > MAX_LINE_BYTES && long_line.is_none() {
+                long_line = Some(line_no);
+            }
+            match bytes.get(at) {
+                Some(b'\n') => {
+                    line_len = 0;
                     line_no += 1;
                 }
-            } else {
-                line_len += 1;
-                if line_len > MAX_LINE_BYTES && long_line.is_none() {
-                    long_line = Some(line_no);
-                }
+                Some(_) => line_len = 0,
+                None => {}
             }
+            start = at + 1;
         }
     }
     utf8.finish();
     records.feed(&[]);
-    detector.feed(&[], true);
     file.seek(SeekFrom::Start(0))?;
+    // The detector is needed only for a file that is not UTF-8: it reads the first 4 MiB
+    // then (a UTF-8 file, the usual case, is read once).
+    let mut guess_without_bom = |hint: Option<&[u8]>| -> io::Result<&'static Encoding> {
+        if !fed_detector {
+            fed_detector = true;
+            let mut head = Vec::new();
+            (&mut *file).take(DETECTOR_BYTES).read_to_end(&mut head)?;
+            file.seek(SeekFrom::Start(0))?;
+            detector.feed(&head, true);
+        }
+        Ok(detector.guess(hint, chardetng::Utf8Detection::Deny))
+    };
 
     let (bom_encoding, bom) = match Encoding::for_bom(&head) {
         Some((enc, _)) => (Some(enc), true),
@@ -296,18 +311,15 @@ pub fn sniff<R: Read + Seek>(file: &mut R, region: Option<&str>) -> io::Result<S
         Some(enc) => enc,
         None if utf8.invalid == 0 => encoding_rs::UTF_8,
         None if broken_utf8.is_some() => encoding_rs::UTF_8,
-        None => {
-            let guess = |tld| detector.guess(tld, chardetng::Utf8Detection::Deny);
-            match region_hint(region) {
-                Some(hint) => guess(Some(hint)),
-                None => {
-                    let western = guess(Some(WESTERN));
-                    let unhinted = guess(None);
-                    unhinted_guess = (unhinted != western).then_some(unhinted);
-                    western
-                }
+        None => match region_hint(region) {
+            Some(hint) => guess_without_bom(Some(hint))?,
+            None => {
+                let western = guess_without_bom(Some(WESTERN))?;
+                let unhinted = guess_without_bom(None)?;
+                unhinted_guess = (unhinted != western).then_some(unhinted);
+                western
             }
-        }
+        },
     };
     Ok(Sniff {
         sha256: hex::encode(hasher.finalize()),

@@ -350,3 +350,90 @@ fn a_region_that_is_not_a_country_code_is_no_region() {
         );
     }
 }
+
+/// The check pass reads with [`read_chunks_keeping`]: it must decide exactly what the full
+/// read decides (summary or problem, rows and their numbers), with the kept cells as they
+/// are and every other cell empty.
+#[test]
+fn keeping_a_few_columns_decides_what_the_full_read_decides() {
+    let long_cell = "x".repeat(MAX_RECORD_BYTES + 10);
+    let too_large =
+        format!("unique_id,login_source,active\n1,sso,1\n2,sso,\"{long_cell}\"\n3,sso,0\n");
+    let inputs: Vec<Vec<u8>> = vec![
+        b"unique_id,login_source,first_name,active\n1,sso,Ann,1\n2,sso,Bob,0\n".to_vec(),
+        b"unique_id,login_source,street,active\r\n1,sso,\"a\r\nb, c\"\r\n\r\n  ,  , \r\n3,sso,x,0\r\n"
+            .to_vec(),
+        b"unique_id,login_source,street\r1,sso,\"a\rb\"\r\r3,sso,y\r".to_vec(),
+        b"first_name;unique_id;login_source;active\nAnn;u1;sso;\nBob;u2;sso;0\n".to_vec(),
+        b"unique_id,login_source,street\n1,sso,\"never closed\n2,sso,x\n".to_vec(),
+        b"unique_id,login_source\n".to_vec(),
+        b"unique_id,first_name\n1,Ann\n".to_vec(),
+        b"unique_id,login_source,extra\n1,sso,a,b,c\n2\n".to_vec(),
+        too_large.into_bytes(),
+    ];
+    let keep = [Column::UniqueId, Column::Active];
+    for input in inputs {
+        let mut cur = Cursor::new(input.clone());
+        let s = sniff(&mut cur, None).unwrap();
+        let mut full = Vec::new();
+        let full_result = read_chunks(
+            Cursor::new(input.clone()),
+            &s,
+            Limits::default(),
+            Chunking::rows(2),
+            |_, _, _| {},
+            |_, _, _, rows| {
+                full.extend(rows);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let mut kept = Vec::new();
+        let mut map_seen = None;
+        let kept_result = read_chunks_keeping(
+            Cursor::new(input.clone()),
+            &s,
+            Limits::default(),
+            Chunking::rows(2),
+            &[],
+            &keep,
+            |_, map, _| map_seen = Some(map.clone()),
+            |_, _, _, rows| {
+                kept.extend(rows);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let text = String::from_utf8_lossy(&input[..input.len().min(80)]).into_owned();
+        match (&full_result, &kept_result) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(
+                    (a.rows, &a.header, a.delimiter),
+                    (b.rows, &b.header, b.delimiter),
+                    "{text}"
+                )
+            }
+            (Err(a), Err(b)) => assert_eq!(a, b, "{text}"),
+            _ => panic!("{text}: {full_result:?} vs {kept_result:?}"),
+        }
+        assert_eq!(full.len(), kept.len(), "{text}");
+        let Some(map) = map_seen else { continue };
+        for (a, b) in full.iter().zip(&kept) {
+            assert_eq!(a.row, b.row, "{text}");
+            assert_eq!(a.too_large, b.too_large, "{text}");
+            if a.too_large.is_some() {
+                continue;
+            }
+            assert_eq!(a.fields.len(), b.fields.len(), "{text}");
+            for (i, (x, y)) in a.fields.iter().zip(&b.fields).enumerate() {
+                let wanted = map
+                    .positions
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|c| keep.contains(&c));
+                assert_eq!(y, if wanted { x } else { "" }, "{text}: cell {i}");
+            }
+        }
+    }
+}
