@@ -231,7 +231,25 @@ fn baseline(
     file: &Path,
     skip_unchanged: bool,
 ) -> anyhow::Result<Duration> {
+    Ok(baseline_with_cpu(url, tenant_id, file, skip_unchanged)?.0)
+}
+
+/// [`baseline`], and the CPU seconds its PostgreSQL backend used (a connection of its own).
+fn baseline_with_cpu(
+    url: &str,
+    tenant_id: i64,
+    file: &Path,
+    skip_unchanged: bool,
+) -> anyhow::Result<(Duration, Option<f64>)> {
+    #[derive(QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
     let mut conn = PgConnection::establish(url)?;
+    let backend = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result::<Pid>(&mut conn)?
+        .pid as u32;
     let text_cols: Vec<String> = COLUMNS.iter().map(|c| format!("{c} TEXT")).collect();
     let select: Vec<String> = COLUMNS
         .iter()
@@ -288,7 +306,7 @@ fn baseline(
         .execute(conn)?;
         Ok::<_, diesel::result::Error>(())
     })?;
-    Ok(start.elapsed())
+    Ok((start.elapsed(), cpu_secs(backend)))
 }
 
 /// CPU time a process (all its threads) has used so far: user + system time from
@@ -302,6 +320,21 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / 100.0)
+}
+
+/// CPU time used so far by every process whose command is `comm` (`postgres`: the server
+/// and all its backends, idle ones included), as [`cpu_secs`] counts it.
+fn command_cpu_secs(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        .filter_map(cpu_secs)
+        .sum()
 }
 
 /// The machine's CPU counters (`/proc/stat`, all CPUs): (busy, total) in clock ticks.
@@ -478,8 +511,10 @@ fn main() -> anyhow::Result<()> {
         eprintln!("re-import of the unchanged file…");
         let again = drop_root.join(".again.csv");
         generate(&again, args.rows, 1000)?;
-        let base = baseline(&db.url, base_tenant.id, &again, true)?;
+        let (base, base_pg) = baseline_with_cpu(&db.url, base_tenant.id, &again, true)?;
         diesel::sql_query("CHECKPOINT").execute(&mut conn)?;
+        let cpu_before: Vec<Option<f64>> = children.iter().map(|(_, c)| cpu_secs(c.id())).collect();
+        let (pg_before, mq_before) = (command_cpu_secs("postgres"), command_cpu_secs("beam.smp"));
         let statements = args.statements && reset_statements(&mut conn);
         eprintln!("re-import: pipeline: drop folder → … → email…");
         let start = Instant::now();
@@ -490,6 +525,28 @@ fn main() -> anyhow::Result<()> {
         let deadline = start + Duration::from_secs(args.timeout_secs);
         wait_files(&mut conn, tenant.id, 2, &mut children, deadline, logs)?;
         let took = start.elapsed();
+        // Where the CPU went: each service, every PostgreSQL process, RabbitMQ (the machine
+        // is otherwise idle); the baseline's is PostgreSQL's alone.
+        let mut cpu: Vec<String> = children
+            .iter()
+            .zip(&cpu_before)
+            .filter_map(|((name, c), before)| {
+                Some(format!("{name} {:.1}", cpu_secs(c.id())? - (*before)?))
+            })
+            .collect();
+        cpu.push(format!(
+            "PostgreSQL {:.1}",
+            command_cpu_secs("postgres") - pg_before
+        ));
+        cpu.push(format!(
+            "RabbitMQ {:.1}",
+            command_cpu_secs("beam.smp") - mq_before
+        ));
+        println!(
+            "re-import CPU seconds:   {} (the baseline's PostgreSQL: {})",
+            cpu.join(", "),
+            base_pg.map_or("?".into(), |c| format!("{c:.1}"))
+        );
         if statements {
             print_statements(&mut conn, "the re-import")?;
         }
