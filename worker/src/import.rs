@@ -8,10 +8,11 @@
 //!    `unique_id` wins and the earlier is reported (`duplicate.rs`); a row whose email
 //!    or user name belongs to another user of the tenant is reported (`identity.rs`, run in
 //!    step 3 on the staged rows that change something);
-//! 3. `COPY` the good rows into a temporary staging table (`staging.rs`) and upsert
-//!    them into `users` with set-based statements (`upsert.rs`: versions, so any
-//!    number of workers may import a file's chunks in any order; archive-on-inactive;
-//!    permits released);
+//! 3. leave alone the rows that change nothing (found by the digest stored with their user,
+//!    `digest.rs`, then by value), `COPY` the others into a temporary staging table
+//!    (`staging.rs`) and upsert them into `users` with set-based statements (`upsert.rs`:
+//!    versions, so any number of workers may import a file's chunks in any order;
+//!    archive-on-inactive; permits released);
 //! 4. add the counts to the file, put the chunk's failure records (and, for the file's last
 //!    chunk, "file finished") in the outbox.
 //!

@@ -1,4 +1,8 @@
-//! Writing the staged rows into `users` with set-based statements, in rounds: lock the users
+//! Writing a chunk's checked rows into `users`. When rows that change nothing may be left
+//! alone, those are found first: by the digest stored with each user ([`SAME_DIGEST`], only
+//! keys and digests sent, nothing staged; `crate::digest`), then, for the users found whose
+//! digest differs, by comparing the staged values ([`Statements::skip_unchanged`]). The rest
+//! are written with set-based statements, in rounds: lock the users
 //! that exist ([`LOCK_EXISTING`]), update them ([`Statements::update`]), take them out of the
 //! staging table and insert the rest ([`Statements::insert`]). A concurrent transaction may
 //! insert one of our new users first; such rows stay staged and go round again, now as
@@ -193,11 +197,13 @@ fn assignments() -> (Vec<String>, Vec<String>) {
     (sets, differs)
 }
 
-/// Finds the staged rows that would change nothing, before anything is locked or written:
-/// a re-import of an unchanged export then reads each user once and writes none (rewriting
-/// them, and their version, cost ten times the database's own upsert that skips unchanged
-/// rows). [`write`] takes them out of the staging table when other rows are left to write;
-/// a chunk that changes nothing leaves them to the table's emptying at commit.
+/// Finds the staged rows that would change nothing by comparing their values with the
+/// stored ones, before anything is locked or written (rewriting unchanged users, and their
+/// version, cost ten times the database's own upsert that skips unchanged rows). [`write`]
+/// runs it after [`SAME_DIGEST`], for the rows whose user exists but whose digest differs (a
+/// user written before digests were kept, changed by something else since, or archived), and
+/// takes the rows found the same out of the staging table when other rows are left to write.
+/// [`SAME_DIGEST`] leaves a row alone under the same conditions as this statement.
 ///
 /// Leaving a user alone leaves its version `(file, row)` as it was, so a row is taken out
 /// only where no other row can need that version to lose to it. The caller runs this only
@@ -212,8 +218,8 @@ fn assignments() -> (Vec<String>, Vec<String>) {
 ///
 /// Each staged row is one probe of the primary key (LATERAL, OFFSET 0), as in
 /// `sql/lock_existing.sql`. Returns every staged row whose user exists, and whether it
-/// changes nothing (`same`: counted as unchanged and left alone). A staged row not returned had no user when the
-/// probe ran: [`write`] then inserts it without probing the key again to lock it (a user
+/// changes nothing (`same`: counted as unchanged and left alone). A staged row not returned
+/// had no user when the probe ran: [`write`] then inserts it without probing the key again to lock it (a user
 /// inserted meanwhile by another transaction makes the insert do nothing, and the row goes
 /// round again as an existing user).
 fn skip_unchanged_statement() -> String {

@@ -1,8 +1,9 @@
 //! `mui-bench-reader`: the CPU time of ingest's passes over one file, without any service:
 //! the first pass (`reader::sniff`: hash, encoding, limits), the check pass (the rows read
-//! keeping only the key and `active`, as the check before publishing reads them) and the chunk pass (the rows read
-//! and each chunk encoded as the message a worker gets). Each pass is timed on its own, the
-//! best of `--repeat` runs, on a file generated as `mui-bench` generates it.
+//! keeping only the key and `active`, as the check before publishing reads them) and the
+//! chunk pass (the rows read and each chunk encoded as the message a worker gets). Each pass
+//! is timed on its own, the best of `--repeat` runs, on a file generated as `mui-bench`
+//! generates it.
 //!
 //!     cargo run --release -p mui-tests --bin mui-bench-reader -- --rows 1000000
 
