@@ -219,9 +219,9 @@ fn assignments() -> (Vec<String>, Vec<String>) {
 /// Each staged row is one probe of the primary key (LATERAL, OFFSET 0), as in
 /// `sql/lock_existing.sql`. Returns every staged row whose user exists, and whether it
 /// changes nothing (`same`: counted as unchanged and left alone). A staged row not returned
-/// had no user when the probe ran: [`write`] then inserts it without probing the key again to lock it (a user
-/// inserted meanwhile by another transaction makes the insert do nothing, and the row goes
-/// round again as an existing user).
+/// had no user when the probe ran: [`write`] then inserts it without probing the key again
+/// to lock it (a user inserted meanwhile by another transaction makes the insert do nothing,
+/// and the row goes round again as an existing user).
 fn skip_unchanged_statement() -> String {
     let (_, differs) = assignments();
     format!(
