@@ -10,7 +10,7 @@ use mui_shared::domain::ImportFileId;
 use mui_shared::files::{FileState, NotifyStatus};
 use mui_shared::messages::RowErrorCode;
 use mui_shared::tenants::Tenant;
-use mui_tests::{register_file, spawn_app, spawn_app_with, AppOptions, FileRow, TestEnv};
+use mui_tests::{register_file, spawn_app, spawn_app_with, App, AppOptions, FileRow, TestEnv};
 
 const EXPORT: &str = "\
 unique_id,login_source,first_name,email
@@ -79,15 +79,23 @@ fn rewritten(before: &[(String, String)], after: &[(String, String)]) -> Vec<Str
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_unchanged_re_import_rewrites_no_user_and_a_repeated_unique_id_is_still_reported() {
-    let app = spawn_app().await; // three rows a chunk: the export spans three chunks
-    let env = &app.env;
-    let t = env.tenant("acme").unwrap();
-    env.drop_file("acme", "export.csv", EXPORT.as_bytes())
+/// A fresh pipeline whose tenant `acme` has imported [`EXPORT`] (three rows a chunk: the
+/// export spans three chunks), and that tenant.
+async fn export_imported() -> (App, Tenant) {
+    let app = spawn_app().await;
+    let t = app.env.tenant("acme").unwrap();
+    app.env
+        .drop_file("acme", "export.csv", EXPORT.as_bytes())
         .unwrap();
     let first = app.wait_files_settled(&t, 1).await;
     assert_eq!(counts(&first[0]), (7, 0, 0, 0));
+    (app, t)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unchanged_re_import_rewrites_no_user_and_a_repeated_unique_id_is_still_reported() {
+    let (app, t) = export_imported().await;
+    let env = &app.env;
     let v1 = versions(env, &t);
 
     // The same export again: nothing to write.
@@ -147,12 +155,8 @@ u2,sso,Alan M.,alan@example.org
 /// u2's email and new user u8 takes u7's, while u2 and u7 are unchanged in the same file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_re_import_still_refuses_an_email_that_an_unchanged_user_holds() {
-    let app = spawn_app().await;
+    let (app, t) = export_imported().await;
     let env = &app.env;
-    let t = env.tenant("acme").unwrap();
-    env.drop_file("acme", "export.csv", EXPORT.as_bytes())
-        .unwrap();
-    app.wait_files_settled(&t, 1).await;
     let v1 = versions(env, &t);
     let again = "\
 unique_id,login_source,first_name,email
@@ -251,12 +255,8 @@ async fn while_an_older_file_is_unfinished_every_row_is_written_with_its_version
 /// digests were kept) is compared by value and, unchanged, left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hand_edited_user_is_compared_by_value_and_written_back() {
-    let app = spawn_app().await;
+    let (app, t) = export_imported().await;
     let env = &app.env;
-    let t = env.tenant("acme").unwrap();
-    env.drop_file("acme", "export.csv", EXPORT.as_bytes())
-        .unwrap();
-    app.wait_files_settled(&t, 1).await;
     let mut conn = env.db.conn();
     let digests = |conn: &mut PgConnection| -> i64 {
         #[derive(QueryableByName)]

@@ -26,7 +26,7 @@ async fn main() {
 
 /// jemalloc rather than glibc's allocator: a chunk is thousands of short strings allocated
 /// and freed together, from several threads; glibc's per-thread arenas kept more of that
-/// memory (a worker's peak 131–151 MiB on the 1,000,000-row benchmark, 122–137 MiB with
+/// memory (a worker's peak 131–151 MiB on the 1,000,000-row benchmark, 118–137 MiB with
 /// jemalloc; docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

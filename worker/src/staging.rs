@@ -104,8 +104,8 @@ staging_table! {
     rest {
         date_of_birth: [Nullable<Date>], "DATE", Option<chrono::NaiveDate> = u.date_of_birth;
         active: [Nullable<Bool>], "BOOLEAN", Option<bool> = u.active;
-        // Not a user column: the digest of the row's values, written with them
-        // (`crate::digest`).
+        // Not a column of the file: the digest of the row's values (`crate::digest`),
+        // written into `users.row_digest` with them.
         row_digest: [Binary], "BYTEA NOT NULL", &'a [u8] = &u.digest;
     }
 }

@@ -56,7 +56,7 @@ pub(super) async fn validate_whole(
             limits,
             chunking,
             &aliases,
-            &[Column::UniqueId, Column::Active],
+            Some(&[Column::UniqueId, Column::Active]),
             |_, _, _| {},
             |_, _, map, rows| {
                 ids.observe(map, &rows);

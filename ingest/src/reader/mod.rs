@@ -222,46 +222,18 @@ where
     H: FnMut(&[String], &HeaderMap, u8),
     C: FnMut(u32, &[String], &HeaderMap, Vec<RawRow>) -> io::Result<()>,
 {
-    read_rows(
+    read_chunks_keeping(
         file, sniff, limits, chunking, aliases, None, on_header, on_chunk,
     )
 }
 
-/// [`read_chunks_mapped`] for a pass that needs only the cells of the columns in `keep`:
-/// every other cell of a row is handed over empty (the row keeps its length and positions),
-/// which spares a string for each. The file-level checks are the same, so this pass decides
-/// exactly what [`read_chunks_mapped`] would; but chunks may be cut elsewhere (their size is
-/// counted from the cells kept).
+/// [`read_chunks_mapped`], for a pass that needs only the cells of the columns in `keep`
+/// (`None`: every cell): every other cell of a row is handed over empty (the row keeps its
+/// length and positions), which spares a string for each. The file-level checks are the
+/// same, so such a pass decides exactly what the full read would; but chunks may be cut
+/// elsewhere (their size is counted from the cells kept).
 #[allow(clippy::too_many_arguments)]
 pub fn read_chunks_keeping<R, H, C>(
-    file: R,
-    sniff: &Sniff,
-    limits: Limits,
-    chunking: Chunking,
-    aliases: &[(String, Column)],
-    keep: &[Column],
-    on_header: H,
-    on_chunk: C,
-) -> Result<Result<ReadSummary, FileProblem>, io::Error>
-where
-    R: Read,
-    H: FnMut(&[String], &HeaderMap, u8),
-    C: FnMut(u32, &[String], &HeaderMap, Vec<RawRow>) -> io::Result<()>,
-{
-    read_rows(
-        file,
-        sniff,
-        limits,
-        chunking,
-        aliases,
-        Some(keep),
-        on_header,
-        on_chunk,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn read_rows<R, H, C>(
     file: R,
     sniff: &Sniff,
     limits: Limits,

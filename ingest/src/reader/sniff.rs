@@ -279,7 +279,7 @@ pub fn sniff<R: Read + Seek>(file: &mut R, region: Option<&str>) -> io::Result<S
     file.seek(SeekFrom::Start(0))?;
     // The detector is needed only for a file that is not UTF-8: it reads the first 4 MiB
     // then (a UTF-8 file, the usual case, is read once).
-    let mut guess_without_bom = |hint: Option<&[u8]>| -> io::Result<&'static Encoding> {
+    let mut guess = |hint: Option<&[u8]>| -> io::Result<&'static Encoding> {
         if !fed_detector {
             fed_detector = true;
             let mut head = Vec::new();
@@ -312,10 +312,10 @@ pub fn sniff<R: Read + Seek>(file: &mut R, region: Option<&str>) -> io::Result<S
         None if utf8.invalid == 0 => encoding_rs::UTF_8,
         None if broken_utf8.is_some() => encoding_rs::UTF_8,
         None => match region_hint(region) {
-            Some(hint) => guess_without_bom(Some(hint))?,
+            Some(hint) => guess(Some(hint))?,
             None => {
-                let western = guess_without_bom(Some(WESTERN))?;
-                let unhinted = guess_without_bom(None)?;
+                let western = guess(Some(WESTERN))?;
+                let unhinted = guess(None)?;
                 unhinted_guess = (unhinted != western).then_some(unhinted);
                 western
             }

@@ -396,7 +396,7 @@ fn keeping_a_few_columns_decides_what_the_full_read_decides() {
             Limits::default(),
             Chunking::rows(2),
             &[],
-            &keep,
+            Some(&keep),
             |_, map, _| map_seen = Some(map.clone()),
             |_, _, _, rows| {
                 kept.extend(rows);

@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             limits,
             chunking,
             &[],
-            &[Column::UniqueId, Column::Active],
+            Some(&[Column::UniqueId, Column::Active]),
             |_, _, _| {},
             |_, _, _, rows| {
                 n += rows.len() as u64;
