@@ -2,8 +2,10 @@
 //!
 //! - [`domain`]: tenants, files, the known CSV columns and header mapping.
 //! - [`codes`]: why a row or a file was not imported (stable codes, human messages).
-//! - [`messages`]: the wire contracts (envelopes only; they import `domain` and `codes`). A file's rows travel as [`messages::Chunk`]s on the
-//!   `chunks` queue; failed rows travel as [`messages::RowFailure`]s on the `notify` queue.
+//! - [`messages`]: the wire contracts (envelopes only; they import `domain` and `codes`). A
+//!   file's rows travel as [`messages::Chunk`]s on the `chunks` queue, each row's cells in
+//!   one buffer ([`fields::Fields`]); failed rows travel as [`messages::RowFailure`]s on the
+//!   `notify` queue.
 //! - [`schema`] and [`db`]: the PostgreSQL schema (migrations embedded) and pool.
 //! - [`amqp`]: the RabbitMQ topology, connecting with backoff, publishing with confirms.
 //! - [`outbox`]: database-to-broker hand-off that a crash cannot lose.
@@ -27,6 +29,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod failpoint;
 pub mod failures;
+pub mod fields;
 pub mod files;
 pub mod health;
 pub mod holds;

@@ -46,7 +46,7 @@ pub fn parse_and_check(data: &[u8]) {
                     assert!(!errors.is_empty(), "a failure names at least one problem");
                     failures.push(RowFailure {
                         row: raw.row,
-                        fields: raw.fields,
+                        fields: raw.fields.to_vec(),
                         errors,
                     });
                 }

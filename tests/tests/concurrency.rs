@@ -67,7 +67,7 @@ async fn concurrent_chunks_sharing_users_keep_the_last_row_and_report_every_othe
                         let row = 2 + c * ROWS_PER_CHUNK + i;
                         RawRow {
                             row,
-                            fields: vec![uid(row), "sso".into(), format!("r{round}-{row}")],
+                            fields: vec![uid(row), "sso".into(), format!("r{round}-{row}")].into(),
                             too_large: None,
                         }
                     })

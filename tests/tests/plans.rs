@@ -738,7 +738,7 @@ fn a_chunk_reads_the_indexes_per_row_not_per_user_of_the_tenant() {
                 .enumerate()
                 .map(|(i, f)| RawRow {
                     row: (2 + n * CHUNK + i) as u64,
-                    fields: f.clone(),
+                    fields: f.clone().into(),
                     too_large: None,
                 })
                 .collect(),

@@ -32,17 +32,17 @@ async fn a_redelivered_chunk_and_repeated_notifications_change_nothing() {
         rows: vec![
             RawRow {
                 row: 2,
-                fields: vec!["a".into(), "sso".into()],
+                fields: vec!["a".into(), "sso".into()].into(),
                 too_large: None,
             },
             RawRow {
                 row: 3,
-                fields: vec!["b".into(), "nope".into()],
+                fields: vec!["b".into(), "nope".into()].into(),
                 too_large: None,
             },
             RawRow {
                 row: 4,
-                fields: vec!["c".into(), "local".into()],
+                fields: vec!["c".into(), "local".into()].into(),
                 too_large: None,
             },
         ],
@@ -124,7 +124,7 @@ async fn a_chunk_naming_another_tenants_file_is_refused() {
         repeated: None,
         rows: vec![RawRow {
             row: 2,
-            fields: vec!["x".into(), "sso".into()],
+            fields: vec!["x".into(), "sso".into()].into(),
             too_large: None,
         }],
     };

@@ -48,7 +48,8 @@ fn chunk(file: i64, tenant: TenantId, chunk_no: u32, first_row: u64, rows: &[Row
                     email.clone(),
                     user_name.clone(),
                     active.clone(),
-                ],
+                ]
+                .into(),
                 too_large: None,
             })
             .collect(),

@@ -35,9 +35,9 @@ use std::collections::{BTreeMap, HashMap};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text};
 use mui_shared::domain::{Column, HeaderMap, ImportFileId};
-use mui_shared::messages::{self, Chunk, RowError, RowErrorCode, RowFailure};
+use mui_shared::messages::{self, Chunk, Fields, RowError, RowErrorCode, RowFailure};
 
-use crate::import::ImportError;
+use crate::import::{ImportError, RowFields};
 use crate::validate::UserRow;
 
 /// The identifying fields that must be unique within a tenant, case-insensitively.
@@ -118,7 +118,7 @@ pub(crate) fn check_identities(
         // The value each user of the chunk is given, where its row gives one.
         let given: HashMap<&str, String> = good
             .iter()
-            .filter_map(|u| Some((u.unique_id.as_str(), u.value(column)?.to_lowercase())))
+            .filter_map(|u| Some((u.unique_id, u.value(column)?.to_lowercase())))
             .collect();
         let label = label_of(chunk, map, column);
         let mut first_in_chunk: HashMap<String, (u64, &str)> = HashMap::new();
@@ -154,7 +154,7 @@ pub(crate) fn check_identities(
                     message,
                 }),
                 None => {
-                    first_in_chunk.entry(key).or_insert((u.row, &u.unique_id));
+                    first_in_chunk.entry(key).or_insert((u.row, u.unique_id));
                 }
             }
         }
@@ -162,8 +162,7 @@ pub(crate) fn check_identities(
     if problems.is_empty() {
         return Ok(Vec::new());
     }
-    let raw_of: HashMap<u64, &Vec<String>> =
-        chunk.rows.iter().map(|r| (r.row, &r.fields)).collect();
+    let raw_of: HashMap<u64, &Fields> = chunk.rows.iter().map(|r| (r.row, &r.fields)).collect();
     Ok(good
         .iter()
         .filter_map(|u| {
@@ -187,7 +186,7 @@ pub(crate) fn conflicts_after_write(
     map: &HeaderMap,
     file: ImportFileId,
     rows: &[&UserRow],
-    fields_of: &HashMap<u64, &[String]>,
+    fields_of: &RowFields<'_>,
 ) -> Result<Vec<RowFailure>, ImportError> {
     #[derive(QueryableByName)]
     struct Conflict {
@@ -204,7 +203,7 @@ pub(crate) fn conflicts_after_write(
         #[diesel(sql_type = BigInt)]
         other_row: i64,
     }
-    let row_of: HashMap<&str, &UserRow> = rows.iter().map(|u| (u.unique_id.as_str(), *u)).collect();
+    let row_of: HashMap<&str, &UserRow> = rows.iter().map(|u| (u.unique_id, *u)).collect();
     let ids: Vec<&str> = row_of.keys().copied().collect();
     // The row of ours that last wrote a user (else another chunk's row did, or none).
     let written = |uid: &str, last_file: i64, last_row: i64| -> Option<&UserRow> {

@@ -27,7 +27,7 @@ use mui_shared::dispatch;
 use mui_shared::domain::{HeaderMap, ImportFileId, TenantId};
 use mui_shared::files::FileState;
 use mui_shared::messages::{
-    self, Chunk, ChunkRef, NotifyMessage, RowFailure, RowFailures, WorkMessage,
+    self, Chunk, ChunkRef, Fields, NotifyMessage, RowFailure, RowFailures, WorkMessage,
 };
 use mui_shared::outbox;
 use mui_shared::schema::{file_chunks, import_files, tenants};
@@ -227,44 +227,11 @@ pub(crate) fn apply_chunk(
     );
 
     // 2. Check rows; within the chunk the later row of a unique_id wins.
-    let mut failures: Vec<RowFailure> = Vec::new();
-    let mut good: Vec<UserRow> = Vec::with_capacity(chunk.rows.len());
-    let mut by_uid: HashMap<String, usize> = HashMap::new();
-    let mut fields_of: HashMap<u64, &[String]> = HashMap::new();
-    for raw in &chunk.rows {
-        match validate::validate(&chunk.header, &map, raw, &rules) {
-            Ok(user) => {
-                fields_of.insert(raw.row, &raw.fields);
-                if let Some(&earlier) = by_uid.get(&user.unique_id) {
-                    let prev = std::mem::replace(&mut good[earlier], user);
-                    failures.push(duplicate_failure(
-                        prev.row,
-                        fields_of
-                            .get(&prev.row)
-                            .map(|f| f.to_vec())
-                            .unwrap_or_default(),
-                        &good[earlier].unique_id,
-                        good[earlier].row,
-                        &map,
-                        &chunk.header,
-                        false,
-                    ));
-                } else {
-                    by_uid.insert(user.unique_id.clone(), good.len());
-                    good.push(user);
-                }
-            }
-            Err(errors) => failures.push(RowFailure {
-                row: raw.row,
-                // A row too large to hand over is reported with the start of its fields.
-                fields: match &raw.too_large {
-                    Some(big) => big.start.clone(),
-                    None => raw.fields.clone(),
-                },
-                errors,
-            }),
-        }
-    }
+    let Checked {
+        good,
+        mut failures,
+        fields_of,
+    } = check_rows(chunk, &map, &rules);
 
     let mut outcome = ChunkOutcome {
         applied: true,
@@ -296,6 +263,72 @@ pub(crate) fn apply_chunk(
         )?;
     }
     Ok(Some((outcome, failures)))
+}
+
+/// The rows of a chunk, checked ([`check_rows`]).
+#[derive(Debug)]
+pub struct Checked<'c> {
+    /// The rows that passed every check, one per `unique_id` (the chunk's last row of each).
+    pub good: Vec<UserRow<'c>>,
+    /// The rows refused, with every reason, and the earlier rows of a repeated `unique_id`.
+    pub failures: Vec<RowFailure>,
+    /// The uploaded fields of the good rows by row number, for the reports of later steps.
+    pub fields_of: RowFields<'c>,
+}
+
+/// A row's uploaded fields by its row number.
+pub type RowFields<'c> = HashMap<u64, &'c Fields, rustc_hash::FxBuildHasher>;
+
+/// Step 2: checks every row of `chunk` ([`validate::validate`]); within the chunk a later
+/// row with the same `unique_id` wins and the earlier is reported. No database needed.
+pub fn check_rows<'c>(chunk: &'c Chunk, map: &HeaderMap, rules: &'c TenantRules) -> Checked<'c> {
+    let mut failures: Vec<RowFailure> = Vec::new();
+    let mut good: Vec<UserRow> = Vec::with_capacity(chunk.rows.len());
+    // Index into `good` by unique_id: the rows of a chunk are few, so a fast hash is enough.
+    let mut by_uid: HashMap<&'c str, usize, rustc_hash::FxBuildHasher> = HashMap::default();
+    let mut fields_of: RowFields<'c> = HashMap::default();
+    fields_of.reserve(chunk.rows.len());
+    by_uid.reserve(chunk.rows.len());
+    for raw in &chunk.rows {
+        match validate::validate(&chunk.header, map, raw, rules) {
+            Ok(user) => {
+                fields_of.insert(raw.row, &raw.fields);
+                let key = user.unique_id;
+                if let Some(&earlier) = by_uid.get(key) {
+                    let prev = std::mem::replace(&mut good[earlier], user);
+                    failures.push(duplicate_failure(
+                        prev.row,
+                        fields_of
+                            .get(&prev.row)
+                            .map(|f| f.to_vec())
+                            .unwrap_or_default(),
+                        good[earlier].unique_id,
+                        good[earlier].row,
+                        map,
+                        &chunk.header,
+                        false,
+                    ));
+                } else {
+                    by_uid.insert(key, good.len());
+                    good.push(user);
+                }
+            }
+            Err(errors) => failures.push(RowFailure {
+                row: raw.row,
+                // A row too large to hand over is reported with the start of its fields.
+                fields: match &raw.too_large {
+                    Some(big) => big.start.clone(),
+                    None => raw.fields.to_vec(),
+                },
+                errors,
+            }),
+        }
+    }
+    Checked {
+        good,
+        failures,
+        fields_of,
+    }
 }
 
 /// Step 4: count, and hand the failure records (and "file finished") to the outbox. The

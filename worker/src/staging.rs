@@ -208,14 +208,18 @@ mod tests {
 
     #[test]
     fn a_row_is_staged_by_column() {
-        let mut text: [Option<String>; TEXT_COLUMNS.len()] = Default::default();
-        for (slot, column) in text.iter_mut().zip(TEXT_COLUMNS) {
-            *slot = Some(format!("{column}-value"));
+        let values: Vec<String> = TEXT_COLUMNS
+            .iter()
+            .map(|column| format!("{column}-value"))
+            .collect();
+        let mut text: [Option<&str>; TEXT_COLUMNS.len()] = Default::default();
+        for (slot, value) in text.iter_mut().zip(&values) {
+            *slot = Some(value);
         }
         let user = UserRow {
             row: 7,
-            unique_id: "u1".into(),
-            login_source: "LDAP".into(),
+            unique_id: "u1",
+            login_source: "LDAP",
             text,
             date_of_birth: None,
             active: Some(false),

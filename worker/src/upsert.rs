@@ -35,7 +35,7 @@ use mui_shared::messages::{Chunk, RowFailure};
 
 use crate::duplicate::{duplicate_failure, stored_fields};
 use crate::identity::{self, CHECK_NOW, DEFER_CHECKS};
-use crate::import::{ChunkOutcome, ImportError};
+use crate::import::{ChunkOutcome, ImportError, RowFields};
 use crate::sql::{LOCK_EXISTING, RELEASE_PERMITS, SAME_DIGEST};
 use crate::staging::{self, TEXT_COLUMNS};
 use crate::validate::UserRow;
@@ -315,7 +315,7 @@ pub(crate) fn upsert(
     file: ImportFileId,
     good: &[UserRow],
     map: &HeaderMap,
-    fields_of: &HashMap<u64, &[String]>,
+    fields_of: &RowFields<'_>,
     failures: &mut Vec<RowFailure>,
     outcome: &mut ChunkOutcome,
     archive: &ArchiveSettings,
@@ -404,14 +404,14 @@ fn write(
     file: ImportFileId,
     good: &[&UserRow],
     map: &HeaderMap,
-    fields_of: &HashMap<u64, &[String]>,
+    fields_of: &RowFields<'_>,
     failures: &mut Vec<RowFailure>,
     outcome: &mut ChunkOutcome,
     archive: &ArchiveSettings,
     skip: Option<&[i64]>,
 ) -> Result<Written, ImportError> {
     let sql = statements();
-    let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id.as_str(), *u)).collect();
+    let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id, *u)).collect();
     let tenant = chunk.tenant_id.0;
     let mut pending = good.len();
     let mut done = Written::default();
@@ -423,7 +423,7 @@ fn write(
             // First by digest, without staging anything: a re-import of an unchanged export
             // sends each row's key and digest, and nothing else.
             let listed: HashSet<i64> = repeated.iter().copied().collect();
-            let ids: Vec<&str> = good.iter().map(|u| u.unique_id.as_str()).collect();
+            let ids: Vec<&str> = good.iter().map(|u| u.unique_id).collect();
             let digests: Vec<&[u8]> = good.iter().map(|u| &u.digest[..]).collect();
             let rows: Vec<i64> = good.iter().map(|u| u.row as i64).collect();
             let may_skip: Vec<bool> = good
@@ -548,7 +548,7 @@ fn write(
                         outcome.reactivated += 1;
                     }
                     if up.archived && user.active == Some(false) {
-                        release.push(user.unique_id.clone());
+                        release.push(user.unique_id.to_owned());
                     }
                     if ex.last_file_id == file.0 {
                         // An earlier row of this file (another chunk) wrote this user; it
@@ -556,7 +556,7 @@ fn write(
                         failures.push(duplicate_failure(
                             ex.last_row as u64,
                             stored_fields(ex.old.as_ref(), map, &chunk.header),
-                            &user.unique_id,
+                            user.unique_id,
                             user.row,
                             map,
                             &chunk.header,
@@ -576,7 +576,7 @@ fn write(
                             .get(&user.row)
                             .map(|f| f.to_vec())
                             .unwrap_or_default(),
-                        &user.unique_id,
+                        user.unique_id,
                         ex.last_row as u64,
                         map,
                         &chunk.header,

@@ -46,19 +46,31 @@ impl TenantRules {
             user_types: user_types.into_iter().collect(),
         }
     }
+
+    /// The tenant's spelling of login source `v`, matched without regard to case.
+    pub fn login_source(&self, v: &str) -> Option<&str> {
+        // The keys are lowercase: a value spelled as its key (most files) needs no lowercase
+        // copy of its own.
+        self.login_sources
+            .get(v)
+            .or_else(|| self.login_sources.get(&v.to_lowercase()))
+            .map(String::as_str)
+    }
 }
 
 /// A row that passed every check. Empty cells are `None`: they leave stored values unchanged.
+/// The values are borrowed from the chunk's row (trimmed) and the tenant's rules: checking a
+/// row allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserRow {
+pub struct UserRow<'c> {
     /// Spreadsheet row number.
     pub row: u64,
     /// The user's key within the tenant.
-    pub unique_id: String,
+    pub unique_id: &'c str,
     /// Login source, in the tenant's spelling.
-    pub login_source: String,
+    pub login_source: &'c str,
     /// Values of [`TEXT_COLUMNS`], in that order; read them with [`UserRow::value`].
-    pub text: [Option<String>; TEXT_COLUMNS.len()],
+    pub text: [Option<&'c str>; TEXT_COLUMNS.len()],
     /// Date of birth.
     pub date_of_birth: Option<NaiveDate>,
     /// `active`.
@@ -67,22 +79,22 @@ pub struct UserRow {
     pub digest: [u8; crate::digest::DIGEST_BYTES],
 }
 
-impl UserRow {
+impl<'c> UserRow<'c> {
     /// The value of a text column ([`TEXT_COLUMNS`]); `None` if the cell was empty (or
     /// `column` is not a text column). Columns are read by name so that no caller depends on
     /// the order of [`UserRow::text`].
-    pub fn value(&self, column: Column) -> Option<&str> {
-        self.text.get(TEXT_SLOT[column.index()])?.as_deref()
+    pub fn value(&self, column: Column) -> Option<&'c str> {
+        *self.text.get(TEXT_SLOT[column.index()])?
     }
 }
 
 /// Checks a row; on failure returns every problem found.
-pub fn validate(
+pub fn validate<'c>(
     header: &[String],
     map: &HeaderMap,
-    raw: &RawRow,
-    rules: &TenantRules,
-) -> Result<UserRow, Vec<RowError>> {
+    raw: &'c RawRow,
+    rules: &'c TenantRules,
+) -> Result<UserRow<'c>, Vec<RowError>> {
     let mut errors = Vec::new();
     if let Some(big) = &raw.too_large {
         errors.push(RowError {
@@ -114,7 +126,7 @@ pub fn validate(
         });
         return Err(errors);
     }
-    let mut values: [Option<&str>; 24] = [None; 24];
+    let mut values: [Option<&'c str>; 24] = [None; 24];
     for (i, col) in map.positions.iter().enumerate() {
         let Some(col) = col else { continue };
         let v = raw.fields[i].trim();
@@ -123,8 +135,13 @@ pub fn validate(
         }
         let label = header.get(i).map(|h| h.trim()).unwrap_or(col.name());
         // A line break inside a quoted cell is data (Excel's Alt+Enter in an address);
-        // any other control character is refused.
-        if let Some(c) = v.chars().find(|c| c.is_control() && *c != '\n') {
+        // any other control character is refused. (Printable ASCII, most cells, is looked
+        // at byte by byte only.)
+        let printable_ascii = v.bytes().all(|b| (b' '..=b'~').contains(&b));
+        if let Some(c) = (!printable_ascii)
+            .then(|| v.chars().find(|c| c.is_control() && *c != '\n'))
+            .flatten()
+        {
             errors.push(err(
                 RowErrorCode::ControlCharacter,
                 label,
@@ -136,7 +153,12 @@ pub fn validate(
             ));
             continue;
         }
-        let len = v.chars().count();
+        // A value has at most as many characters as bytes.
+        let len = if v.len() <= col.max_len() {
+            v.len()
+        } else {
+            v.chars().count()
+        };
         if len > col.max_len() && !matches!(col, Column::DateOfBirth | Column::Active) {
             errors.push(err(
                 RowErrorCode::TooLong,
@@ -186,8 +208,8 @@ pub fn validate(
             }
             None
         }
-        Some(v) => match rules.login_sources.get(&v.to_lowercase()) {
-            Some(canonical) => Some(canonical.clone()),
+        Some(v) => match rules.login_source(v) {
+            Some(canonical) => Some(canonical),
             None => {
                 let l = label_of(Column::LoginSource);
                 errors.push(err(
@@ -280,10 +302,10 @@ pub fn validate(
     let (Some(unique_id), Some(login_source)) = (unique_id, login_source) else {
         return Err(errors);
     };
-    let text = TEXT_COLUMNS.map(|c| values[c.index()].map(str::to_owned));
+    let text = TEXT_COLUMNS.map(|c| values[c.index()]);
     let mut user = UserRow {
         row: raw.row,
-        unique_id: unique_id.to_owned(),
+        unique_id,
         login_source,
         text,
         date_of_birth,
@@ -338,6 +360,11 @@ pub fn parse_date(v: &str) -> Result<NaiveDate, DateError> {
         .or_else(|| v.strip_suffix(" 00:00"))
         .or_else(|| v.strip_suffix("T00:00:00"))
         .unwrap_or(v);
+    // The form asked for, YYYY-MM-DD, read without a format string (what "%Y-%m-%d" reads
+    // for it); anything else, or a day that does not exist, takes the general path below.
+    if let Some(d) = iso_date(v) {
+        return plausible(d);
+    }
     for fmt in [
         "%Y-%m-%d",
         "%Y/%m/%d",
@@ -381,6 +408,21 @@ pub fn parse_date(v: &str) -> Result<NaiveDate, DateError> {
     Err(DateError::Invalid)
 }
 
+/// `YYYY-MM-DD` with exactly those digits, if it names a day.
+fn iso_date(v: &str) -> Option<NaiveDate> {
+    let b: &[u8; 10] = v.as_bytes().try_into().ok()?;
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    if b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let year = i32::try_from(digits(0..4)?).ok()?;
+    NaiveDate::from_ymd_opt(year, digits(5..7)?, digits(8..10)?)
+}
+
 fn plausible(d: NaiveDate) -> Result<NaiveDate, DateError> {
     let today = chrono::Utc::now().date_naive();
     if d.year() < 1900 || d > today {
@@ -401,15 +443,17 @@ mod tests {
         )
     }
 
-    fn check(header: &[&str], fields: &[&str]) -> Result<UserRow, Vec<RowError>> {
+    /// Checks one row; the row and the rules live as long as the test (a checked row
+    /// borrows from both).
+    fn check(header: &[&str], fields: &[&str]) -> Result<UserRow<'static>, Vec<RowError>> {
         let header: Vec<String> = header.iter().map(|s| s.to_string()).collect();
         let map = HeaderMap::parse(&header).unwrap();
-        let raw = RawRow {
+        let raw: &'static RawRow = Box::leak(Box::new(RawRow {
             row: 2,
-            fields: fields.iter().map(|s| s.to_string()).collect(),
+            fields: fields.iter().collect(),
             too_large: None,
-        };
-        validate(&header, &map, &raw, &rules())
+        }));
+        validate(&header, &map, raw, Box::leak(Box::new(rules())))
     }
 
     #[test]
@@ -538,5 +582,38 @@ mod tests {
         assert_eq!(d("2001-02-30"), Err(DateError::Invalid));
         assert_eq!(d("3000-01-01"), Err(DateError::Invalid));
         assert_eq!(d("soon"), Err(DateError::Invalid));
+    }
+
+    /// The YYYY-MM-DD shortcut reads exactly what chrono's "%Y-%m-%d" reads, and nothing it
+    /// does not: every day, month and year around the ones that exist, and stray bytes.
+    #[test]
+    fn the_iso_shortcut_reads_as_the_format_does() {
+        let chrono_reads = |v: &str| NaiveDate::parse_from_str(v, "%Y-%m-%d").ok();
+        for year in [0, 1, 999, 1899, 1900, 1999, 2000, 2024, 2100, 9999] {
+            for month in 0..=13 {
+                for day in 0..=32 {
+                    let v = format!("{year:04}-{month:02}-{day:02}");
+                    if let Some(d) = iso_date(&v) {
+                        assert_eq!(Some(d), chrono_reads(&v), "{v}");
+                    } else {
+                        assert_eq!(chrono_reads(&v), None, "{v}");
+                    }
+                }
+            }
+        }
+        for v in [
+            "2001-4-03",
+            "2001-04-3",
+            "2001/04/03",
+            "20010-4-03",
+            "2001-04-03 ",
+            "+001-04-03",
+            "2001-0a-03",
+            "2001--4-03",
+            "２００１-04-03",
+            "2001-04-031",
+        ] {
+            assert_eq!(iso_date(v), None, "{v}");
+        }
     }
 }

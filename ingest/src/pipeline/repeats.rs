@@ -79,7 +79,7 @@ mod tests {
     fn row(n: u64, uid: &str) -> RawRow {
         RawRow {
             row: n,
-            fields: vec![uid.into(), "sso".into()],
+            fields: vec![uid.into(), "sso".into()].into(),
             too_large: None,
         }
     }

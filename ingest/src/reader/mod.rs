@@ -15,7 +15,7 @@ use std::io::{self, BufReader, Read};
 
 use mui_shared::codes::FileErrorCode;
 use mui_shared::domain::{Column, HeaderMap};
-use mui_shared::messages::{RawRow, TooLargeRow};
+use mui_shared::messages::{Fields, RawRow, TooLargeRow};
 
 pub use records::MAX_RECORD_BYTES;
 use records::{Item, Records};
@@ -341,7 +341,7 @@ where
                         format!("the header row (row {row}) is {bytes} bytes long, more than the limit of {MAX_RECORD_BYTES} bytes for one row; is this really a CSV file with a header row?"),
                     )));
                 }
-                let mut cells = fields;
+                let mut cells = fields.to_vec();
                 while cells.last().is_some_and(|c| c.trim().is_empty()) {
                     cells.pop();
                 }
@@ -374,7 +374,7 @@ where
                 if blank {
                     continue;
                 }
-                chunk_bytes += fields.iter().map(String::len).sum::<usize>() + fields.len();
+                chunk_bytes += fields.text_len() + fields.len();
                 rows.push(match too_large {
                     None => RawRow {
                         row,
@@ -383,10 +383,10 @@ where
                     },
                     Some(bytes) => RawRow {
                         row,
-                        fields: Vec::new(),
+                        fields: Fields::new(),
                         too_large: Some(TooLargeRow {
                             bytes,
-                            start: fields,
+                            start: fields.to_vec(),
                         }),
                     },
                 });

@@ -3,6 +3,8 @@
 
 use std::io;
 
+use mui_shared::messages::Fields;
+
 /// Largest record (one row, quoted line breaks included), in bytes of UTF-8. A larger one
 /// is not kept in memory: it is handed over as a row failure (`record_too_large`) holding
 /// only the start of its first fields.
@@ -19,7 +21,7 @@ pub(super) enum Item {
     /// A record and where it ended.
     Record {
         /// Its fields; one not asked for (see [`Records::next`]) is an empty string.
-        fields: Vec<String>,
+        fields: Fields,
         /// Whether every field is empty or whitespace (never for a record too large).
         blank: bool,
         /// Bytes of the record if it was larger than [`MAX_RECORD_BYTES`] (then `fields`
@@ -215,12 +217,18 @@ impl<R: io::BufRead> Records<R> {
                     }
                 }
                 csv_core::ReadRecordResult::Record => {
-                    let mut fields = Vec::with_capacity(endlen);
+                    let room = if keep.is_none() && !too_large {
+                        outlen
+                    } else {
+                        0
+                    };
+                    let mut fields = Fields::with_capacity(endlen, room);
                     let mut blank = !too_large;
                     let mut start = 0usize;
                     // The decoder's output is UTF-8, and fields end where a delimiter (ASCII)
                     // was, so the record is checked once and its fields are slices of it.
                     let whole = std::str::from_utf8(&out[..outlen.min(out.len())]).ok();
+                    let mut cut = String::new();
                     for (i, &end) in ends[..endlen].iter().enumerate() {
                         let end = end.min(outlen);
                         let from = start.min(end);
@@ -230,19 +238,23 @@ impl<R: io::BufRead> Records<R> {
                         };
                         blank = blank && text.trim().is_empty();
                         let kept = keep.is_none_or(|k| k.get(i).copied().unwrap_or(false));
-                        fields.push(if too_large {
-                            text.chars().take(TOO_LARGE_FIELD_CHARS).collect()
+                        if too_large {
+                            cut.clear();
+                            cut.extend(text.chars().take(TOO_LARGE_FIELD_CHARS));
+                            fields.push(&cut);
                         } else if kept {
-                            text.into_owned()
+                            fields.push(&text);
                         } else {
-                            String::new()
-                        });
+                            fields.push("");
+                        }
                         start = end;
                     }
                     if too_large && start < outlen {
                         // The field that was being read when the record outgrew the bound.
                         let text = String::from_utf8_lossy(&out[start..outlen]);
-                        fields.push(text.chars().take(TOO_LARGE_FIELD_CHARS).collect());
+                        cut.clear();
+                        cut.extend(text.chars().take(TOO_LARGE_FIELD_CHARS));
+                        fields.push(&cut);
                     }
                     if too_large {
                         // Shrink back so that one large record does not keep its memory.

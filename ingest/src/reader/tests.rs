@@ -31,7 +31,7 @@ fn utf8_with_bom_and_crlf() {
     let r = r.unwrap();
     assert_eq!(r.header[0], "unique_id");
     assert_eq!(rows.len(), 2);
-    assert_eq!(rows[0].fields[2], "Renée");
+    assert_eq!(&rows[0].fields[2], "Renée");
     assert_eq!(rows[0].row, 2);
 }
 
@@ -40,7 +40,7 @@ fn windows_1252_is_detected() {
     let (s, r, rows) = read(b"unique_id,login_source,first_name\r\n1,sso,Ren\xE9e Mu\xF1oz\r\n");
     assert_eq!(s.encoding.name(), "windows-1252");
     assert!(r.is_ok());
-    assert_eq!(rows[0].fields[2], "Renée Muñoz");
+    assert_eq!(&rows[0].fields[2], "Renée Muñoz");
 }
 
 #[test]
@@ -55,7 +55,7 @@ fn quoted_newlines_and_blank_lines_keep_spreadsheet_row_numbers() {
         let r = r.unwrap();
         assert_eq!(r.rows, 3);
         assert_eq!(rows[0].row, 2);
-        assert_eq!(rows[0].fields[2], "a\nb, c");
+        assert_eq!(&rows[0].fields[2], "a\nb, c");
         assert_eq!(rows[1].row, 4, "{rows:?}");
         assert_eq!(rows[2].row, 6, "{rows:?}");
     }
@@ -93,7 +93,7 @@ fn utf16_with_bom() {
     let (s, r, rows) = read(&bytes);
     assert_eq!(s.encoding_label(), "UTF-16LE with BOM");
     assert_eq!(r.unwrap().rows, 1);
-    assert_eq!(rows[0].fields[2], "Zoë");
+    assert_eq!(&rows[0].fields[2], "Zoë");
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn an_unclosed_quote_names_its_row_and_line() {
     // A quote closed on the last line is fine.
     let (_, r, rows) = read(b"unique_id,login_source,street\n1,sso,\"a\nb\"");
     assert!(r.is_ok());
-    assert_eq!(rows[0].fields[2], "a\nb");
+    assert_eq!(&rows[0].fields[2], "a\nb");
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn a_huge_record_is_a_row_failure_not_the_file() {
     assert!(rows[0].fields.is_empty());
     assert_eq!(big.start[0], "1");
     assert_eq!(rows[1].row, 3);
-    assert_eq!(rows[1].fields[2], "x");
+    assert_eq!(&rows[1].fields[2], "x");
 }
 
 #[test]
@@ -425,7 +425,7 @@ fn keeping_a_few_columns_decides_what_the_full_read_decides() {
                 continue;
             }
             assert_eq!(a.fields.len(), b.fields.len(), "{text}");
-            for (i, (x, y)) in a.fields.iter().zip(&b.fields).enumerate() {
+            for (i, (x, y)) in a.fields.iter().zip(b.fields.iter()).enumerate() {
                 let wanted = map
                     .positions
                     .get(i)

@@ -3,7 +3,9 @@
 //! keeping only the key and `active`, as the check before publishing reads them) and the
 //! chunk pass (the rows read and each chunk encoded as the message a worker gets). Each pass
 //! is timed on its own, the best of `--repeat` runs, on a file generated as `mui-bench`
-//! generates it.
+//! generates it. Then the worker's CPU part of importing those chunks, also without any
+//! service: decoding each chunk message, and decoding and checking its rows (the row checks,
+//! the digests, the repeats within the chunk), as `mui-bench`'s tenant is set up.
 //!
 //!     cargo run --release -p mui-tests --bin mui-bench-reader -- --rows 1000000
 
@@ -11,9 +13,15 @@ use std::io::{Seek, SeekFrom};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+
+/// The services' allocator, so that the passes allocate as they do in ingest and the workers.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use mui_ingest::reader::{self, Chunking, Limits};
-use mui_shared::domain::{Column, ImportFileId, TenantId};
+use mui_shared::domain::{Column, HeaderMap, ImportFileId, TenantId};
 use mui_shared::messages::{self, Chunk, WorkMessage};
+use mui_worker::import::check_rows;
+use mui_worker::validate::TenantRules;
 
 #[derive(Debug, Parser)]
 #[command(about = "Times ingest's passes over one generated file (no services needed)")]
@@ -71,8 +79,10 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(n == args.rows, "read {n} rows, not {}", args.rows);
         Ok(())
     })?;
+    let mut payloads: Vec<Vec<u8>> = Vec::new();
     let chunks = best(args.repeat, || {
         file.seek(SeekFrom::Start(0))?;
+        payloads.clear();
         let mut bytes = 0usize;
         reader::read_chunks(
             &mut file,
@@ -89,7 +99,9 @@ fn main() -> anyhow::Result<()> {
                     repeated: Some(Vec::new()),
                     rows,
                 });
-                bytes += messages::encode(&msg).map_err(std::io::Error::other)?.len();
+                let payload = messages::encode(&msg).map_err(std::io::Error::other)?;
+                bytes += payload.len();
+                payloads.push(payload);
                 Ok(())
             },
         )?
@@ -97,12 +109,34 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(bytes > 0, "no chunk encoded");
         Ok(())
     })?;
+    let rules = TenantRules::new(vec!["sso".into()], vec!["1".into(), "2".into()]);
+    let decode = best(args.repeat, || {
+        for p in &payloads {
+            std::hint::black_box(messages::decode_work(p)?);
+        }
+        Ok(())
+    })?;
+    let mut good = 0usize;
+    let checked = best(args.repeat, || {
+        good = 0;
+        for p in &payloads {
+            let WorkMessage::ChunkV1(chunk) = messages::decode_work(p)? else {
+                anyhow::bail!("not a chunk");
+            };
+            let map = HeaderMap::parse(&chunk.header)?;
+            good += check_rows(&chunk, &map, &rules).good.len();
+        }
+        Ok(())
+    })?;
+    anyhow::ensure!(good > 0, "no row passed the checks");
     let mib = size as f64 / f64::from(1 << 20);
     println!("file: {} rows, {mib:.1} MiB", args.rows);
     for (name, took) in [
         ("first pass (sniff)", first),
         ("check pass (rows read)", check),
         ("chunk pass (rows read, chunks encoded)", chunks),
+        ("worker: chunks decoded", decode),
+        ("worker: chunks decoded, rows checked", checked),
     ] {
         let s = took.as_secs_f64();
         println!("{name:<40} {s:>7.3} s  {:>7.1} MiB/s", mib / s);
