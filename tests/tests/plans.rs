@@ -210,6 +210,22 @@ fn hot_statements() -> Vec<Hot> {
             false,
         ),
         hot(
+            "users_in_range",
+            sql::USERS_IN_RANGE,
+            "bigint, text, text, bigint",
+            Box::new(|a| {
+                let base = chunk_base(a.tenant);
+                format!(
+                    "{}, '{}', '{}', {}",
+                    a.tenant,
+                    uid(base),
+                    uid(base + CHUNK - 1),
+                    3 * CHUNK + 100
+                )
+            }),
+            false,
+        ),
+        hot(
             "skip_unchanged",
             sql::skip_unchanged(),
             "bigint, bigint, boolean, text[], bigint[]",

@@ -28,6 +28,7 @@ mod restarts;
 mod roundtrip;
 mod sftp;
 mod smtp_faults;
+mod unchanged;
 mod uniqueness;
 mod upload;
 mod windows;

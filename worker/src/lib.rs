@@ -20,6 +20,9 @@
 //!     checked before the write, and after it (in a savepoint, with the deferred database
 //!     constraints forced), so that it holds when chunks commit at the same moment;
 //!   - `duplicate`: reporting a row that lost to a later row of the same `unique_id`;
+//!   - `digest` and `unchanged`: the rows that would change nothing, found by the digest
+//!     stored with their user before anything is staged (reading the chunk's stretch of the
+//!     key when its rows come in unique_id order, else probing each key);
 //!   - `staging`: the staging table, declared once, and copying the good rows into it;
 //!   - `upsert`: the set-based lock / update / insert statements (the fixed ones in
 //!     `src/sql/`, the generated ones pinned in `src/sql/generated/`; [`sql`] has them all).
@@ -32,6 +35,7 @@ mod identity;
 pub mod import;
 pub mod sql;
 mod staging;
+mod unchanged;
 mod upsert;
 pub mod validate;
 

@@ -1,6 +1,6 @@
 //! Writing a chunk's checked rows into `users`. When rows that change nothing may be left
-//! alone, those are found first: by the digest stored with each user ([`SAME_DIGEST`], only
-//! keys and digests sent, nothing staged; `crate::digest`), then, for the users found whose
+//! alone, those are found first: by the digest stored with each user (`crate::unchanged`:
+//! only keys and digests sent, nothing staged; `crate::digest`), then, for the users found whose
 //! digest differs, by comparing the staged values ([`Statements::skip_unchanged`]). The rest
 //! are written with set-based statements, in rounds: lock the users
 //! that exist ([`LOCK_EXISTING`]), update them ([`Statements::update`]), take them out of the
@@ -29,15 +29,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Binary, Bool, Jsonb, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text};
 use mui_shared::domain::{HeaderMap, ImportFileId};
 use mui_shared::messages::{Chunk, RowFailure};
 
 use crate::duplicate::{duplicate_failure, stored_fields};
 use crate::identity::{self, CHECK_NOW, DEFER_CHECKS};
 use crate::import::{ChunkOutcome, ImportError, RowFields};
-use crate::sql::{LOCK_EXISTING, RELEASE_PERMITS, SAME_DIGEST};
+use crate::sql::{LOCK_EXISTING, RELEASE_PERMITS};
 use crate::staging::{self, TEXT_COLUMNS};
+use crate::unchanged;
 use crate::validate::UserRow;
 
 /// A tenant's archive-on-inactive settings.
@@ -411,7 +412,6 @@ fn write(
     skip: Option<&[i64]>,
 ) -> Result<Written, ImportError> {
     let sql = statements();
-    let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id, *u)).collect();
     let tenant = chunk.tenant_id.0;
     let mut pending = good.len();
     let mut done = Written::default();
@@ -421,29 +421,11 @@ fn write(
         None => staging::stage(conn, good)?,
         Some(repeated) => {
             // First by digest, without staging anything: a re-import of an unchanged export
-            // sends each row's key and digest, and nothing else.
+            // sends each row's key and digest at most (`unchanged.rs`).
             let listed: HashSet<i64> = repeated.iter().copied().collect();
-            let ids: Vec<&str> = good.iter().map(|u| u.unique_id).collect();
-            let digests: Vec<&[u8]> = good.iter().map(|u| &u.digest[..]).collect();
-            let rows: Vec<i64> = good.iter().map(|u| u.row as i64).collect();
-            let may_skip: Vec<bool> = good
-                .iter()
-                .map(|u| u.active != Some(false) && !listed.contains(&(u.row as i64)))
-                .collect();
-            let found = diesel::sql_query(SAME_DIGEST)
-                .bind::<BigInt, _>(tenant)
-                .bind::<BigInt, _>(file.0)
-                .bind::<Array<Text>, _>(&ids)
-                .bind::<Array<Binary>, _>(&digests)
-                .bind::<Array<BigInt>, _>(&rows)
-                .bind::<Array<Bool>, _>(&may_skip)
-                .load::<Found>(conn)?;
-            let differ = found.iter().filter(|f| !f.same).count();
-            done.skipped = found
-                .into_iter()
-                .filter(|f| f.same)
-                .map(|f| f.row_no)
-                .collect();
+            let found = unchanged::by_digest(conn, tenant, file, good, &listed)?;
+            let differ = found.differ;
+            done.skipped = found.same.into_iter().collect();
             let left: Vec<&UserRow> = good
                 .iter()
                 .filter(|u| !done.skipped.contains(&(u.row as i64)))
@@ -500,6 +482,7 @@ fn write(
             return Ok(done);
         }
     }
+    let by_uid: HashMap<&str, &UserRow> = good.iter().map(|u| (u.unique_id, *u)).collect();
     let mut release: Vec<String> = Vec::new();
     // Each round: lock and update the users that exist, drop them from the staging table,
     // insert the rest. A concurrent transaction may insert one of our new users first; such

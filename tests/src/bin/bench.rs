@@ -120,15 +120,20 @@ fn print_statements(conn: &mut PgConnection, run: &str) -> anyhow::Result<()> {
            left(regexp_replace(query, '\\s+', ' ', 'g'), 72) AS query \
          FROM pg_stat_statements \
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         GROUP BY 5 ORDER BY 1 DESC LIMIT 15",
+         GROUP BY 5 ORDER BY 1 DESC",
     )
     .load(conn)?;
-    println!("statements of {run} (pg_stat_statements, time summed over sessions):");
+    let (ms, calls) = top
+        .iter()
+        .fold((0.0, 0), |(ms, calls), t| (ms + t.ms, calls + t.calls));
+    println!(
+        "statements of {run} (pg_stat_statements, time summed over sessions): {ms:.0} ms in {calls} calls"
+    );
     println!(
         "{:>10} {:>7} {:>9} {:>8}  statement",
         "ms", "calls", "rows", "WAL MB"
     );
-    for t in top {
+    for t in top.into_iter().take(20) {
         println!(
             "{:>10.0} {:>7} {:>9} {:>8.0}  {}",
             t.ms, t.calls, t.rows, t.wal_mb, t.query

@@ -45,6 +45,11 @@ pub const USER_NAME_CONFLICTS: &str = include_str!("user_name_conflicts.sql");
 /// (bigint[]), $6 whether each row may be left alone (boolean[]).
 pub const SAME_DIGEST: &str = include_str!("same_digest.sql");
 
+/// The users of a tenant in a stretch of unique ids, in key order (for a chunk in unique_id
+/// order, the digest check's cheaper read): $1 tenant (bigint), $2 and $3 the first and last
+/// unique id (text), $4 at most this many (bigint).
+pub const USERS_IN_RANGE: &str = include_str!("users_in_range.sql");
+
 /// Whether the tenant has an unfinished file older than this one: $1 tenant, $2 file
 /// (bigint).
 pub const OLDER_OPEN: &str = include_str!("older_open.sql");
