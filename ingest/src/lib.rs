@@ -111,7 +111,13 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         drop_root = %config.drop_root.display(),
         "IngestConfigured"
     );
-    let pool = db::pool(&config.common.database_url, (config.concurrency as u32) + 4);
+    // Each file being read holds up to QUEUE_WINDOW connections while queueing its chunks;
+    // four more for everything else.
+    let per_file = pipeline::QUEUE_WINDOW as u32;
+    let pool = db::pool(
+        &config.common.database_url,
+        (config.concurrency as u32) * per_file + 4,
+    );
     let Some((conn, topology)) =
         mui_shared::service::start(&config.common, "mui-ingest", &pool, &shutdown).await?
     else {

@@ -46,6 +46,7 @@ mod publish;
 mod repeats;
 mod state;
 
+pub use publish::QUEUE_WINDOW;
 use publish::{publish_rows, validate_whole, Validated};
 use state::{add_notice, adopt_trace, current_state, fail, register, FileLock};
 

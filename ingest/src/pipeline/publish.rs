@@ -3,10 +3,17 @@
 
 use super::repeats::{Collect, Repeats};
 use super::*;
+use futures::StreamExt as _;
 use mui_shared::domain::Column;
 
 /// Chunks in flight (published, confirm not yet awaited) per file.
 const CONFIRM_WINDOW: usize = 8;
+
+/// Chunk inserts into the database's chunk queue in flight at once per file (each on a
+/// connection of its own): the file is read on while the database stores the chunks before,
+/// instead of waiting for each insert's round trip and commit. Each file being read may
+/// hold this many connections of ingest's pool at once (see `crate::run`).
+pub const QUEUE_WINDOW: usize = 2;
 
 /// What the validating pass found.
 pub(super) enum Validated {
@@ -175,6 +182,7 @@ pub(super) async fn publish_rows(
     });
 
     let mut window: VecDeque<mui_shared::amqp::Pending> = VecDeque::new();
+    let mut inserts = futures::stream::FuturesOrdered::new();
     let mut publish_error: Option<anyhow::Error> = None;
     let mut sent = 0u64;
     while let Some((chunk_no, rows, bytes)) = rx.recv().await {
@@ -234,16 +242,29 @@ pub(super) async fn publish_rows(
                         conn, chunk, rows, &bytes, held_back,
                     )?)
                 })
-                .instrument(span.clone())
-                .await;
-                if let Err(e) = queued {
-                    otel::set_error(&span, &e);
-                    publish_error = Some(anyhow::Error::from(e));
+                .instrument(span.clone());
+                inserts.push_back(async move {
+                    let queued = queued.await;
+                    if let Err(e) = &queued {
+                        otel::set_error(&span, e);
+                    }
+                    queued
+                });
+                while inserts.len() >= QUEUE_WINDOW {
+                    if let Some(Err(e)) = inserts.next().await {
+                        publish_error.get_or_insert(anyhow::Error::from(e));
+                    }
                 }
             }
         }
         sent += 1;
         if sent == 1 {
+            // The first chunk is queued (or published) before the stop point.
+            while let Some(queued) = inserts.next().await {
+                if let Err(e) = queued {
+                    publish_error.get_or_insert(anyhow::Error::from(e));
+                }
+            }
             ctx.hooks.pause("ingest.publishing", name).await;
         }
         while window.len() > CONFIRM_WINDOW {
@@ -252,6 +273,11 @@ pub(super) async fn publish_rows(
                     publish_error.get_or_insert(e.into());
                 }
             }
+        }
+    }
+    while let Some(queued) = inserts.next().await {
+        if let Err(e) = queued {
+            publish_error.get_or_insert(anyhow::Error::from(e));
         }
     }
     for p in window {
