@@ -284,7 +284,9 @@ pub type RowFields<'c> = HashMap<u64, &'c Fields, rustc_hash::FxBuildHasher>;
 pub fn check_rows<'c>(chunk: &'c Chunk, map: &HeaderMap, rules: &'c TenantRules) -> Checked<'c> {
     let mut failures: Vec<RowFailure> = Vec::new();
     let mut good: Vec<UserRow> = Vec::with_capacity(chunk.rows.len());
-    // Index into `good` by unique_id: the rows of a chunk are few, so a fast hash is enough.
+    // Index into `good` by unique_id. A fast hash, not a keyed one: the keys are the
+    // tenant's, but a chunk is bounded (ingest's chunk size), so even keys chosen to collide
+    // cost at most one chunk's rows squared, in that chunk only.
     let mut by_uid: HashMap<&'c str, usize, rustc_hash::FxBuildHasher> = HashMap::default();
     let mut fields_of: RowFields<'c> = HashMap::default();
     fields_of.reserve(chunk.rows.len());
