@@ -38,12 +38,14 @@ pub(crate) struct ByDigest {
     pub(crate) differ: usize,
 }
 
+/// A row whose user exists, and whether it would change nothing (what [`SAME_DIGEST`] and
+/// `upsert`'s comparison by value return).
 #[derive(QueryableByName)]
-struct Found {
+pub(crate) struct Found {
     #[diesel(sql_type = BigInt)]
-    row_no: i64,
+    pub(crate) row_no: i64,
     #[diesel(sql_type = Bool)]
-    same: bool,
+    pub(crate) same: bool,
 }
 
 #[derive(QueryableByName)]

@@ -38,7 +38,7 @@ use crate::identity::{self, CHECK_NOW, DEFER_CHECKS};
 use crate::import::{ChunkOutcome, ImportError, RowFields};
 use crate::sql::{LOCK_EXISTING, RELEASE_PERMITS};
 use crate::staging::{self, TEXT_COLUMNS};
-use crate::unchanged;
+use crate::unchanged::{self, Found};
 use crate::validate::UserRow;
 
 /// A tenant's archive-on-inactive settings.
@@ -85,14 +85,6 @@ struct Written {
     /// Rows refused because another user holds their email or user name (checked after the
     /// unchanged rows were left out).
     refused: HashSet<i64>,
-}
-
-#[derive(QueryableByName)]
-struct Found {
-    #[diesel(sql_type = BigInt)]
-    row_no: i64,
-    #[diesel(sql_type = Bool)]
-    same: bool,
 }
 
 #[derive(QueryableByName)]
@@ -201,10 +193,11 @@ fn assignments() -> (Vec<String>, Vec<String>) {
 /// Finds the staged rows that would change nothing by comparing their values with the
 /// stored ones, before anything is locked or written (rewriting unchanged users, and their
 /// version, cost ten times the database's own upsert that skips unchanged rows). [`write`]
-/// runs it after [`SAME_DIGEST`], for the rows whose user exists but whose digest differs (a
-/// user written before digests were kept, changed by something else since, or archived), and
-/// takes the rows found the same out of the staging table when other rows are left to write.
-/// [`SAME_DIGEST`] leaves a row alone under the same conditions as this statement.
+/// runs it after the digest check (`crate::unchanged`), for the rows whose user exists but
+/// whose digest differs (a user written before digests were kept, changed by something else
+/// since, or archived), and takes the rows found the same out of the staging table when
+/// other rows are left to write. The digest check leaves a row alone under the same
+/// conditions as this statement.
 ///
 /// Leaving a user alone leaves its version `(file, row)` as it was, so a row is taken out
 /// only where no other row can need that version to lose to it. The caller runs this only

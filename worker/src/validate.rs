@@ -75,7 +75,7 @@ pub struct UserRow<'c> {
     pub date_of_birth: Option<NaiveDate>,
     /// `active`.
     pub active: Option<bool>,
-    /// The digest of the values above ([`crate::digest::of`]; not of `row`).
+    /// The digest of the values above (`digest::of`; not of `row`).
     pub digest: [u8; crate::digest::DIGEST_BYTES],
 }
 

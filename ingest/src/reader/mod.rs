@@ -4,7 +4,7 @@
 //! - [`sniff()`] ([`sniff`] module), the first pass: hashes the file, decides the encoding and
 //!   recognises binaries and broken limits.
 //! - [`read_chunks`] (this file), the second pass: decodes to UTF-8, splits CSV records
-//!   (quoted commas and line breaks included; [`records`]) and hands rows over chunk by
+//!   (quoted commas and line breaks included; `records`) and hands rows over chunk by
 //!   chunk, cut by rows and bytes ([`Chunking`]). Run once without publishing, it decides
 //!   every file-level problem before anything is published.
 
