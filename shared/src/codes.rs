@@ -107,6 +107,12 @@ pub enum FileErrorCode {
     Unreadable,
     /// A quote opened in a row is never closed: the rest of the file would be one cell.
     UnclosedQuote,
+    /// The import service failed on the file again and again with an error that does not
+    /// pass (a fault of ours, or an input nobody foresaw): the file is ended rather than
+    /// left to hold back its tenant's later files.
+    InternalError,
+    /// An operator ended the file before it was read to its end (`muictl files end`).
+    EndedByOperator,
 }
 
 impl FileErrorCode {
@@ -126,6 +132,8 @@ impl FileErrorCode {
             Self::BadEncoding => "bad_encoding",
             Self::Unreadable => "unreadable",
             Self::UnclosedQuote => "unclosed_quote",
+            Self::InternalError => "internal_error",
+            Self::EndedByOperator => "ended_by_operator",
         }
     }
 }

@@ -153,28 +153,31 @@ pub fn is_identity_conflict(err: &diesel::result::Error) -> bool {
 /// serialization failure, a violation of an [`IDENTITY_CONSTRAINTS`] by a concurrent
 /// commit), as opposed to a fault in the data or the code.
 pub fn is_transient(err: &DbError) -> bool {
-    use diesel::result::{DatabaseErrorKind, Error};
-    if let DbError::Query(q) = err {
-        if is_identity_conflict(q) {
-            return true;
-        }
-    }
     match err {
         DbError::Pool(_) | DbError::Task(_) => true,
         DbError::Migration(_) => false,
-        DbError::Query(q) => match q {
-            Error::DatabaseError(kind, info) => {
-                matches!(
-                    kind,
-                    DatabaseErrorKind::SerializationFailure
-                        | DatabaseErrorKind::ClosedConnection
-                        | DatabaseErrorKind::UnableToSendCommand
-                ) || info.message().contains("deadlock")
-                    || info.message().contains("terminating connection")
-                    || info.message().contains("server closed the connection")
-            }
-            Error::BrokenTransactionManager => true,
-            _ => false,
-        },
+        DbError::Query(q) => is_transient_query(q),
+    }
+}
+
+/// [`is_transient`] for a query's error.
+pub fn is_transient_query(q: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    if is_identity_conflict(q) {
+        return true;
+    }
+    match q {
+        Error::DatabaseError(kind, info) => {
+            matches!(
+                kind,
+                DatabaseErrorKind::SerializationFailure
+                    | DatabaseErrorKind::ClosedConnection
+                    | DatabaseErrorKind::UnableToSendCommand
+            ) || info.message().contains("deadlock")
+                || info.message().contains("terminating connection")
+                || info.message().contains("server closed the connection")
+        }
+        Error::BrokenTransactionManager => true,
+        _ => false,
     }
 }

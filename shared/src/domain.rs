@@ -287,6 +287,18 @@ impl HeaderMap {
     }
 }
 
+/// `s` as PostgreSQL can store it: `text` and `jsonb` refuse the NUL character (U+0000),
+/// which a UTF-16 file carries as ordinary text, so each is written as U+FFFD (the
+/// replacement character) wherever a tenant's text is kept (a failure record, a file's
+/// error or notice). The reason a row or file was refused names the character itself.
+pub fn storable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 /// Cuts `s` to at most `max` characters for quoting in a message, marking the cut.
 pub fn truncate_for_message(s: &str, max: usize) -> String {
     if s.chars().count() <= max {

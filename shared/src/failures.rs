@@ -6,7 +6,7 @@ use diesel::prelude::*;
 
 use crate::domain::ImportFileId;
 use crate::messages::{RowError, RowFailure};
-use crate::schema::{import_files, row_failures};
+use crate::schema::import_files;
 
 /// A file's failure records, with what the CSV needs of the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,23 +61,60 @@ pub fn load_failures(
     file_id: ImportFileId,
     limit: i64,
 ) -> Result<Vec<RowFailure>, diesel::result::Error> {
-    let rows: Vec<(i64, serde_json::Value, serde_json::Value)> = row_failures::table
-        .filter(row_failures::file_id.eq(file_id.0))
-        .order(row_failures::row_number)
-        .limit(limit)
-        .select((
-            row_failures::row_number,
-            row_failures::fields,
-            row_failures::errors,
-        ))
-        .load(conn)?;
+    load_failures_within(conn, file_id, limit, i64::MAX)
+}
+
+/// The first `limit` failure records of a file, by row number, and of those only as many
+/// as hold at most `max_bytes` of cells and messages (as JSON text) past the first: what a
+/// report loads is bounded by its settings, never by what a tenant's rows hold.
+pub fn load_failures_within(
+    conn: &mut PgConnection,
+    file_id: ImportFileId,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<Vec<RowFailure>, diesel::result::Error> {
+    load_page(conn, file_id, i64::MIN, limit, max_bytes)
+}
+
+/// [`load_failures_within`] of the records after row `after`.
+fn load_page(
+    conn: &mut PgConnection,
+    file_id: ImportFileId,
+    after: i64,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<Vec<RowFailure>, diesel::result::Error> {
+    use diesel::sql_types::{BigInt, Jsonb};
+    #[derive(QueryableByName)]
+    struct Stored {
+        #[diesel(sql_type = BigInt)]
+        row_number: i64,
+        #[diesel(sql_type = Jsonb)]
+        fields: serde_json::Value,
+        #[diesel(sql_type = Jsonb)]
+        errors: serde_json::Value,
+    }
+    let rows: Vec<Stored> = diesel::sql_query(
+        "SELECT row_number, fields, errors FROM \
+           (SELECT row_number, fields, errors, len, sum(len) OVER (ORDER BY row_number) AS upto \
+            FROM (SELECT row_number, fields, errors, \
+                         octet_length(fields::text) + octet_length(errors::text) AS len \
+                  FROM row_failures WHERE file_id = $1 AND row_number > $4 \
+                  ORDER BY row_number LIMIT $2) f) s \
+         WHERE upto - len < $3 ORDER BY row_number",
+    )
+    .bind::<BigInt, _>(file_id.0)
+    .bind::<BigInt, _>(limit)
+    .bind::<BigInt, _>(max_bytes)
+    .bind::<BigInt, _>(after)
+    .load(conn)?;
     rows.into_iter()
-        .map(|(row, fields, errors)| {
+        .map(|r| {
             Ok(RowFailure {
-                row: row as u64,
-                fields: serde_json::from_value(fields)
+                row: r.row_number as u64,
+                fields: serde_json::from_value(r.fields)
                     .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
-                errors: serde_json::from_value(errors)
+                errors: serde_json::from_value(r.errors)
                     .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
             })
         })
@@ -240,36 +277,121 @@ pub fn failures_csv_with_ends(
         let mut w = csv::WriterBuilder::new()
             .terminator(csv::Terminator::CRLF)
             .from_writer(&mut out);
-        let mut head = vec!["row".to_owned()];
-        for i in 0..width {
-            head.push(match header.get(i) {
-                Some(h) => neutralise(h.trim()),
-                None => format!("(extra {})", i + 1 - header.len()),
-            });
-        }
-        head.push("error_code".to_owned());
-        head.push("reason".to_owned());
-        w.write_record(&head)?;
+        w.write_record(csv_head(header, width))?;
         w.flush()?;
         ends.push(w.get_ref().len());
         let mut sorted: Vec<&RowFailure> = failures.iter().collect();
         sorted.sort_by_key(|f| f.row);
         for f in sorted {
-            let mut rec = vec![f.row.to_string()];
-            for i in 0..width {
-                rec.push(neutralise(
-                    f.fields.get(i).map(String::as_str).unwrap_or(""),
-                ));
-            }
-            rec.push(codes(&f.errors));
-            rec.push(neutralise(&reasons(&f.errors)));
-            w.write_record(&rec)?;
+            w.write_record(csv_row(f, width))?;
             // The writer buffers; flushing per row (into memory) makes the length exact.
             w.flush()?;
             ends.push(w.get_ref().len());
         }
     }
     Ok((out, ends))
+}
+
+/// The failures CSV's header row: `row`, the uploaded columns (as many as the widest
+/// record, extras named), `error_code`, `reason`.
+fn csv_head(header: &[String], width: usize) -> Vec<String> {
+    let mut head = vec!["row".to_owned()];
+    for i in 0..width {
+        head.push(match header.get(i) {
+            Some(h) => neutralise(h.trim()),
+            None => format!("(extra {})", i + 1 - header.len()),
+        });
+    }
+    head.push("error_code".to_owned());
+    head.push("reason".to_owned());
+    head
+}
+
+/// One failed row of the failures CSV.
+fn csv_row(f: &RowFailure, width: usize) -> Vec<String> {
+    let mut rec = vec![f.row.to_string()];
+    for i in 0..width {
+        rec.push(neutralise(
+            f.fields.get(i).map(String::as_str).unwrap_or(""),
+        ));
+    }
+    rec.push(codes(&f.errors));
+    rec.push(neutralise(&reasons(&f.errors)));
+    rec
+}
+
+/// Records a streamed failures CSV reads at a time ([`write_file_csv`]), and the bytes of
+/// cells and messages such a page holds at most past its first record.
+pub const STREAM_PAGE_ROWS: i64 = 1000;
+/// See [`STREAM_PAGE_ROWS`].
+pub const STREAM_PAGE_BYTES: i64 = 4 << 20;
+
+/// Why a streamed failures CSV stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Reading the records failed.
+    #[error("reading the failure records: {0}")]
+    Db(#[from] diesel::result::Error),
+    /// Writing the CSV failed (the reader went away, a full disk).
+    #[error("writing the failures CSV: {0}")]
+    Csv(#[from] csv::Error),
+}
+
+/// A file's name and stored header (see [`header_of`]); `None` if there is no such file.
+pub fn name_and_header(
+    conn: &mut PgConnection,
+    file_id: ImportFileId,
+) -> QueryResult<Option<(String, Vec<String>)>> {
+    let file: Option<(String, Option<serde_json::Value>)> = import_files::table
+        .find(file_id.0)
+        .select((import_files::file_name, import_files::header))
+        .first(conn)
+        .optional()?;
+    Ok(file.map(|(name, header)| (name, header_of(header))))
+}
+
+/// Writes a file's whole failures CSV to `out`: the same bytes as [`failures_csv`] of every
+/// record, read a page at a time ([`STREAM_PAGE_ROWS`], [`STREAM_PAGE_BYTES`]), so memory
+/// stays bounded by one page whatever the file holds (the console's download, `muictl
+/// files failures`). Returns the failed rows written.
+pub fn write_file_csv(
+    conn: &mut PgConnection,
+    file_id: ImportFileId,
+    header: &[String],
+    mut out: impl std::io::Write,
+) -> Result<u64, StreamError> {
+    use diesel::sql_types::{BigInt, Integer};
+    #[derive(QueryableByName)]
+    struct Width {
+        #[diesel(sql_type = Integer)]
+        width: i32,
+    }
+    let widest: Width = diesel::sql_query(
+        "SELECT coalesce(max(jsonb_array_length(fields)), 0)::int4 AS width \
+         FROM row_failures WHERE file_id = $1",
+    )
+    .bind::<BigInt, _>(file_id.0)
+    .get_result(conn)?;
+    let width = usize::try_from(widest.width).unwrap_or(0).max(header.len());
+    out.write_all("\u{feff}".as_bytes())
+        .map_err(csv::Error::from)?;
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(out);
+    w.write_record(csv_head(header, width))?;
+    let mut after = i64::MIN;
+    let mut written = 0;
+    loop {
+        let page = load_page(conn, file_id, after, STREAM_PAGE_ROWS, STREAM_PAGE_BYTES)?;
+        let Some(last) = page.last() else { break };
+        after = last.row as i64;
+        for f in &page {
+            w.write_record(csv_row(f, width))?;
+            written += 1;
+        }
+    }
+    w.flush().map_err(csv::Error::from)?;
+    Ok(written)
 }
 
 /// A failed row's error codes, as the failures CSV gives them.

@@ -151,6 +151,8 @@ pub struct FileLine {
     pub rows_updated: i64,
     /// Users already right.
     pub rows_unchanged: i64,
+    /// Rows a later file of the tenant had already written (arrival order: it wins).
+    pub rows_superseded: i64,
     /// Rows not imported.
     pub rows_failed: i64,
     /// Users archived (active=0 with archive-on-inactive).
@@ -193,9 +195,9 @@ impl FileLine {
         self.hold.as_deref() == Some("held") && !self.state.is_finished()
     }
 
-    /// Rows imported: created, changed or already right.
+    /// Rows imported: created, changed, already right, or superseded by a later file.
     pub fn rows_imported(&self) -> i64 {
-        self.rows_inserted + self.rows_updated + self.rows_unchanged
+        self.rows_inserted + self.rows_updated + self.rows_unchanged + self.rows_superseded
     }
 }
 
@@ -284,6 +286,126 @@ pub fn held(conn: &mut PgConnection) -> QueryResult<Vec<TenantFileLine>> {
     Ok(tenant_file_lines(rows))
 }
 
+/// A file that waits on something, and on what ([`waiting`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WaitingFile {
+    /// The file's id.
+    pub id: i64,
+    /// Its tenant's slug.
+    pub tenant: String,
+    /// Its name as uploaded.
+    pub file_name: String,
+    /// Where it is.
+    pub state: FileState,
+    /// Where its report is.
+    pub notify_status: NotifyStatus,
+    /// When it arrived.
+    pub received_at: chrono::DateTime<chrono::Utc>,
+    /// What it waits on, and what resolves it.
+    pub why: String,
+    /// An operator may end it now ([`crate::ending::end_by_operator`]): registered, not
+    /// held, and no ingest reading it.
+    pub can_end: bool,
+}
+
+#[derive(QueryableByName)]
+struct WaitingRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    tenant: String,
+    #[diesel(sql_type = Text)]
+    file_name: String,
+    #[diesel(sql_type = Text)]
+    state: String,
+    #[diesel(sql_type = Text)]
+    notify_status: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    notify_detail: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    received_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    hold: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+    total_chunks: Option<i32>,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    chunks_done: i32,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    behind: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    dead_chunks: i64,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    being_read: bool,
+}
+
+/// Every file, of every tenant, that is not finished or whose report did not go out, with
+/// what it waits on and what resolves it, oldest first: the operator's answer to "why has
+/// this file not arrived?" By design every file ends; one listed here for long is a fault
+/// to look into (`docs/reliability.md`).
+pub fn waiting(conn: &mut PgConnection) -> QueryResult<Vec<WaitingFile>> {
+    let rows: Vec<WaitingRow> = diesel::sql_query(
+        "SELECT f.id, t.slug AS tenant, f.file_name, f.state, f.notify_status, f.notify_detail, \
+                f.received_at, f.hold, f.total_chunks, f.chunks_done, \
+                (SELECT min(o.id) FROM import_files o WHERE o.tenant_id = f.tenant_id \
+                   AND o.id < f.id AND o.state IN ('received', 'importing')) AS behind, \
+                (SELECT count(*) FROM chunk_queue q WHERE q.file_id = f.id \
+                   AND q.dead_at IS NOT NULL) AS dead_chunks, \
+                EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' \
+                   AND l.objsubid = 1 AND l.granted \
+                   AND ((l.classid::bigint << 32) | l.objid::bigint) = f.id) AS being_read \
+         FROM import_files f JOIN tenants t ON t.id = f.tenant_id \
+         WHERE f.state IN ('received', 'importing') \
+            OR f.notify_status IN ('pending', 'sending', 'held') \
+         ORDER BY f.id",
+    )
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let state = FileState::parse(&r.state).unwrap_or(FileState::Received);
+            let notify = NotifyStatus::parse(&r.notify_status).unwrap_or(NotifyStatus::Pending);
+            let open = !state.is_finished();
+            let held = open && r.hold.as_deref() == Some("held");
+            let can_end = state == FileState::Received && !held && !r.being_read;
+            let why = if held {
+                format!("held by the mass-deactivation guard: `muictl files approve {0}` or `muictl files reject {0}`", r.id)
+            } else if open && r.dead_chunks > 0 {
+                format!("{} of its chunks were dead-lettered: fix the cause, then `muictl dead-letters replay`", r.dead_chunks)
+            } else if state == FileState::Received && r.being_read {
+                "being read and queued by ingest".to_owned()
+            } else if state == FileState::Received {
+                format!("registered, and no ingest is reading it: it is taken again at ingest's next rescan, or ended there if its content is gone from the drop folder (ingest must run for its tenant); `muictl files end {} --reason ...` ends it now", r.id)
+            } else if let (true, Some(b)) = (open, r.behind) {
+                format!("waits for the tenant's earlier file {b} to finish (files take effect in arrival order)")
+            } else if open {
+                format!(
+                    "importing: {} of {} chunks done (a worker with the dispatcher must run)",
+                    r.chunks_done,
+                    r.total_chunks.map_or("?".to_owned(), |n| n.to_string())
+                )
+            } else if notify == NotifyStatus::Held {
+                format!(
+                    "report held: {}; `muictl files resend {}` once that is fixed",
+                    r.notify_detail.as_deref().unwrap_or("no reason recorded"),
+                    r.id
+                )
+            } else {
+                "report being sent (a notifier must run; a mail server refusing for the time being is retried for MAIL_RETRY_SECS)".to_owned()
+            };
+            WaitingFile {
+                id: r.id,
+                tenant: r.tenant,
+                file_name: r.file_name,
+                state,
+                notify_status: notify,
+                received_at: r.received_at,
+                why,
+                can_end,
+            }
+        })
+        .collect())
+}
+
 /// Files of every tenant held by the mass-deactivation guard and waiting for the operator's
 /// decision (`muictl files approve|reject`, the console's held page), oldest first. Reads
 /// through the open-files index: only files still `received` or `importing` are looked at.
@@ -363,7 +485,7 @@ pub fn totals_of(conn: &mut PgConnection, tenant: TenantId) -> QueryResult<FileT
         "SELECT count(*) AS files, \
            count(*) FILTER (WHERE state IN ('received', 'importing')) AS open, \
            count(*) FILTER (WHERE state = 'failed') AS failed, \
-           coalesce(sum(rows_inserted + rows_updated + rows_unchanged), 0)::BIGINT AS rows_imported, \
+           coalesce(sum(rows_inserted + rows_updated + rows_unchanged + rows_superseded), 0)::BIGINT AS rows_imported, \
            coalesce(sum(rows_failed), 0)::BIGINT AS rows_failed, \
            count(*) FILTER (WHERE notify_status = 'held') AS held \
          FROM import_files WHERE tenant_id = $1",
@@ -459,7 +581,7 @@ pub fn add_notice(conn: &mut PgConnection, id: ImportFileId, notice: &str) -> Qu
          WHERE id = $1 AND NOT ($2 = ANY (notices))",
     )
     .bind::<diesel::sql_types::BigInt, _>(id.0)
-    .bind::<Text, _>(notice)
+    .bind::<Text, _>(crate::domain::storable(notice).as_ref())
     .execute(conn)?;
     Ok(())
 }
@@ -483,7 +605,7 @@ pub fn fail(
         .set((
             import_files::state.eq(FileState::Failed),
             import_files::error_code.eq(code),
-            import_files::error_message.eq(message),
+            import_files::error_message.eq(crate::domain::storable(message).as_ref()),
             import_files::encoding.eq(encoding),
             import_files::finished_at.eq(diesel::dsl::now),
         ))
@@ -604,6 +726,34 @@ pub fn report_status(
         ))
         .execute(conn)?;
     Ok(())
+}
+
+/// Makes a held report due again (`held` → `pending`, and "file finished" for the notifier
+/// in the outbox, in one transaction): the operator's "send it again" once the cause (mail
+/// settings, the tenant's mail server) is fixed. False when the report is not held.
+pub fn resend_report(conn: &mut PgConnection, id: ImportFileId) -> QueryResult<bool> {
+    conn.transaction(|conn| {
+        let tenant: Option<i64> = diesel::update(
+            import_files::table
+                .find(id.0)
+                .filter(import_files::notify_status.eq(NotifyStatus::Held))
+                .filter(import_files::state.eq_any([FileState::Done, FileState::Failed])),
+        )
+        .set((
+            import_files::notify_status.eq(NotifyStatus::Pending),
+            import_files::notify_detail.eq(None::<String>),
+        ))
+        .returning(import_files::tenant_id)
+        .get_result(conn)
+        .optional()?;
+        match tenant {
+            Some(t) => {
+                announce_finished(conn, id, TenantId(t))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    })
 }
 
 /// Puts "file finished" for the notifier into the outbox, inside the caller's transaction.

@@ -87,9 +87,9 @@ struct Count {
     n: i64,
 }
 
-/// Decides whether `file` is held, given the `unique_id`s of its rows that say `active=0`
-/// (the later row of a `unique_id` decides, so a caller leaves out ids whose last row says
-/// otherwise). A file decided before (ingest read it again after a crash, or the operator
+/// Decides whether `file` is held, given the `unique_id`s that a row of it sets to
+/// `active=0` (any row: a later row of the same id wins only if it passes the row checks,
+/// so the earlier one may stand). A file decided before (ingest read it again after a crash, or the operator
 /// approved it) keeps its decision. Counts the users among `deactivating` that are active
 /// now (not archived, `active`); when that is over the tenant's threshold the file is marked
 /// held and those users are recorded for the tenant's mail, in one transaction.

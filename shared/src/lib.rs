@@ -27,6 +27,7 @@ pub mod db;
 pub mod deadletters;
 pub mod dispatch;
 pub mod domain;
+pub mod ending;
 pub mod failpoint;
 pub mod failures;
 pub mod fields;

@@ -19,8 +19,11 @@ use crate::schema::outbox;
 
 /// How long a relay owns a claimed batch before another relay may take it over.
 const CLAIM_SECONDS: i64 = 30;
-/// Rows published per round.
+/// Rows published per round, at most.
 const BATCH: i64 = 200;
+/// Payload bytes claimed per round, at most (past the first row, which is always taken):
+/// a round's rows are in memory at once, and a chunk's failure records can be megabytes.
+const BATCH_BYTES: i64 = 16 * 1024 * 1024;
 /// How often a relay looks for rows without being kicked (rows left by other processes).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -111,9 +114,14 @@ impl Relay {
         let claimed: Vec<Claimed> = db::run(&self.pool, |conn| {
             Ok(diesel::sql_query(format!(
                 "UPDATE outbox SET claimed_until = now() + interval '{CLAIM_SECONDS} seconds' \
-                 WHERE id IN (SELECT id FROM outbox \
-                              WHERE claimed_until IS NULL OR claimed_until < now() \
-                              ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED) \
+                 WHERE id IN (SELECT id FROM \
+                                (SELECT id, octet_length(payload) AS len, \
+                                        sum(octet_length(payload)) OVER (ORDER BY id) AS upto \
+                                 FROM (SELECT id, payload FROM outbox \
+                                       WHERE claimed_until IS NULL OR claimed_until < now() \
+                                       ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED) free \
+                                ) sized \
+                              WHERE upto - len < {BATCH_BYTES}) \
                  RETURNING id, queue, payload, trace_context"
             ))
             .load(conn)?)

@@ -103,6 +103,7 @@ diesel::table! {
         rows_inserted -> Int8,
         rows_updated -> Int8,
         rows_unchanged -> Int8,
+        rows_superseded -> Int8,
         rows_failed -> Int8,
         error_code -> Nullable<Varchar>,
         error_message -> Nullable<Text>,
@@ -128,6 +129,7 @@ diesel::table! {
         hold_decided_at -> Nullable<Timestamptz>,
         hold_decided_by -> Nullable<Text>,
         hold_notified_at -> Nullable<Timestamptz>,
+        hold_notice_claimed_until -> Nullable<Timestamptz>,
     }
 }
 

@@ -32,6 +32,58 @@ pub fn parse_cli<C: clap::Parser>(service: &str) -> C {
 /// pods allow before SIGKILL.
 pub const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Waits for the tasks in hand to end, for at most [`SHUTDOWN_BOUND`], handing each result
+/// to `each`; the ones still running then are aborted. Returns how many were aborted. A task
+/// that never ends once the broker connection is gone (waiting for something the dead
+/// connection will never bring) would otherwise hold its service for good, never
+/// reconnecting: found by the chaos soak (a notifier silent for ten minutes after RabbitMQ
+/// went away). What an aborted task held
+/// is unacknowledged and comes back when its channel closes, as after a crash.
+pub async fn drain<T: 'static>(
+    tasks: &mut tokio::task::JoinSet<T>,
+    mut each: impl FnMut(Result<T, tokio::task::JoinError>),
+) -> usize {
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_BOUND;
+    loop {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(done)) => each(done),
+            Ok(None) => return 0,
+            Err(_) => {
+                let stuck = tasks.len();
+                tracing::error!(stuck, "TasksAbortedAtStop");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                return stuck;
+            }
+        }
+    }
+}
+
+/// Runs `work` until it ends; once `stop` is cancelled, gives it [`SHUTDOWN_BOUND`] more,
+/// then drops it (and whatever it awaits) and returns an error naming `what`: see
+/// [`drain`] for why.
+pub async fn ends_after_stop(
+    stop: &CancellationToken,
+    what: &str,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::pin!(work);
+    tokio::select! {
+        result = &mut work => return result,
+        _ = stop.cancelled() => {}
+    }
+    match tokio::time::timeout(SHUTDOWN_BOUND, work).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!(what, "DidNotStopInTime");
+            Err(anyhow::anyhow!(
+                "{what} did not stop within {} s of being told to",
+                SHUTDOWN_BOUND.as_secs()
+            ))
+        }
+    }
+}
+
 /// Runs a service: logs, a shutdown token cancelled by SIGTERM or SIGINT, then `run` under
 /// [`supervise`]. Exits the process when it stops (0 on shutdown), without waiting for
 /// blocking tasks still retrying a connection; at the latest [`SHUTDOWN_BOUND`] after the
@@ -181,4 +233,50 @@ pub async fn start(
         metrics::counter!("mui_broker_reconnects_total").increment(1);
     }
     Ok(Some((conn, topology)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_tasks_that_end_and_aborts_one_that_never_does() {
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            1
+        });
+        // As an acknowledgement on a connection that is gone: never resolves.
+        tasks.spawn(std::future::pending::<i32>());
+        let mut ended = Vec::new();
+        let started = tokio::time::Instant::now();
+        let aborted = drain(&mut tasks, |r| {
+            if let Ok(v) = r {
+                ended.push(v)
+            }
+        })
+        .await;
+        assert_eq!(aborted, 1);
+        assert_eq!(ended, [1]);
+        assert!(tasks.is_empty());
+        assert_eq!(started.elapsed(), SHUTDOWN_BOUND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_that_ignores_its_stop_is_dropped_after_the_bound() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let r = ends_after_stop(&stop, "the test's work", std::future::pending()).await;
+        let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("the test's work did not stop within 30 s"),
+            "{e}"
+        );
+        // Work that ends by itself, stop or not, gives its own result.
+        let r = ends_after_stop(&stop, "w", async { Ok(()) }).await;
+        assert!(r.is_ok());
+        let running = CancellationToken::new();
+        let r = ends_after_stop(&running, "w", async { anyhow::bail!("own error") }).await;
+        assert_eq!(r.err().map(|e| e.to_string()).as_deref(), Some("own error"));
+    }
 }

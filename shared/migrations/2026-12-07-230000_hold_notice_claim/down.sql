@@ -1,0 +1,1 @@
+ALTER TABLE import_files DROP COLUMN hold_notice_claimed_until;
