@@ -50,6 +50,12 @@ impl From<diesel::result::Error> for Ended {
     }
 }
 
+impl From<std::io::Error> for Ended {
+    fn from(e: std::io::Error) -> Self {
+        Ended::Failed(ImportError::Spill(e))
+    }
+}
+
 impl From<ImportError> for Ended {
     fn from(e: ImportError) -> Self {
         Ended::Failed(e)
@@ -70,7 +76,10 @@ pub(crate) fn import_dry_run(
         .select(import_files::total_chunks)
         .first(conn)?;
     let total = total.unwrap_or(1).max(1) as u32;
-    let mut results: Vec<(Chunk, ChunkOutcome, Vec<RowFailure>)> = Vec::new();
+    // Each chunk's outcome and failure records wait on local disk, not in memory, until the
+    // savepoint is rolled back: an all-failing file of any size keeps one chunk's failures
+    // in memory at a time. (Anonymous: gone with the process, whatever happens.)
+    let mut results = Spill::new()?;
     let mut redelivered = false;
     let ended = conn.transaction::<(), Ended, _>(|conn| {
         let mut chunk = first.clone();
@@ -82,14 +91,14 @@ pub(crate) fn import_dry_run(
                         rows: Vec::new(),
                         ..chunk
                     };
-                    results.push((kept, outcome, failures));
+                    results.push(&kept, &outcome, &failures)?;
                 }
                 None => {
                     redelivered = true;
                     return Err(Ended::Checked);
                 }
             }
-            let next = results.len() as u32;
+            let next = results.chunks;
             if next >= total {
                 return Err(Ended::Checked);
             }
@@ -134,7 +143,12 @@ pub(crate) fn import_dry_run(
     // Everything written is undone; keep what a real import records besides its writes.
     dispatch::take_file(conn, tenant, file)?;
     let mut first_outcome = None;
-    for (chunk, outcome, failures) in results {
+    for spilled in results.read_back()? {
+        let Spilled {
+            chunk,
+            outcome,
+            failures,
+        } = spilled?;
         diesel::insert_into(file_chunks::table)
             .values((
                 file_chunks::file_id.eq(file.0),
@@ -156,4 +170,70 @@ pub(crate) fn import_dry_run(
     }
     tracing::info!(file_id = file.0, chunks = total, "DryRunChecked");
     Ok(first_outcome.unwrap_or_default())
+}
+
+/// One checked chunk's results, as kept aside ([`Spill`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Spilled {
+    /// The chunk without its rows (its header and number, for the report).
+    chunk: Chunk,
+    outcome: ChunkOutcome,
+    failures: Vec<RowFailure>,
+}
+
+/// A dry run's per-chunk results on local disk: one JSON line a chunk.
+struct Spill {
+    file: std::io::BufWriter<std::fs::File>,
+    /// Chunks written.
+    chunks: u32,
+}
+
+impl Spill {
+    fn new() -> Result<Self, ImportError> {
+        let file = tempfile::tempfile().map_err(ImportError::Spill)?;
+        Ok(Self {
+            file: std::io::BufWriter::new(file),
+            chunks: 0,
+        })
+    }
+
+    fn push(
+        &mut self,
+        chunk: &Chunk,
+        outcome: &ChunkOutcome,
+        failures: &[RowFailure],
+    ) -> std::io::Result<()> {
+        use std::io::Write;
+        #[derive(serde::Serialize)]
+        struct Ref<'a> {
+            chunk: &'a Chunk,
+            outcome: &'a ChunkOutcome,
+            failures: &'a [RowFailure],
+        }
+        serde_json::to_writer(
+            &mut self.file,
+            &Ref {
+                chunk,
+                outcome,
+                failures,
+            },
+        )?;
+        self.file.write_all(b"\n")?;
+        self.chunks += 1;
+        Ok(())
+    }
+
+    /// The chunks' results in the order written, one at a time.
+    fn read_back(self) -> Result<impl Iterator<Item = Result<Spilled, ImportError>>, ImportError> {
+        use std::io::{BufRead, Seek};
+        let mut file = self
+            .file
+            .into_inner()
+            .map_err(|e| ImportError::Spill(e.into_error()))?;
+        file.rewind().map_err(ImportError::Spill)?;
+        Ok(std::io::BufReader::new(file).lines().map(|line| {
+            let line = line.map_err(ImportError::Spill)?;
+            serde_json::from_str(&line).map_err(|e| ImportError::Spill(e.into()))
+        }))
+    }
 }

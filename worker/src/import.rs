@@ -62,6 +62,10 @@ pub enum ImportError {
     /// a hand-made message): dead-lettered.
     #[error("chunk {} of file {} (tenant {}) is not in the chunk queue and was never imported", .0.chunk_no, .0.file_id, .0.tenant_id)]
     NotQueued(ChunkRef),
+    /// A dry run's results could not be kept aside on local disk while it runs (a full
+    /// disk): retried like a failed query.
+    #[error("keeping a dry run's results on local disk failed")]
+    Spill(#[source] std::io::Error),
     /// The queued payload is not the chunk its reference names.
     #[error("the queued payload of chunk {} of file {} is not that chunk: {why}", .chunk.chunk_no, .chunk.file_id)]
     BadPayload {
@@ -79,7 +83,7 @@ impl From<diesel::result::Error> for ImportError {
 }
 
 /// What importing a chunk did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChunkOutcome {
     /// False if the chunk had been imported before (redelivery): nothing was changed.
     pub applied: bool,
@@ -91,6 +95,10 @@ pub struct ChunkOutcome {
     pub updated: i64,
     /// Users already as the row says.
     pub unchanged: i64,
+    /// Rows whose user a later file of the tenant had already written: arrival order says
+    /// the later file wins, so they change nothing (a dead-lettered chunk replayed after a
+    /// newer file was imported).
+    pub superseded: i64,
     /// Rows reported.
     pub failed: i64,
     /// Users archived by this chunk (active=0 with archive-on-inactive on).
@@ -357,6 +365,7 @@ pub(crate) fn record_chunk(
         .bind::<BigInt, _>(outcome.archived)
         .bind::<BigInt, _>(outcome.reactivated)
         .bind::<BigInt, _>(outcome.permits_released)
+        .bind::<BigInt, _>(outcome.superseded)
         .get_result(conn)?;
     if !failures.is_empty() {
         let msg = NotifyMessage::RowFailuresV1(RowFailures {

@@ -250,7 +250,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         .basic_cancel(express_tag.as_str().into(), BasicCancelOptions::default())
         .await;
     dispatch_stop.cancel();
-    while tasks.join_next().await.is_some() {}
+    mui_shared::service::drain(&mut tasks, drop).await;
     if let Some(t) = dispatch_task {
         let _ = t.await;
     }
@@ -581,8 +581,8 @@ async fn handle_delivery(
                     }
                     return;
                 }
-                Err(ImportError::Db(e)) => {
-                    let transient = db::is_transient(&e);
+                Err(e @ (ImportError::Db(_) | ImportError::Spill(_))) => {
+                    let transient = matches!(&e, ImportError::Db(d) if db::is_transient(d));
                     if !transient {
                         query_failures += 1;
                     }

@@ -368,6 +368,7 @@ pub(crate) fn upsert(
                 outcome.inserted += counts.inserted;
                 outcome.updated += counts.updated;
                 outcome.unchanged += counts.unchanged;
+                outcome.superseded += counts.superseded;
                 outcome.archived += counts.archived;
                 outcome.reactivated += counts.reactivated;
                 outcome.permits_released += counts.permits_released;
@@ -560,7 +561,7 @@ fn write(
                     ));
                 }
                 // A later file already wrote this user; arrival order says it wins.
-                None => outcome.unchanged += 1,
+                None => outcome.superseded += 1,
             }
         }
         staging::unstage(conn, &resolved)?;
