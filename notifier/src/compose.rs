@@ -144,6 +144,9 @@ fn build(
         None
     } else if rows < loaded || loaded == 0 {
         Some(if refused { Cut::Refused } else { Cut::MailSize })
+    } else if (loaded as i64) < plan.max_attached {
+        // Fewer rows were loaded than the attach limit allows: their size cut them.
+        Some(if refused { Cut::Refused } else { Cut::MailSize })
     } else {
         Some(Cut::AttachLimit(plan.max_attached))
     };

@@ -23,6 +23,7 @@ pub(crate) struct FileRow {
     inserted: i64,
     updated: i64,
     unchanged: i64,
+    superseded: i64,
     failed: i64,
     archived: i64,
     reactivated: i64,
@@ -34,6 +35,11 @@ pub(crate) struct FileRow {
     notices: Vec<String>,
     dry_run: bool,
 }
+
+/// Most bytes of failed rows (cells and messages) a report loads: more could never go out
+/// in one mail (`MAX_MAIL_BYTES`, a zipped CSV included), and `MAIL_CONCURRENCY` reports
+/// are composed at once. The rows past it are counted and left out, as for a mail too large.
+const LOAD_BYTES: i64 = 32 * 1024 * 1024;
 
 pub(crate) fn decide(
     conn: &mut PgConnection,
@@ -68,6 +74,7 @@ pub(crate) fn decide(
             import_files::rows_inserted,
             import_files::rows_updated,
             import_files::rows_unchanged,
+            import_files::rows_superseded,
             import_files::rows_failed,
             import_files::users_archived,
             import_files::users_reactivated,
@@ -150,6 +157,7 @@ pub(crate) fn decide(
         inserted: f.inserted,
         updated: f.updated,
         unchanged: f.unchanged,
+        superseded: f.superseded,
         failed: f.failed,
         archived: f.archived,
         reactivated: f.reactivated,
@@ -176,7 +184,7 @@ pub(crate) fn decide(
         },
     };
     let failures = if f.state == FileState::Done {
-        load_failures(conn, file_id, max_attached)?
+        mui_shared::failures::load_failures_within(conn, file_id, max_attached, LOAD_BYTES)?
     } else {
         Vec::new()
     };

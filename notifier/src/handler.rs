@@ -3,6 +3,8 @@
 //! per-send timeout.
 
 use super::*;
+use mui_shared::codes::RowError;
+use mui_shared::domain::storable;
 
 /// Handles notify messages.
 #[derive(Debug, Clone)]
@@ -12,6 +14,8 @@ pub struct Handler {
     max_attached: i64,
     limits: MailLimits,
     shutdown: CancellationToken,
+    /// How long a report refused for the time being is retried in place (`MAIL_RETRY_SECS`).
+    mail_retry: Duration,
 }
 
 impl Handler {
@@ -24,7 +28,15 @@ impl Handler {
             max_attached: max_attached.max(1),
             limits: MailLimits::default(),
             shutdown: CancellationToken::new(),
+            mail_retry: Duration::from_secs(900),
         }
+    }
+
+    /// The same handler giving up on a report its mail server keeps refusing for the time
+    /// being after `retry` (then the report is held, and its slot freed).
+    pub fn with_mail_retry(mut self, retry: Duration) -> Self {
+        self.mail_retry = retry;
+        self
     }
 
     /// The same handler with other report size limits.
@@ -40,11 +52,20 @@ impl Handler {
         self
     }
 
+    /// Handles one message holding one of the notifier's `MAIL_CONCURRENCY` slots
+    /// (`slot`, taken from `slots`). While it waits for a report another notifier holds
+    /// (`Busy`: that one sends it, or its claim lapses), it gives its slot back: a report
+    /// whose notifier died mid-send waits out its claim without holding up other tenants'
+    /// reports (found by the soak: two such files, two messages each, held all four slots
+    /// for minutes).
     pub(crate) async fn handle_delivery(
         &self,
         delivery: lapin::message::Delivery,
         stop: &CancellationToken,
+        slots: &Arc<tokio::sync::Semaphore>,
+        slot: tokio::sync::OwnedSemaphorePermit,
     ) {
+        let mut slot = Some(slot);
         let msg: NotifyMessage = match messages::decode(&delivery.data) {
             Ok(m) => m,
             Err(e) => {
@@ -96,6 +117,8 @@ impl Handler {
         async {
             let mut backoff = amqp::backoff_policy(None);
             let mut retried = false;
+            // Since when the mail server has refused this report for the time being.
+            let mut refused_since: Option<tokio::time::Instant> = None;
             loop {
                 match self.handle(&msg).await {
                     Ok(()) => {
@@ -109,16 +132,45 @@ impl Handler {
                         return;
                     }
                     Err(e) if e.is_transient() => {
+                        if matches!(e, NotifyError::Mail(_)) {
+                            let since = *refused_since.get_or_insert_with(tokio::time::Instant::now);
+                            // Not for ever: another tenant's report needs the slot.
+                            let held_notice = matches!(msg, NotifyMessage::FileHeldV1(_));
+                            if since.elapsed() >= self.mail_retry
+                                && (held_notice || self.hold_refused(file_id, &e).await)
+                            {
+                                if held_notice {
+                                    // The operator's held page lists the file all the same.
+                                    tracing::warn!(file_id = file_id.0, "HeldNoticeGivenUp");
+                                }
+                                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                                    tracing::warn!(error = %e, "NotifyAckError");
+                                }
+                                return;
+                            }
+                        }
                         let wait = backoff::backoff::Backoff::next_backoff(&mut backoff)
                             .unwrap_or(Duration::from_secs(10));
                         otel::set_error(&current, &e);
                         retried = true;
                         tracing::warn!(error = %e, cause = ?e, retry_in_ms = wait.as_millis() as u64, "NotifyRetry");
+                        if matches!(e, NotifyError::Busy) {
+                            slot = None; // another report may go out meanwhile
+                        }
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
                             _ = stop.cancelled() => {
                                 let _ = delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await;
                                 return;
+                            }
+                        }
+                        if slot.is_none() {
+                            tokio::select! {
+                                got = slots.clone().acquire_owned() => slot = got.ok(),
+                                _ = stop.cancelled() => {
+                                    let _ = delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                                    return;
+                                }
                             }
                         }
                     }
@@ -139,6 +191,43 @@ impl Handler {
         }
         .instrument(span)
         .await
+    }
+
+    /// Holds the report of `file_id`, which its mail server kept refusing for the time
+    /// being for [`Handler::with_mail_retry`]'s while (unless it was sent meanwhile), with
+    /// the server's last answer; true when that is recorded.
+    async fn hold_refused(&self, file_id: ImportFileId, e: &NotifyError) -> bool {
+        let detail = format!(
+            "the mail server kept refusing the report for {} s (last: {e}: {}); send it again with `muictl files resend {}` once the tenant's mail server accepts mail",
+            self.mail_retry.as_secs(),
+            error_chain(e),
+            file_id.0
+        );
+        let held = db::run(&self.pool, move |conn| {
+            Ok(diesel::update(
+                import_files::table
+                    .find(file_id.0)
+                    .filter(import_files::notify_status.eq(NotifyStatus::Pending)),
+            )
+            .set((
+                import_files::notify_status.eq(NotifyStatus::Held),
+                import_files::notify_detail.eq(detail),
+                import_files::notified_at.eq(diesel::dsl::now),
+            ))
+            .execute(conn)?)
+        })
+        .await;
+        match held {
+            Ok(n) => {
+                tracing::warn!(file_id = file_id.0, held = n == 1, "EmailRetryGivenUp");
+                metrics::counter!("mui_mails_held_total").increment(1);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "EmailHoldError");
+                false
+            }
+        }
     }
 
     /// Notes why a message is rejected, for its dead-letter record (best effort).
@@ -202,11 +291,22 @@ impl Handler {
                 .failures
                 .iter()
                 .map(|f| {
+                    // jsonb refuses U+0000, which a UTF-16 file can carry in any cell.
+                    let fields: Vec<_> = f.fields.iter().map(|v| storable(v)).collect();
+                    let errors: Vec<RowError> = f
+                        .errors
+                        .iter()
+                        .map(|e| RowError {
+                            code: e.code,
+                            column: e.column.as_deref().map(|c| storable(c).into_owned()),
+                            message: storable(&e.message).into_owned(),
+                        })
+                        .collect();
                     Ok((
                         row_failures::file_id.eq(batch.file_id.0),
                         row_failures::row_number.eq(f.row as i64),
-                        row_failures::fields.eq(serde_json::to_value(&f.fields)?),
-                        row_failures::errors.eq(serde_json::to_value(&f.errors)?),
+                        row_failures::fields.eq(serde_json::to_value(&fields)?),
+                        row_failures::errors.eq(serde_json::to_value(&errors)?),
                     ))
                 })
                 .collect::<Result<_, serde_json::Error>>()

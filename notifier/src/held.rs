@@ -1,10 +1,15 @@
 //! The mail telling a tenant that a file is held by the mass-deactivation guard: what the
 //! file would do, the users it would deactivate or archive (attached as CSV), and what
-//! happens next. Sent once per held file (`import_files.hold_notified_at`).
+//! happens next. Sent once per held file (`import_files.hold_notified_at`, claimed first by
+//! `hold_notice_claimed_until`).
 
 use super::*;
 use crate::mailer::{Report, ReportAttachment};
 use mui_shared::schema::import_files;
+
+/// How long a claim on sending a held mail lasts: longer than any SMTP conversation
+/// (`SMTP_TIMEOUT_SECS`), as the report's claim.
+const CLAIM_FOR: &str = "now() + interval '5 minutes'";
 
 /// What the held mail is built from.
 #[derive(Debug, Clone)]
@@ -64,6 +69,29 @@ pub(crate) async fn send_hold_notice(
             tracing::warn!(reason = %why, "HeldNoticeNotMailed");
             return Ok(None);
         }
+        // Claimed, as a report is, so that two copies of the "file held" message handled at
+        // once (the outbox publishes at least once; several notifiers) send one mail. A claim
+        // left by a notifier that died mid-send expires.
+        let claimed = diesel::update(
+            import_files::table
+                .find(file_id.0)
+                .filter(import_files::hold.eq("held"))
+                .filter(import_files::hold_notified_at.is_null())
+                .filter(
+                    import_files::hold_notice_claimed_until
+                        .is_null()
+                        .or(import_files::hold_notice_claimed_until.lt(diesel::dsl::now)),
+                ),
+        )
+        .set(
+            import_files::hold_notice_claimed_until.eq(diesel::dsl::sql::<
+                diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
+            >(CLAIM_FOR)),
+        )
+        .execute(conn)?;
+        if claimed == 0 {
+            return Ok(None);
+        }
         let users = mui_shared::holds::deactivations(conn, file_id)?;
         Ok(Some(HeldPlan {
             from: tenant.reply_to_email.clone().unwrap_or_default(),
@@ -79,9 +107,27 @@ pub(crate) async fn send_hold_notice(
     let Some(plan) = plan else {
         return Ok(());
     };
-    let report = held_report(&plan, file_id)?;
-    let message = report.to_message()?;
-    mailer.send(message).await?;
+    let sent = async {
+        let report = held_report(&plan, file_id)?;
+        let message = report.to_message()?;
+        mailer.send(message).await?;
+        Ok::<_, NotifyError>(())
+    }
+    .await;
+    if let Err(e) = sent {
+        // Let the retry claim it at once (else the claim expires).
+        let _ = db::run(pool, move |conn| {
+            diesel::update(import_files::table.find(file_id.0))
+                .set(
+                    import_files::hold_notice_claimed_until
+                        .eq(None::<chrono::DateTime<chrono::Utc>>),
+                )
+                .execute(conn)?;
+            Ok(())
+        })
+        .await;
+        return Err(e);
+    }
     db::run(pool, move |conn| {
         diesel::update(import_files::table.find(file_id.0))
             .set(import_files::hold_notified_at.eq(diesel::dsl::now))

@@ -126,6 +126,7 @@ pub fn report_html(
                         (count("New users", s.inserted))
                         (count("Updated", s.updated))
                         (count("Unchanged", s.unchanged))
+                        @if s.superseded > 0 { (count("Left as a later file set them", s.superseded)) }
                         (count("Failed", s.failed))
                         (count("Archived", s.archived))
                         (count("Reactivated", s.reactivated))

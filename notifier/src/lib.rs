@@ -95,6 +95,12 @@ pub struct NotifierConfig {
     /// up and retried with backoff.
     #[arg(long, env = "SMTP_TIMEOUT_SECS", default_value_t = 30)]
     pub smtp_timeout_secs: u64,
+    /// How long a report is retried (with backoff, holding one MAIL_CONCURRENCY slot) while
+    /// the tenant's mail server refuses it for the time being (4xx, timeouts), seconds;
+    /// after that the report is held with the server's answer, the slot is freed for other
+    /// tenants, and `muictl files resend <file id>` sends it again.
+    #[arg(long, env = "MAIL_RETRY_SECS", default_value_t = 900)]
+    pub mail_retry_secs: u64,
     /// A failures CSV larger than this (bytes) is attached as a .zip holding it.
     #[arg(long, env = "ATTACH_COMPRESS_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub attach_compress_bytes: usize,
@@ -195,6 +201,7 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> anyhow:
     let stop = shutdown.child_token();
     let handler = Handler::new(pool.clone(), mailer, config.max_attached_failures)
         .with_limits(config.mail_limits())
+        .with_mail_retry(Duration::from_secs(config.mail_retry_secs))
         .with_shutdown(stop.clone());
     tracing::info!(concurrency, "NotifierReady");
     let notify = async {
@@ -203,7 +210,12 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> anyhow:
         result
     };
     let dead = async {
-        let result = dead_letters::run(&conn, pool.clone(), topology.clone(), stop.clone()).await;
+        let result = mui_shared::service::ends_after_stop(
+            &stop,
+            "the dead-letter recorder",
+            dead_letters::run(&conn, pool.clone(), topology.clone(), stop.clone()),
+        )
+        .await;
         stop.cancel();
         result
     };
@@ -258,18 +270,16 @@ async fn consume_notify(
         };
         let handler = handler.clone();
         let stop = stop.clone();
+        let slots = slots.clone();
         tasks.spawn(async move {
-            handler.handle_delivery(delivery, &stop).await;
-            drop(slot);
+            handler.handle_delivery(delivery, &stop, &slots, slot).await;
         });
     };
     if result.is_err() {
         // The channel is gone: the tasks in hand cannot acknowledge; stop their retries.
         stop.cancel();
     }
-    while let Some(done) = tasks.join_next().await {
-        log_task_end(done);
-    }
+    mui_shared::service::drain(&mut tasks, log_task_end).await;
     result
 }
 

@@ -24,6 +24,8 @@ pub struct FileSummary {
     pub updated: i64,
     /// Users already right.
     pub unchanged: i64,
+    /// Rows a later file had already written (it wins: arrival order).
+    pub superseded: i64,
     /// Rows not imported.
     pub failed: i64,
     /// Users archived (active=0 with archive-on-inactive).
@@ -133,7 +135,7 @@ impl FileSummary {
             b.push_str("Please correct the file and upload it again.\n");
             return b;
         }
-        let imported = self.inserted + self.updated + self.unchanged;
+        let imported = self.inserted + self.updated + self.unchanged + self.superseded;
         if self.dry_run {
             b.push_str("An import of this file now would give:\n\n");
         } else {
@@ -144,8 +146,18 @@ impl FileSummary {
         }
         b.push_str(&format!("Rows read:        {}\n", self.rows_total));
         b.push_str(&format!(
-            "Imported:         {imported} ({} new, {} updated, {} unchanged)\n",
-            self.inserted, self.updated, self.unchanged
+            "Imported:         {imported} ({} new, {} updated, {} unchanged{})\n",
+            self.inserted,
+            self.updated,
+            self.unchanged,
+            if self.superseded > 0 {
+                format!(
+                    ", {} left as a later file of yours had set them",
+                    self.superseded
+                )
+            } else {
+                String::new()
+            }
         ));
         b.push_str(&format!("Failed:           {}\n", self.failed));
         if self.archived + self.reactivated + self.permits_released > 0 {
