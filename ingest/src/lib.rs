@@ -152,6 +152,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         },
         hooks: config.hooks.clone(),
         dispatch: config.chunk_dispatch,
+        persistent_failures: Default::default(),
     });
 
     // (path, finish): how the event says an upload finished, if it does, so that the file need
@@ -251,6 +252,10 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                         Err(e) => tracing::warn!(error = format!("{e:#}"), "ArchiveRecoveryError"),
                     }
                 }
+                // Registrations whose handling was cut and whose content is gone since.
+                if let Err(e) = pipeline::orphans::recover(&ctx, &tenant_folders(&st)).await {
+                    tracing::warn!(error = format!("{e:#}"), "OrphanRecoveryError");
+                }
                 for (tenant_id, path, problem, slug) in changed {
                     match record_folder_status(&pool, tenant_id, path, problem.clone()).await {
                         Ok(()) => { st.folder_problems.insert(slug, problem); }
@@ -280,16 +285,24 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
             _ = tick.tick() => {
                 if !conn.status().connected() {
                     // Publishing needs the broker: start over (the supervisor reconnects).
-                    while tasks.join_next().await.is_some() {}
+                    mui_shared::service::drain(&mut tasks, drop).await;
                     anyhow::bail!("lost the connection to RabbitMQ");
                 }
-                st.settle(Instant::now(), settle, openfiles::open_for_write);
+                // One pass over /proc for the whole tick, and only if a candidate is due.
+                let writers = std::cell::OnceCell::new();
+                st.settle(Instant::now(), settle, |dev, ino| {
+                    writers.get_or_init(openfiles::writers).contains(&(dev, ino))
+                });
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 match done {
                     Ok((slug, name, result)) => {
                         if let Err(e) = result {
-                            // Left in place: the next rescan tries again.
+                            // Left in place: the next rescan tries again. A file that was
+                            // moved to bak/ before the error (recording the move failed)
+                            // is no longer in the folder to be tried again: the next
+                            // rescan looks for such files, as at start.
+                            archives_checked = false;
                             tracing::warn!(
                                 tenant = %slug,
                                 file = %folder::display_name(&name).0,
@@ -314,7 +327,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
         }
     }
     tracing::info!(in_flight = tasks.len(), "IngestStopping");
-    while tasks.join_next().await.is_some() {}
+    mui_shared::service::drain(&mut tasks, drop).await;
     drop(watcher);
     let _ = relay_task.await;
     ctx.publisher.close().await;
@@ -386,7 +399,8 @@ fn rewatch(
 /// one step of a file's handling that is not redone: the file is no longer in the drop
 /// folder to be taken again). Such a file is past registration and queueing, its archive
 /// name unknown, and its inode (from its arrival key) is in its tenant's `bak/` and not in the
-/// drop folder. Run once at start: the window is left only by a process that died.
+/// drop folder. Run at start (an ingest that died in the window), and after a file's
+/// handling failed (recording the move can fail, the database gone at that moment).
 async fn record_interrupted_archives(pool: &db::PgPool, st: &watch::Watch) -> anyhow::Result<()> {
     use mui_shared::schema::import_files as f;
     let open: Vec<(i64, i64, String)> = db::run(pool, |conn| {
@@ -398,20 +412,23 @@ async fn record_interrupted_archives(pool: &db::PgPool, st: &watch::Watch) -> an
             .load(conn)?)
     })
     .await?;
-    let folders: HashMap<i64, Arc<folder::TenantFolder>> = st
-        .tenants
-        .values()
-        .filter_map(|t| Some((t.id, st.folders.get(&t.slug)?.clone())))
-        .collect();
+    let folders = tenant_folders(st);
     for (id, tenant_id, key) in open {
         let Some(folder) = folders.get(&tenant_id).cloned() else {
             continue;
         };
         // tenant:dev:ino:mtime:size:sha256
-        let Some(ino) = key.split(':').nth(2).and_then(|i| i.parse::<u64>().ok()) else {
+        let part = |i: usize| key.split(':').nth(i).map(str::to_owned);
+        let (Some(ino), Some(mtime), Some(size)) = (
+            part(2).and_then(|i| i.parse::<u64>().ok()),
+            part(3).and_then(|i| i.parse::<i64>().ok()),
+            part(4).and_then(|i| i.parse::<u64>().ok()),
+        ) else {
             continue;
         };
-        let Some(name) = tokio::task::spawn_blocking(move || folder.archived_as(ino)).await? else {
+        let Some(name) =
+            tokio::task::spawn_blocking(move || folder.archived_as(ino, mtime, size)).await?
+        else {
             continue;
         };
         let file = mui_shared::domain::ImportFileId(id);
@@ -423,6 +440,14 @@ async fn record_interrupted_archives(pool: &db::PgPool, st: &watch::Watch) -> an
         tracing::info!(file_id = id, archived = %name, "InterruptedArchiveRecorded");
     }
     Ok(())
+}
+
+/// Each tenant's drop folder that ingest has open, by tenant id.
+fn tenant_folders(st: &watch::Watch) -> HashMap<i64, Arc<folder::TenantFolder>> {
+    st.tenants
+        .values()
+        .filter_map(|t| Some((t.id, st.folders.get(&t.slug)?.clone())))
+        .collect()
 }
 
 async fn refresh_tenants(pool: &db::PgPool) -> anyhow::Result<HashMap<String, Tenant>> {

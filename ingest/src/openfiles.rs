@@ -7,14 +7,44 @@
 //! `deploy/systemd/mui-ingest.service` grants); without it the check sees nothing and the
 //! settle interval alone decides.
 
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 
 /// Whether any process other than this one has the file (by device and inode) open for
-/// writing.
+/// writing. One pass over `/proc`: for one file an event just said was finished.
 pub fn open_for_write(dev: u64, ino: u64) -> bool {
+    let mut seen = false;
+    scan(
+        |d, i| d == dev && i == ino,
+        |_, _| {
+            seen = true;
+            true
+        },
+    );
+    seen
+}
+
+/// Every regular file (device, inode) a process other than this one holds open for
+/// writing, in one pass over `/proc`: for a tick that looks at many candidates at once
+/// (after a restart, thousands may be waiting), so the cost is one pass, not one per file.
+pub fn writers() -> HashSet<(u64, u64)> {
+    let mut set = HashSet::new();
+    scan(
+        |_, _| true,
+        |dev, ino| {
+            set.insert((dev, ino));
+            false
+        },
+    );
+    set
+}
+
+/// Walks the open file descriptors of every other process; for each regular file `wanted`
+/// accepts that is open for writing, calls `found`, which returns whether to stop.
+fn scan(wanted: impl Fn(u64, u64) -> bool, mut found: impl FnMut(u64, u64) -> bool) {
     let own = std::process::id().to_string();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
+        return;
     };
     for proc_entry in procs.flatten() {
         let pid = proc_entry.file_name();
@@ -30,7 +60,7 @@ pub fn open_for_write(dev: u64, ino: u64) -> bool {
             let Ok(meta) = std::fs::metadata(fd.path()) else {
                 continue;
             };
-            if meta.dev() != dev || meta.ino() != ino {
+            if !meta.is_file() || !wanted(meta.dev(), meta.ino()) {
                 continue;
             }
             let info = proc_entry.path().join("fdinfo").join(fd.file_name());
@@ -40,13 +70,12 @@ pub fn open_for_write(dev: u64, ino: u64) -> bool {
                     .find_map(|l| l.strip_prefix("flags:"))
                     .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
                 // O_WRONLY = 1, O_RDWR = 2.
-                if flags.is_some_and(|f| f & 0o3 != 0) {
-                    return true;
+                if flags.is_some_and(|f| f & 0o3 != 0) && found(meta.dev(), meta.ino()) {
+                    return;
                 }
             }
         }
     }
-    false
 }
 
 #[cfg(test)]
@@ -64,6 +93,7 @@ mod tests {
             .unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert!(!open_for_write(meta.dev(), meta.ino()));
+        assert!(!writers().contains(&(meta.dev(), meta.ino())));
         // A child process holding the file open for appending, as sftp-server would.
         let mut child = std::process::Command::new("sh")
             .arg("-c")
@@ -73,6 +103,8 @@ mod tests {
         let mut seen = false;
         for _ in 0..50 {
             if open_for_write(meta.dev(), meta.ino()) {
+                // The child holds it until killed: the one-pass set sees it too.
+                assert!(writers().contains(&(meta.dev(), meta.ino())));
                 seen = true;
                 break;
             }

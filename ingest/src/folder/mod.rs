@@ -360,10 +360,12 @@ impl TenantFolder {
         })
     }
 
-    /// The name in `bak/` of inode `ino`, if this folder's `bak/` holds it and the drop
-    /// folder itself does not (a file moved into `bak/`, not one still being uploaded or
-    /// imported). Names in `bak/` are written as UTF-8 ([`display_name`]).
-    pub fn archived_as(&self, ino: u64) -> Option<String> {
+    /// The name in `bak/` of inode `ino` as it was at `mtime_ns` with `size` bytes, if this
+    /// folder's `bak/` holds it and the drop folder itself does not (a file moved into
+    /// `bak/`, not one still being uploaded or imported; not a later version written into
+    /// the same inode and archived since). Names in `bak/` are written as UTF-8
+    /// ([`display_name`]).
+    pub fn archived_as(&self, ino: u64, mtime_ns: i64, size: u64) -> Option<String> {
         let here = self
             .entries()
             .ok()?
@@ -372,7 +374,14 @@ impl TenantFolder {
         if here {
             return None;
         }
-        String::from_utf8(self.bak_name_of(ino)?).ok()
+        let name = self.bak_name_of(ino)?;
+        let bak = rustix::fs::openat2(&self.fd, BAK, dir_flags(), Mode::empty(), beneath()).ok()?;
+        let st = rustix::fs::statat(&bak, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let same = Signature::of(&st);
+        if same.mtime_ns != mtime_ns || same.size != size {
+            return None;
+        }
+        String::from_utf8(name).ok()
     }
 
     /// Moves the handled file — the inode `file` holds open, which was `name` in this folder

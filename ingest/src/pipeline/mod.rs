@@ -30,6 +30,7 @@ use mui_shared::amqp::{Publisher, QueueKind};
 use mui_shared::db::{self, PgPool};
 use mui_shared::dispatch;
 use mui_shared::domain::{ImportFileId, TenantId};
+use mui_shared::ending;
 use mui_shared::files::{self, FileState};
 use mui_shared::messages::{self, Chunk, ChunkRef, FileErrorCode, WorkMessage};
 use mui_shared::otel::{self, TraceContext};
@@ -42,6 +43,7 @@ use tracing::Instrument;
 use crate::folder::{self, Signature, TenantFolder};
 use crate::reader::{self, Chunking, FileProblem, Sniff};
 
+pub mod orphans;
 mod publish;
 mod repeats;
 mod state;
@@ -69,6 +71,41 @@ pub struct Context {
     pub hooks: Hooks,
     /// How chunks reach the workers.
     pub dispatch: ChunkDispatch,
+    /// Registered files whose handling failed with an error that does not pass: how often
+    /// in a row, and since when ([`GIVE_UP_AFTER`]).
+    pub persistent_failures:
+        Arc<std::sync::Mutex<std::collections::HashMap<ImportFileId, (u32, std::time::Instant)>>>,
+}
+
+/// How many times in a row, over at least [`GIVE_UP_SPAN`], handling a registered file may
+/// fail with an error that does not pass (the database refusing what it was given, a panic,
+/// a message that cannot be written) before the file is ended as `internal_error`: every
+/// file ends, and none holds back its tenant's later files for good. Outages (connections,
+/// the broker) do not count, and the span outlasts a database's restart.
+pub const GIVE_UP_AFTER: u32 = 3;
+
+/// See [`GIVE_UP_AFTER`].
+pub const GIVE_UP_SPAN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `e` is an error that retrying the same file will meet again: the database
+/// refused the statement itself (not the connection), a value could not be encoded, or a
+/// step panicked.
+fn persistent(e: &anyhow::Error) -> bool {
+    for cause in e.chain() {
+        if let Some(db) = cause.downcast_ref::<db::DbError>() {
+            return !db::is_transient(db);
+        }
+        if let Some(q) = cause.downcast_ref::<diesel::result::Error>() {
+            return !db::is_transient_query(q);
+        }
+        if cause.is::<serde_json::Error>() {
+            return true;
+        }
+        if let Some(j) = cause.downcast_ref::<tokio::task::JoinError>() {
+            return j.is_panic();
+        }
+    }
+    false
 }
 
 /// How chunks reach the workers (`CHUNK_DISPATCH`).
@@ -170,6 +207,8 @@ pub async fn handle(
         }
     };
     let fmeta = Signature::of_file(&file)?;
+    // Taken before the first byte is read: a write into the file after this shows in it.
+    let stamp = publish::Stamp::of(&file)?;
     if !fmeta.regular() || fmeta.ino != meta.ino {
         return Ok(()); // Replaced under us; the next scan sees the new entry.
     }
@@ -206,9 +245,18 @@ pub async fn handle(
         tokio::task::spawn_blocking(move || reader::sniff(&mut for_sniff, region.as_deref()))
             .await?
             .with_context(|| format!("read {display:?}"))?;
+    // A dry run is a registration of its own: the same upload renamed from `x.validate.csv`
+    // to `x.csv` while ingest handles it (or back) is checked under one name and imported
+    // under the other, never taken for the one it was before. Any other rename keeps the key.
     let arrival_key = format!(
-        "{}:{}:{}:{}:{}:{}",
-        tenant.id, fmeta.dev, fmeta.ino, fmeta.mtime_ns, sniff.size, sniff.sha256
+        "{}:{}:{}:{}:{}:{}{}",
+        tenant.id,
+        fmeta.dev,
+        fmeta.ino,
+        fmeta.mtime_ns,
+        sniff.size,
+        sniff.sha256,
+        if is_dry_run(&display) { ":dry-run" } else { "" }
     );
     let registered = register(ctx, tenant.tenant_id(), &display, &arrival_key, &sniff).await?;
     let file_id = registered.id;
@@ -344,6 +392,7 @@ pub async fn handle(
                             held,
                             dry_run,
                             aliases,
+                            stamp,
                         };
                         let chunked = tracing::info_span!(
                             "file.chunk",
@@ -363,6 +412,20 @@ pub async fn handle(
         }
         ctx.hooks.pause("ingest.before_archive", &display).await;
         mui_shared::failpoint::stop("ingest.before_archive");
+        // Written to in place since it was first read (an SFTP client uploading the same name
+        // again without a temporary name): what is in the file now is a new upload, to be
+        // imported next, so it is not moved; the version read is not kept anywhere.
+        if publish::Stamp::of(&file)? != stamp {
+            add_notice(
+                &ctx.pool,
+                file_id,
+                "The file was uploaded again under the same name, into the same file, while this version was being handled: this version could not be kept in bak/, and the new content is imported as a new upload".to_owned(),
+            )
+            .await?;
+            tracing::warn!("FileOverwrittenInPlace");
+            lock.release().await;
+            return Ok(());
+        }
         let f = folder.clone();
         let owned_name = name.clone();
         let archive_name = display.clone();
@@ -384,8 +447,69 @@ pub async fn handle(
     .await;
     if let Err(e) = &result {
         otel::set_error(&span, format!("{e:#}"));
+        give_up_if_persistent(ctx, tenant, file_id, e).await;
+    } else {
+        forget_failures(ctx, file_id);
     }
     result
+}
+
+fn forget_failures(ctx: &Context, file_id: ImportFileId) {
+    if let Ok(mut m) = ctx.persistent_failures.lock() {
+        m.remove(&file_id);
+    }
+}
+
+/// Counts a persistent failure of `file_id`'s handling; at [`GIVE_UP_AFTER`] in a row over
+/// [`GIVE_UP_SPAN`] a file not yet queued whole is ended as `orphans::end` ends one whose
+/// content is gone (failed as `internal_error`, or what was queued of it kept, with a
+/// notice), so its next handling only archives it; the report and the operator's file list
+/// say what went wrong.
+async fn give_up_if_persistent(
+    ctx: &Context,
+    tenant: &Tenant,
+    file_id: ImportFileId,
+    e: &anyhow::Error,
+) {
+    if !persistent(e) {
+        return;
+    }
+    let (count, since) = match ctx.persistent_failures.lock() {
+        Ok(mut m) => {
+            let entry = m.entry(file_id).or_insert((0, std::time::Instant::now()));
+            entry.0 += 1;
+            *entry
+        }
+        Err(_) => return,
+    };
+    if count < GIVE_UP_AFTER || since.elapsed() < GIVE_UP_SPAN {
+        return;
+    }
+    let cause = format!("{e:#}");
+    tracing::error!(file_id = file_id.0, error = %cause, "FileGivenUp");
+    let Ok(Some(lock)) = FileLock::try_acquire(&ctx.database_url, file_id).await else {
+        return; // another ingest has it now
+    };
+    let why = ending::Ending::GaveUp(messages::truncate_for_message(&cause, 200));
+    let tenant_id = tenant.tenant_id();
+    let ended = db::run(&ctx.pool, move |conn| {
+        Ok(conn.transaction(|conn| {
+            // Only a file still not queued whole: one that got past may end by its chunks.
+            if files::state_of(conn, file_id)? != FileState::Received {
+                return Ok(None);
+            }
+            ending::end(conn, file_id, tenant_id, &why).map(Some)
+        })?)
+    })
+    .await;
+    lock.release().await;
+    match ended {
+        Ok(_) => {
+            forget_failures(ctx, file_id);
+            ctx.kick.kick();
+        }
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "FileGiveUpError"),
+    }
 }
 
 enum OtherNames {

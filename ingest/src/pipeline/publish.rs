@@ -21,7 +21,7 @@ pub(super) enum Validated {
     Good {
         /// Which rows share their unique_id with another row of the file.
         repeats: Repeats,
-        /// When asked for: the `unique_id`s whose last row in the file says `active=0` (for
+        /// When asked for: the `unique_id`s that a row of the file sets to `active=0` (for
         /// the mass-deactivation guard).
         deactivating: Vec<String>,
     },
@@ -35,9 +35,11 @@ pub(super) enum Validated {
 /// (header, unclosed quote, row limit…) is decided before the first row is handed over, and
 /// the rows whose unique_id another row of the file has too are known ([`Repeats`]).
 ///
-/// With `deactivating`, it also collects the `unique_id`s whose last row says `active=0`:
-/// only those are held in memory (a later row of the same id with another value takes it
-/// out), so a file that deactivates no one costs nothing more.
+/// With `deactivating`, it also collects the `unique_id`s that any row sets to `active=0`:
+/// only those are held in memory, so a file that deactivates no one costs nothing more. A
+/// later row of the same id with another value does not take the id out: the later row
+/// wins only if it passes the row checks, and a tenant could otherwise hide every
+/// deactivation behind a refused repeat of its id.
 pub(super) async fn validate_whole(
     file: &File,
     sniff: &Sniff,
@@ -82,10 +84,14 @@ pub(super) async fn validate_whole(
                     if id.is_empty() {
                         continue;
                     }
-                    if row.fields.get(active).map(|v| v.trim()) == Some("0") {
+                    // A later row of the same id does not take it out: that row may be
+                    // refused (an invalid email), and then the earlier one stands. An id
+                    // holding a control character is refused by the worker, so it never
+                    // deactivates anyone (and a NUL cannot be sent to PostgreSQL).
+                    if row.fields.get(active).map(|v| v.trim()) == Some("0")
+                        && !id.chars().any(char::is_control)
+                    {
                         zeros.insert(id.to_owned());
-                    } else if !zeros.is_empty() {
-                        zeros.remove(id);
                     }
                 }
                 Ok(())
@@ -134,6 +140,8 @@ pub(super) async fn publish_rows(
     let sniff_for_read = sniff.clone();
     let limits = ctx.limits;
     let mut f = file.try_clone()?;
+    let watched = file.try_clone()?;
+    let stamp = mode.stamp;
     let reading = tokio::task::spawn_blocking(move || {
         f.seek(SeekFrom::Start(0))?;
         let mut hashing = HashingReader {
@@ -143,6 +151,8 @@ pub(super) async fn publish_rows(
         let mut header_seen: Option<(Vec<String>, Vec<String>, u8)> = None;
         let mut published_rows: u64 = 0;
         let mut published_chunks: u32 = 0;
+        // Set when the file was written to since it was first read: reading stops there.
+        let mut overwritten = false;
         let outcome = reader::read_chunks_mapped(
             &mut hashing,
             &sniff_for_read,
@@ -153,6 +163,12 @@ pub(super) async fn publish_rows(
                 header_seen = Some((cells.to_vec(), map.ignored.clone(), delimiter));
             },
             |chunk_no, header, map, rows| {
+                // Every byte of this chunk was read before this look: if the file was not
+                // written to by now, they are the version first read.
+                if Stamp::of(&watched)? != stamp {
+                    overwritten = true;
+                    return Err(io::Error::other(Overwritten));
+                }
                 let n = rows.len() as u64;
                 let msg = WorkMessage::ChunkV1(Chunk {
                     file_id,
@@ -174,6 +190,7 @@ pub(super) async fn publish_rows(
         let _ = io::copy(&mut hashing, &mut io::sink());
         Ok::<_, io::Error>((
             outcome,
+            overwritten,
             hex::encode(hashing.hasher.finalize()),
             header_seen,
             published_rows,
@@ -285,15 +302,37 @@ pub(super) async fn publish_rows(
             publish_error.get_or_insert(e.into());
         }
     }
-    let (outcome, hash_again, header_seen, published_rows, published_chunks) = reading.await??;
+    let (outcome, overwritten, hash_again, header_seen, published_rows, published_chunks) =
+        reading.await??;
     if let Some(e) = publish_error {
         // Nothing is recorded: the whole file is published again (workers skip the chunks
         // they already imported).
         return Err(e).context("publishing chunks");
     }
-    let outcome = outcome.context("reading the file")?;
+    if overwritten && published_chunks == 0 {
+        let problem = FileProblem {
+            code: FileErrorCode::Unreadable,
+            message: "the file was written to while it was being read; nothing of this version was imported, and its new content is imported as a new upload".into(),
+        };
+        fail(ctx, file_id, tenant, &problem, Some(sniff)).await?;
+        return Ok(());
+    }
     let changed = hash_again != sniff.sha256;
+    let outcome = if overwritten {
+        // Only the chunks read before the write were handed over: the version first read,
+        // cut short. The new content is a new upload (its stamp, so its arrival key,
+        // changed).
+        Err(FileProblem {
+            code: FileErrorCode::Unreadable,
+            message: format!(
+                "The file was written to while it was being imported: only its first {published_rows} data rows, as they were before that, were imported (each is counted and reported here); the rest of that version was not. The new content is imported as a new upload"
+            ),
+        })
+    } else {
+        outcome.context("reading the file")?
+    };
     let (chunks, rows, notice) = match outcome {
+        Err(problem) if overwritten => (published_chunks, published_rows, Some(problem.message)),
         Ok(summary) => {
             let notice = changed.then(|| {
                 "The file changed while it was being imported: the rows were imported as they were read, and the new content is imported as a new upload".to_owned()
@@ -349,6 +388,40 @@ pub(super) async fn publish_rows(
     Ok(())
 }
 
+/// What the file system says of a file's content: its size and when its data last changed
+/// (a write changes `mtime` before its bytes can be read). Not `ctime`: a rename or a
+/// permission change moves it and changes no byte. (A client that sets `mtime` back after
+/// writing in place hides its write from this; it can only mix its own versions.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Stamp {
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    /// The stamp of the open `file` now.
+    pub(super) fn of(file: &File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self {
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// Why the publishing pass stopped reading: the file was written to since it was first read.
+#[derive(Debug)]
+struct Overwritten;
+
+impl std::fmt::Display for Overwritten {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the file was written to while it was being read")
+    }
+}
+
+impl std::error::Error for Overwritten {}
+
 /// How a file's chunks are queued.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Mode {
@@ -358,6 +431,9 @@ pub(super) struct Mode {
     pub(super) dry_run: bool,
     /// The tenant's own header names.
     pub(super) aliases: Vec<(String, Column)>,
+    /// The file's stamp before it was first read: a chunk is handed over only if the stamp
+    /// is unchanged once its bytes were read, so no chunk mixes in a later version.
+    pub(super) stamp: Stamp,
 }
 
 struct HashingReader<R> {

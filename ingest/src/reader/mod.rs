@@ -188,6 +188,16 @@ where
     read_chunks_mapped(file, sniff, limits, chunking, &[], on_header, on_chunk)
 }
 
+/// The first header cell holding a control character other than a tab or a line break
+/// (which a quoted cell may hold), with its position and the character.
+fn header_control(cells: &[String]) -> Option<(usize, &str, char)> {
+    cells.iter().enumerate().find_map(|(i, cell)| {
+        cell.chars()
+            .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+            .map(|c| (i, cell.as_str(), c))
+    })
+}
+
 /// Replaces each header cell that is one of the tenant's own names (`aliases`: normalised
 /// name, our column) by our column's name.
 pub fn apply_aliases(cells: &[String], aliases: &[(String, Column)]) -> Vec<String> {
@@ -346,6 +356,19 @@ where
                     cells.pop();
                 }
                 let uploaded = cells;
+                // A header names its columns in plain text. A control character in it (a
+                // NUL, which a UTF-16 file carries as text, above all) is a broken export:
+                // the column would silently not match, and PostgreSQL cannot even keep it.
+                if let Some((i, cell, c)) = header_control(&uploaded) {
+                    return Ok(Err(FileProblem::new(
+                        FileErrorCode::MalformedCsv,
+                        format!(
+                            "the header's column {} ({cell:?}) holds a control character (U+{:04X}); a header names each column in plain text. Save the file again from your spreadsheet as \"CSV UTF-8\" and upload it again",
+                            i + 1,
+                            c as u32
+                        ),
+                    )));
+                }
                 let cells = apply_aliases(&uploaded, aliases);
                 let map = match HeaderMap::parse(&cells) {
                     Ok(map) => map,
