@@ -4,10 +4,12 @@
 //! console can run the same ones.
 
 mod cmd;
+mod terminal;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use diesel::prelude::*;
+use std::io::{IsTerminal, Write};
 
 use cmd::dead_letters::DeadLettersCmd;
 use cmd::files::FilesCmd;
@@ -96,8 +98,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Every command needs the schema; applying it is idempotent and locked.
         mui_shared::db::migrate(conn)?;
     }
-    let out = &mut std::io::stdout().lock();
-    match cli.command {
+    let stdout = std::io::stdout();
+    if stdout.is_terminal() {
+        dispatch(
+            cli.command,
+            conn,
+            &mut terminal::TerminalSafe::new(stdout.lock()),
+        )
+    } else {
+        dispatch(cli.command, conn, &mut stdout.lock())
+    }
+}
+
+/// Runs `command`, writing to `out`.
+fn dispatch(command: Command, conn: &mut PgConnection, out: &mut impl Write) -> anyhow::Result<()> {
+    match command {
         Command::Migrate => cmd::migrate::run(conn, out),
         Command::Tenant(c) => c.run(conn, out),
         Command::LoginSource(c) => c.run(conn, out),

@@ -7,6 +7,7 @@ use clap::Subcommand;
 use diesel::PgConnection;
 use mui_shared::deadletters;
 use mui_shared::domain::ImportFileId;
+use mui_shared::ending;
 use mui_shared::failures;
 use mui_shared::files::{self, FileLine, FileState};
 use mui_shared::holds;
@@ -24,6 +25,14 @@ pub enum FilesCmd {
         /// How many files.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+    },
+    /// Every file of every tenant that is not finished or whose report did not go out, and
+    /// what each waits on and what resolves it (held, behind an earlier file, dead-lettered
+    /// chunks, a report held or being retried).
+    Waiting {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// One file: state, counts, email, notices and its trace id (the file's trace in Jaeger,
     /// Tempo or any OpenTelemetry backend; shown when the services export traces).
@@ -45,6 +54,30 @@ pub enum FilesCmd {
         /// The file id (from `files list`).
         file_id: i64,
         /// Who approves it, for the record (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Send a held report again (held: the tenant lacked mail settings, its mail server
+    /// refused the address, or kept refusing the report for MAIL_RETRY_SECS): once the
+    /// cause is fixed, the notifier sends it as usual. A report not held is left alone.
+    Resend {
+        /// The file id (from `files list`).
+        file_id: i64,
+    },
+    /// End a file that is registered (`received`) and that no ingest reads, with one report
+    /// to the tenant giving your reason (code `ended_by_operator`); its later files follow.
+    /// Ingest ends such files by itself (content gone, the same error again and again):
+    /// this is the way out for anything else `files waiting` shows stuck. Rows already
+    /// queued from it are kept (imported and reported) and the rest is dropped; a copy still
+    /// in the drop folder is moved to `bak/`, not imported. Refused for a file being read, a
+    /// held one (approve or reject it) or one past `received`.
+    End {
+        /// The file id (from `files waiting`).
+        file_id: i64,
+        /// Why, for the tenant's report.
+        #[arg(long)]
+        reason: String,
+        /// Who ends it, for the record (default: $USER).
         #[arg(long)]
         by: Option<String>,
     },
@@ -73,15 +106,38 @@ impl FilesCmd {
                 list_files(out, conn, &t, json, limit)
             }
             FilesCmd::Show { file_id, json } => show_file(out, conn, file_id, json),
+            FilesCmd::Waiting { json } => {
+                let waiting = files::waiting(conn)?;
+                if json {
+                    serde_json::to_writer_pretty(&mut *out, &waiting)?;
+                    writeln!(out)?;
+                    return Ok(());
+                }
+                if waiting.is_empty() {
+                    writeln!(out, "no file waits on anything")?;
+                }
+                for w in waiting {
+                    writeln!(
+                        out,
+                        "{:>6} {:<16} {:<28} {:<9} {:<8} {}",
+                        w.id,
+                        mui_shared::messages::truncate_for_message(&w.tenant, 15),
+                        mui_shared::messages::truncate_for_message(&w.file_name, 27),
+                        w.state,
+                        w.notify_status,
+                        w.received_at.format("%Y-%m-%d %H:%M:%S")
+                    )?;
+                    writeln!(out, "{:>6} {}", "", w.why)?;
+                }
+                Ok(())
+            }
             FilesCmd::Failures { file_id } => {
-                let file = failures::load_file(conn, ImportFileId(file_id))?
+                let id = ImportFileId(file_id);
+                let (name, header) = failures::name_and_header(conn, id)?
                     .with_context(|| format!("no file with id {file_id}"))?;
-                out.write_all(&file.csv()?)?;
-                eprintln!(
-                    "{} failed row(s) of {:?}",
-                    file.failures.len(),
-                    file.file_name
-                );
+                // Page by page: a file with millions of failed rows is not held in memory.
+                let rows = failures::write_file_csv(conn, id, &header, &mut *out)?;
+                eprintln!("{rows} failed row(s) of {name:?}");
                 Ok(())
             }
             FilesCmd::Approve { file_id, by } => {
@@ -94,6 +150,44 @@ impl FilesCmd {
                     holds::Outcome::Already => {
                         writeln!(out, "file {file_id} was approved already: nothing to do")?
                     }
+                }
+                Ok(())
+            }
+            FilesCmd::Resend { file_id } => {
+                if files::resend_report(conn, ImportFileId(file_id))? {
+                    writeln!(
+                        out,
+                        "file {file_id}: its report is due again; the notifier sends it"
+                    )?;
+                } else {
+                    let (f, _) = files::file_line(conn, file_id)?
+                        .with_context(|| format!("no file with id {file_id}"))?;
+                    writeln!(
+                        out,
+                        "file {file_id}: its report is {} (not held): nothing to do",
+                        f.notify_status
+                    )?;
+                }
+                Ok(())
+            }
+            FilesCmd::End {
+                file_id,
+                reason,
+                by,
+            } => {
+                let ended =
+                    ending::end_by_operator(conn, ImportFileId(file_id), &operator(by), &reason)?;
+                if ended.kept_rows == 0 {
+                    writeln!(
+                        out,
+                        "file {file_id} ended: nothing of it was imported; the tenant is mailed why, and its later files follow"
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "file {file_id} ended: the {} data rows queued before are imported and reported, the rest is not; the tenant is mailed why, and its later files follow",
+                        ended.kept_rows
+                    )?;
                 }
                 Ok(())
             }
@@ -277,11 +371,12 @@ fn show_file(
     )?;
     writeln!(
         out,
-        "imported:    {} (new {}, updated {}, unchanged {})",
+        "imported:    {} (new {}, updated {}, unchanged {}, superseded by a later file {})",
         f.rows_imported(),
         f.rows_inserted,
         f.rows_updated,
-        f.rows_unchanged
+        f.rows_unchanged,
+        f.rows_superseded
     )?;
     writeln!(out, "failed:      {}", f.rows_failed)?;
     writeln!(out, "email:       {}", f.notify_status)?;
