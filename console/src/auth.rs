@@ -66,6 +66,15 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Who took an action, as the record says it: `console`, or `console (bearer token)`.
+    pub fn recorded_as(&self) -> &'static str {
+        if self.csrf.is_some() {
+            "console"
+        } else {
+            "console (bearer token)"
+        }
+    }
+
     /// Whether an action may go ahead: the form's CSRF token is the session's (a request
     /// with the bearer token needs none).
     pub fn check_csrf(&self, presented: Option<&str>) -> bool {

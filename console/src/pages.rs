@@ -22,6 +22,7 @@ use mui_shared::db::{self, DbError};
 use mui_shared::deadletters::{self, DeadLetter, Selection};
 use mui_shared::dispatch::{self, WorkerLine};
 use mui_shared::domain::{ImportFileId, TenantId};
+use mui_shared::ending::{self, EndError};
 use mui_shared::failures::{self, FailureFilter};
 use mui_shared::files::{self, FileDetail, FileLine, FileState, FileTotals, TenantFileLine};
 use mui_shared::holds::{self, HoldError};
@@ -66,6 +67,8 @@ pub fn routes(state: AppState) -> Router {
         .route("/dead-letters/replay", post(replay))
         .route("/held", get(held))
         .route("/held/decide", post(decide))
+        .route("/waiting", get(waiting))
+        .route("/waiting/end", post(end_file))
         .route("/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -748,17 +751,38 @@ async fn file_page(
 /// The failures CSV exactly as the report attaches it (`muictl files failures`), whole.
 async fn failures_csv(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let id = parse_id("file id", &id)?;
-    let file = query(&state, move |conn| {
-        Ok(failures::load_file(conn, ImportFileId(id))?)
+    let (file_name, header) = query(&state, move |conn| {
+        Ok(failures::name_and_header(conn, ImportFileId(id))?)
     })
     .await?
     .ok_or_else(|| AppError::NotFound(format!("no file with id {id}")))?;
-    let csv = file.csv().map_err(|e| {
-        AppError::BadRequest(format!(
-            "the failures CSV of file {id} could not be written: {e}"
-        ))
-    })?;
-    let name = failures::attachment_name(&file.file_name);
+    // Streamed a page of records at a time (failures::write_file_csv) through a bounded
+    // channel: the console's memory does not grow with the file's failures. A failure
+    // part-way cuts the download short (the client sees an incomplete body) and is logged.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    let pool = state.pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut sink = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHANNEL_CHUNK),
+        };
+        let outcome = pool
+            .get()
+            .map_err(|e| e.to_string())
+            .and_then(|mut conn| {
+                failures::write_file_csv(&mut conn, ImportFileId(id), &header, &mut sink)
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|_| sink.flush_out().map_err(|e| e.to_string()));
+        if let Err(e) = outcome {
+            tracing::warn!(file_id = id, error = %e, "FailuresDownloadCut");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+        }
+    });
+    let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let name = failures::attachment_name(&file_name);
     // The name as an RFC 5987 value: every byte outside the unreserved set percent-encoded.
     let encoded: String = name
         .bytes()
@@ -777,9 +801,44 @@ async fn failures_csv(State(state): State<AppState>, Path(id): Path<String>) -> 
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
             (header::CONTENT_DISPOSITION, disposition),
         ],
-        csv,
+        body,
     )
         .into_response())
+}
+
+/// Bytes handed to the response body at a time.
+const CHANNEL_CHUNK: usize = 64 * 1024;
+
+/// A blocking writer into the download's channel, in chunks of [`CHANNEL_CHUNK`]; a
+/// client gone away is a write error, which stops the query.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn flush_out(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHANNEL_CHUNK));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHANNEL_CHUNK {
+            self.flush_out()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1010,6 +1069,35 @@ async fn held(
     }))
 }
 
+/// The form's tenant slug and file id, or what is missing or wrong.
+fn tenant_and_file(tenant: Option<String>, file: Option<String>) -> Result<(String, i64)> {
+    let slug = non_empty(tenant).ok_or_else(|| {
+        AppError::BadRequest("say which tenant (the form's `tenant` field)".to_owned())
+    })?;
+    let file = non_empty(file)
+        .ok_or_else(|| AppError::BadRequest("say which file (the form's `file` field)".to_owned()))
+        .and_then(|raw| parse_id("file id", &raw))?;
+    Ok((slug, file))
+}
+
+/// `None` when `file` is a file of the tenant `slug`; otherwise the 404 to answer.
+fn not_the_tenants(
+    conn: &mut PgConnection,
+    slug: &str,
+    file: i64,
+) -> std::result::Result<Option<AppError>, DbError> {
+    let Some(t) = find_tenant(conn, slug)? else {
+        return Ok(Some(AppError::NotFound(format!("no tenant {slug:?}"))));
+    };
+    Ok(match files::file_line(conn, file)? {
+        Some((_, owner)) if owner == t.slug => None,
+        _ => Some(AppError::NotFound(format!(
+            "tenant {:?} has no file {file}",
+            t.slug
+        ))),
+    })
+}
+
 /// The decision form: approve or reject one held file of the tenant it names.
 #[derive(Debug, Deserialize)]
 pub struct DecideForm {
@@ -1047,12 +1135,7 @@ async fn decide(
     Form(f): Form<DecideForm>,
 ) -> Result<Response> {
     check_csrf(&op, f.csrf.as_deref())?;
-    let slug = non_empty(f.tenant).ok_or_else(|| {
-        AppError::BadRequest("say which tenant (the form's `tenant` field)".to_owned())
-    })?;
-    let file = non_empty(f.file)
-        .ok_or_else(|| AppError::BadRequest("say which file (the form's `file` field)".to_owned()))
-        .and_then(|raw| parse_id("file id", &raw))?;
+    let (slug, file) = tenant_and_file(f.tenant, f.file)?;
     let decision = non_empty(f.decision).unwrap_or_default();
     let approve = match decision.as_str() {
         "approve" => true,
@@ -1063,25 +1146,12 @@ async fn decide(
             )))
         }
     };
-    let by = if op.csrf.is_some() {
-        "console"
-    } else {
-        "console (bearer token)"
-    };
+    let by = op.recorded_as();
     let wanted = slug.clone();
     let outcome = query(&state, move |conn| {
-        let Some(t) = find_tenant(conn, &wanted)? else {
-            return Ok(Err(AppError::NotFound(format!("no tenant {wanted:?}"))));
-        };
         // Only a file of the tenant the form names is ever touched.
-        match files::file_line(conn, file)? {
-            Some((_, owner)) if owner == t.slug => {}
-            _ => {
-                return Ok(Err(AppError::NotFound(format!(
-                    "tenant {:?} has no file {file}",
-                    t.slug
-                ))))
-            }
+        if let Some(refused) = not_the_tenants(conn, &wanted, file)? {
+            return Ok(Err(refused));
         }
         let id = ImportFileId(file);
         let r = if approve {
@@ -1110,5 +1180,82 @@ async fn decide(
     };
     Ok(respond(wants_json(&headers, &uri), &result, |r| {
         views::decided(&op, r)
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------
+
+/// The waiting page: every file not finished or whose report did not go out, with what it
+/// waits on and what resolves it ([`files::waiting`], as `muictl files waiting`).
+#[derive(Debug, Clone, Serialize)]
+pub struct WaitingPage {
+    /// Oldest first.
+    pub files: Vec<files::WaitingFile>,
+}
+
+async fn waiting(
+    State(state): State<AppState>,
+    Extension(op): Extension<Operator>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let files = query(&state, |conn| Ok(files::waiting(conn)?)).await?;
+    let page = WaitingPage { files };
+    Ok(respond(wants_json(&headers, &uri), &page, |p| {
+        views::waiting(&op, p)
+    }))
+}
+
+/// The end form: end one registered file nothing reads, of the tenant it names.
+#[derive(Debug, Deserialize)]
+pub struct EndForm {
+    /// The session's CSRF token.
+    pub csrf: Option<String>,
+    /// The tenant's slug: the file must be this tenant's.
+    pub tenant: Option<String>,
+    /// The file's id.
+    pub file: Option<String>,
+    /// Why, for the tenant's report.
+    pub reason: Option<String>,
+}
+
+/// Ends a registered file that nothing reads through [`ending::end_by_operator`], as
+/// `muictl files end` does; refused (409) for a file being read, held, or past `received`.
+async fn end_file(
+    State(state): State<AppState>,
+    Extension(op): Extension<Operator>,
+    headers: HeaderMap,
+    uri: Uri,
+    Form(f): Form<EndForm>,
+) -> Result<Response> {
+    check_csrf(&op, f.csrf.as_deref())?;
+    let (slug, file) = tenant_and_file(f.tenant, f.file)?;
+    let reason = non_empty(f.reason).ok_or_else(|| {
+        AppError::BadRequest(
+            "say why (the form's `reason` field): it goes into the tenant's report".to_owned(),
+        )
+    })?;
+    let by = op.recorded_as();
+    let wanted = slug.clone();
+    let ended = query(&state, move |conn| {
+        // Only a file of the tenant the form names is ever touched.
+        if let Some(refused) = not_the_tenants(conn, &wanted, file)? {
+            return Ok(Err(refused));
+        }
+        Ok(
+            match ending::end_by_operator(conn, ImportFileId(file), by, &reason) {
+                Ok(e) => Ok(e),
+                Err(EndError::Db(e)) => return Err(DbError::from(e)),
+                Err(e @ EndError::NoSuchFile(_)) => Err(AppError::NotFound(e.to_string())),
+                Err(e) => Err(AppError::Conflict(e.to_string())),
+            },
+        )
+    })
+    .await??;
+    tracing::info!(tenant = %slug, file, kept_rows = ended.kept_rows, "ConsoleEndedFile");
+    Ok(respond(wants_json(&headers, &uri), &ended, |e| {
+        views::ended(&op, &slug, e)
     }))
 }

@@ -9,7 +9,7 @@ use mui_shared::deadletters::DeadLetter;
 use crate::auth::Operator;
 use crate::pages::{
     DeadLettersPage, DecisionResult, FilePage, FileView, HeldPage, Overview, ReplayResult,
-    TenantPage, TenantSummary, CSS_PATH, HTMX_PATH, HTMX_SSE_PATH,
+    TenantPage, TenantSummary, WaitingPage, CSS_PATH, HTMX_PATH, HTMX_SSE_PATH,
 };
 
 fn when(t: DateTime<Utc>) -> String {
@@ -53,6 +53,7 @@ fn page(title: &str, op: Option<&Operator>, body: Markup) -> Markup {
                             a href="/tenants" { "Tenants" }
                             a href="/dead-letters" { "Dead letters" }
                             a href="/held" { "Held" }
+                            a href="/waiting" { "Waiting" }
                             form.inline method="post" action="/logout" {
                                 input type="hidden" name="csrf" value=(op.csrf_token());
                                 button type="submit" { "Log out" }
@@ -364,7 +365,7 @@ pub fn file(op: &Operator, p: &FilePage) -> Markup {
                 dt { "state" } dd #file-state { (f.status) }
                 dt { "rows" } dd { (f.rows_done) " handled of " @match f.file.rows_total { Some(n) => (n), None => "?" }
                     "; chunks " (f.file.chunks_done) " of " @match f.file.total_chunks { Some(n) => (n), None => "?" } }
-                dt { "imported" } dd { (f.file.rows_inserted) " created, " (f.file.rows_updated) " changed, " (f.file.rows_unchanged) " unchanged" }
+                dt { "imported" } dd { (f.file.rows_inserted) " created, " (f.file.rows_updated) " changed, " (f.file.rows_unchanged) " unchanged" @if f.file.rows_superseded > 0 { ", " (f.file.rows_superseded) " left as a later file had set them" } }
                 dt { "failed rows" } dd #rows-failed { (f.file.rows_failed) }
                 dt { "archive" } dd { (f.file.users_archived) " user(s) archived, " (f.file.users_reactivated) " reactivated, " (f.file.permits_released) " permit(s) released" }
                 @if let Some(m) = &f.file.error_message {
@@ -569,6 +570,60 @@ pub fn decided(op: &Operator, r: &DecisionResult) -> Markup {
                 }
             }
             p { a href="/held" { "Back to the held files" } " · " a href="/" { "the overview" } }
+        },
+    )
+}
+
+/// Every file that waits on something, what on, and an End button for a registered one
+/// nothing reads.
+pub fn waiting(op: &Operator, p: &WaitingPage) -> Markup {
+    page(
+        "Waiting",
+        Some(op),
+        html! {
+            p.hint { "Every file not finished, or whose report did not go out, with what it waits on and what resolves it (the same as muictl files waiting). By design every file ends by itself; one listed here for long is a fault to look into. A registered file that no ingest reads can be ended here (the same as muictl files end): the tenant is mailed your reason, rows queued from it before are kept, and its later files follow." }
+            table #waiting {
+                thead { tr { th { "id" } th { "tenant" } th { "file" } th { "state" } th { "report" } th { "received" } th { "waits on" } th { "end" } } }
+                tbody {
+                    @for w in &p.files {
+                        tr id=(format!("waiting-{}", w.id)) {
+                            td { (w.id) } td { (tenant_link(&w.tenant)) }
+                            td { a href=(format!("/files/{}", w.id)) { (w.file_name) } }
+                            td { (w.state.to_string()) } td { (w.notify_status.to_string()) }
+                            td { (when(w.received_at)) } td.problem { (w.why) }
+                            td {
+                                @if w.can_end {
+                                    form.inline method="post" action="/waiting/end" {
+                                        input type="hidden" name="csrf" value=(op.csrf_token());
+                                        input type="hidden" name="tenant" value=(w.tenant);
+                                        input type="hidden" name="file" value=(w.id);
+                                        input type="text" name="reason" required placeholder="why (goes to the tenant)";
+                                        button type="submit" class="end-file" { "End" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    @if p.files.is_empty() { tr { td colspan="8" { "No file waits on anything." } } }
+                }
+            }
+        },
+    )
+}
+
+/// What ending a file did.
+pub fn ended(op: &Operator, tenant: &str, e: &mui_shared::ending::Ended) -> Markup {
+    page(
+        "Ended",
+        Some(op),
+        html! {
+            p #end-result {
+                "Tenant " (tenant_link(tenant)) ", file " a href=(format!("/files/{}", e.file)) { (e.file) } ": ended. "
+                @if e.kept_rows == 0 { "Nothing of it was imported; " }
+                @else { "The " (e.kept_rows) " data rows queued before are imported and reported, the rest is not; " }
+                "the tenant is mailed why, and its later files follow."
+            }
+            p { a href="/waiting" { "Back to the waiting files" } " · " a href="/" { "the overview" } }
         },
     )
 }
