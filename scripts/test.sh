@@ -27,6 +27,14 @@ else
     echo "test result: FAILED. 0 passed; 1 failed (mui-fuzz)" | tee -a "$log"
     status=1
 fi
+# The chaos soak (tests/src/soak.rs): MUI_SOAK_MINUTES (2) of random files from dozens of
+# tenants while the services are killed and PostgreSQL, RabbitMQ and SMTP fail, then every
+# file, report, mail, user and permit checked against the reference model
+# (tests/src/model.rs). It prints its seed; `scripts/soak.sh --seed S` replays it.
+cargo build --locked -q -p mui-tests --bin mui-soak --bin mui-service
+if ! "${CARGO_TARGET_DIR:-target}/debug/mui-soak" --minutes "${MUI_SOAK_MINUTES:-2}" 2>&1 | tee -a "$log"; then
+    status=1
+fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
 exit "$status"

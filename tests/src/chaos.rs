@@ -378,6 +378,11 @@ impl ServiceProcess {
         }
     }
 
+    /// The process id while it runs (the soak reads its peak memory from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
+    }
+
     /// Whether it is still running (not exited on its own).
     pub fn running(&mut self) -> bool {
         match self.child.as_mut() {

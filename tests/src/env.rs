@@ -172,6 +172,7 @@ impl TestEnv {
             max_attached_failures: 50_000,
             mail_concurrency: 4,
             smtp_timeout_secs: 30,
+            mail_retry_secs: 900,
             attach_compress_bytes: 2 * 1024 * 1024,
             max_mail_bytes: 10 * 1024 * 1024,
         }

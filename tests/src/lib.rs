@@ -20,12 +20,14 @@ pub mod chaos;
 mod db;
 mod env;
 pub mod fuzzing;
+pub mod model;
 pub mod netns;
 pub mod otlp;
 pub mod private;
 mod proxy;
 pub mod sftp;
 mod smtp;
+pub mod soak;
 
 pub use app::{spawn_app, spawn_app_with, App};
 pub use db::{amqp_url, base_database_url, register_file, TestDb};

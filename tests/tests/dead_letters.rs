@@ -63,7 +63,9 @@ async fn a_poison_chunk_is_dead_lettered_and_replayed_once_after_the_fix() {
     })
     .await;
     // The work behind it went on: every other chunk is imported; and a later file of the
-    // same tenant is imported and reported.
+    // same tenant is imported and reported. It also sets p041, a user of the dead chunk:
+    // when the chunk is replayed, arrival order keeps the later file's values, and the
+    // report counts that row as superseded, not as unchanged.
     env.wait_until(60, "every other chunk imported", || {
         env.users(&t).len() == 60 - 3 - 2 // the dead chunk, two bad rows
     })
@@ -72,7 +74,7 @@ async fn a_poison_chunk_is_dead_lettered_and_replayed_once_after_the_fix() {
         .drop_file(
             "acme",
             "later.csv",
-            b"unique_id,login_source\nq1,sso\nq2,bogus\n",
+            b"unique_id,login_source,first_name\nq1,sso,Q\nq2,bogus,\np041,sso,Later\n",
         )
         .unwrap();
     let env = &app.env;
@@ -151,10 +153,22 @@ async fn a_poison_chunk_is_dead_lettered_and_replayed_once_after_the_fix() {
         ("done", "sent")
     );
     assert_eq!(
-        (poisoned.rows_inserted, poisoned.rows_failed),
-        (57, 3),
-        "inserted once, 3 failed"
+        (
+            poisoned.rows_inserted,
+            poisoned.rows_unchanged,
+            poisoned.rows_superseded,
+            poisoned.rows_failed
+        ),
+        (56, 0, 1, 3),
+        "inserted once, p041 left as the later file set it, 3 failed"
     );
+    let p041: String = mui_shared::schema::users::table
+        .filter(mui_shared::schema::users::tenant_id.eq(t.id))
+        .filter(mui_shared::schema::users::unique_id.eq("p041"))
+        .select(mui_shared::schema::users::first_name.assume_not_null())
+        .first(&mut app.env.db.conn())
+        .unwrap();
+    assert_eq!(p041, "Later", "the later file wins");
     assert_eq!(
         app.env.users(&t).len(),
         58,
@@ -166,6 +180,13 @@ async fn a_poison_chunk_is_dead_lettered_and_replayed_once_after_the_fix() {
         .iter()
         .find(|m| m.subject().contains("poisoned.csv"))
         .expect("the poisoned file's email");
+    assert!(
+        mail.body().contains(
+            "56 new, 0 updated, 0 unchanged, 1 left as a later file of yours had set them"
+        ),
+        "{}",
+        mail.body()
+    );
     assert_eq!(reported_rows(&mail.attachments()[0].1), vec![7, 41, 52]);
     assert!(deadletters::list(&mut app.env.db.conn(), None, false)
         .unwrap()

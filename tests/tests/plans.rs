@@ -291,8 +291,8 @@ fn hot_statements() -> Vec<Hot> {
         hot(
             "count_chunk",
             sql::COUNT_CHUNK,
-            "bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint",
-            Box::new(|a| format!("{}, 1, 2, 3, 4, 5, 6, 7", a.file)),
+            "bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint, bigint",
+            Box::new(|a| format!("{}, 1, 2, 3, 4, 5, 6, 7, 8", a.file)),
             false,
         ),
         hot(

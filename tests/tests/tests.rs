@@ -15,6 +15,7 @@ mod faults;
 mod file_level;
 mod guard;
 mod hosts;
+mod invariants;
 mod isolation;
 mod kills;
 mod observability;
