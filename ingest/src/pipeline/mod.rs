@@ -164,6 +164,16 @@ impl Hooks {
     }
 }
 
+/// What handling an entry did with it, as far as watching the folder is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Imported, failed, moved, or put off (locked by another ingest, replaced or renamed
+    /// meanwhile): if the name is still there, it is looked at again.
+    Done,
+    /// Reported and left where it is by design: not looked at again until it changes.
+    Left,
+}
+
 /// Handles the entry `name` of `tenant`'s drop folder: every file-system operation goes
 /// through `folder`'s handle, never through a path a tenant could redirect.
 pub async fn handle(
@@ -171,18 +181,19 @@ pub async fn handle(
     tenant: &Tenant,
     folder: Arc<TenantFolder>,
     name: OsString,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Handled> {
     let (display, escaped) = folder::display_name(&name);
     let meta = match folder.stat(&name) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Handled::Done),
         Err(e) => {
             return Err(e)
                 .with_context(|| format!("stat {display:?} in {}", folder.path().display()))
         }
     };
     if !meta.regular() {
-        return handle_not_regular(ctx, tenant, &display, meta.kind.describe(), &meta).await;
+        handle_not_regular(ctx, tenant, &display, meta.kind.describe(), &meta).await?;
+        return Ok(Handled::Left);
     }
     let file = match folder.open_file(&name) {
         Ok(f) => f,
@@ -195,11 +206,12 @@ pub async fn handle(
                     meta.mode
                 ),
             };
-            return report_unopened(ctx, tenant, &display, &meta, &problem).await;
+            report_unopened(ctx, tenant, &display, &meta, &problem).await?;
+            return Ok(Handled::Left);
         }
         // Replaced by a link or removed since the stat: the next scan sees what is there.
         Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => {
-            return Ok(())
+            return Ok(Handled::Done)
         }
         Err(e) => {
             return Err(e)
@@ -210,24 +222,25 @@ pub async fn handle(
     // Taken before the first byte is read: a write into the file after this shows in it.
     let stamp = publish::Stamp::of(&file)?;
     if !fmeta.regular() || fmeta.ino != meta.ino {
-        return Ok(()); // Replaced under us; the next scan sees the new entry.
+        return Ok(Handled::Done); // Replaced under us; the next scan sees the new entry.
     }
     if fmeta.nlink > 1 {
         match other_names(&folder, &name, fmeta.ino) {
             // OpenSSH renames by link + unlink: the temporary name is about to go.
-            OtherNames::RenameInProgress => return Ok(()),
+            OtherNames::RenameInProgress => return Ok(Handled::Done),
             // All names are the tenant's: the file is registered once by its content and
             // inode, whichever name is handled first.
             OtherNames::InOwnFolder => {}
             OtherNames::Elsewhere => {
-                return handle_not_regular(
+                handle_not_regular(
                     ctx,
                     tenant,
                     &display,
                     "a hard link to a file outside this folder",
                     &meta,
                 )
-                .await;
+                .await?;
+                return Ok(Handled::Left);
             }
         }
     }
@@ -277,7 +290,7 @@ pub async fn handle(
     let result = async move {
         let Some(lock) = FileLock::try_acquire(&ctx.database_url, file_id).await? else {
             tracing::debug!("FileLockedElsewhere");
-            return Ok(());
+            return Ok(false); // not handled here: says nothing of its failures
         };
         let state = current_state(&ctx.pool, file_id).await?;
         if state == FileState::Received {
@@ -354,7 +367,7 @@ pub async fn handle(
                         };
                         fail(ctx, file_id, tenant, &problem, Some(&sniff)).await?;
                         lock.release().await;
-                        return Ok(());
+                        return Ok(true);
                     }
                     Validated::Good {
                         repeats,
@@ -424,7 +437,7 @@ pub async fn handle(
             .await?;
             tracing::warn!("FileOverwrittenInPlace");
             lock.release().await;
-            return Ok(());
+            return Ok(true);
         }
         let f = folder.clone();
         let owned_name = name.clone();
@@ -441,17 +454,23 @@ pub async fn handle(
         db::run(&ctx.pool, move |conn| Ok(files::archived(conn, file_id, &archived)?)).await?;
         tracing::info!("FileArchived");
         lock.release().await;
-        Ok(())
+        Ok(true)
     }
     .instrument(span.clone())
     .await;
-    if let Err(e) = &result {
-        otel::set_error(&span, format!("{e:#}"));
-        give_up_if_persistent(ctx, tenant, file_id, e).await;
-    } else {
-        forget_failures(ctx, file_id);
+    match &result {
+        Err(e) => {
+            otel::set_error(&span, format!("{e:#}"));
+            give_up_if_persistent(ctx, tenant, file_id, e).await;
+        }
+        // Handled to its end: its failures in a row are over. Not so when another
+        // connection held its lock: often only the last failed try's own connection, not yet
+        // closed by the server, and taking that for a success kept a file that always fails
+        // from ever being given up (its tenant's later files waiting behind it for good).
+        Ok(true) => forget_failures(ctx, file_id),
+        Ok(false) => {}
     }
-    result
+    result.map(|_| Handled::Done)
 }
 
 fn forget_failures(ctx: &Context, file_id: ImportFileId) {
