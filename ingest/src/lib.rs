@@ -205,7 +205,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
     // Watched folders and the inode each was watched at: a folder deleted and made again is
     // a new inode, and needs a new watch.
     let mut watched: HashMap<PathBuf, (u64, u64)> = HashMap::new();
-    let mut tasks: JoinSet<(String, OsString, anyhow::Result<()>)> = JoinSet::new();
+    let mut tasks: JoinSet<(String, OsString, anyhow::Result<pipeline::Handled>)> = JoinSet::new();
     // Files an ingest moved into bak/ and died before recording: looked for once the
     // folders are open, at the first rescan.
     let mut archives_checked = false;
@@ -297,6 +297,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 match done {
                     Ok((slug, name, result)) => {
+                        let handled = result.as_ref().ok().copied();
                         if let Err(e) = result {
                             // Left in place: the next rescan tries again. A file that was
                             // moved to bak/ before the error (recording the move failed)
@@ -310,7 +311,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> anyhow::R
                                 "FileHandleError"
                             );
                         }
-                        st.finished(&slug, name);
+                        st.finished(&slug, name, handled);
                     }
                     Err(e) => tracing::error!(error = %e, "FileTaskPanicked"),
                 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use mui_shared::tenants::Tenant;
 
 use crate::folder::{self, Signature, TenantFolder};
-use crate::pipeline;
+use crate::pipeline::{self, Handled};
 
 #[derive(Debug)]
 pub(crate) struct Candidate {
@@ -57,10 +57,17 @@ pub struct Watch {
     /// The last problem recorded for each tenant's folder (None: fine).
     pub folder_problems: HashMap<String, Option<String>>,
     candidates: HashMap<Entry, Candidate>,
-    /// Ready files per tenant, oldest mtime first.
-    ready: HashMap<String, BTreeMap<(i64, OsString), ()>>,
+    /// Ready files per tenant, oldest mtime first, each as it was when it became ready.
+    ready: HashMap<String, BTreeMap<(i64, OsString), Signature>>,
     busy: HashSet<String>,
-    in_flight: HashSet<Entry>,
+    /// Entries handed over and not yet finished, as they were when they became ready.
+    in_flight: HashMap<Entry, Signature>,
+    /// Entries reported and left where they are by design ([`Handled::Left`]: a folder, a
+    /// link, a FIFO, a file ingest may not read), as they were when handled: not handed
+    /// over again while they stay so. Without this, each one was handled again at every
+    /// tick, oldest first: a tenant who left some in the folder kept ingest busy re-reporting
+    /// them, and once there were enough of them its own uploads never got a turn.
+    left: HashMap<Entry, Signature>,
 }
 
 impl Watch {
@@ -84,12 +91,20 @@ impl Watch {
             return;
         }
         let key = (slug.to_owned(), name);
-        if self.in_flight.contains(&key) {
+        if self.in_flight.contains_key(&key) {
             return; // looked at again when it is finished
         }
         let Some(folder) = self.folders.get(slug) else {
             return;
         };
+        if let Some(was) = self.left.get(&key) {
+            match folder.stat(&key.1) {
+                Ok(sig) if sig == *was => return, // reported already, unchanged
+                _ => {
+                    self.left.remove(&key);
+                }
+            }
+        }
         if let Some(cand) = self.candidates.get_mut(&key) {
             if finished.is_some() {
                 // Its state as of the close: settle takes it if nothing changed since.
@@ -138,6 +153,10 @@ impl Watch {
             Ok(n) => n,
             Err(e) => return Some(e.to_string()),
         };
+        // What was left in place and is gone since is forgotten.
+        let listed: HashSet<&OsString> = names.iter().collect();
+        self.left
+            .retain(|(s, name), _| s != slug || listed.contains(name));
         for name in names {
             self.observe(slug, name);
         }
@@ -159,14 +178,14 @@ impl Watch {
             match look(folders.get(slug), name, cand, now, settle, &open_for_write) {
                 Look::Gone => false,
                 Look::Wait => true,
-                Look::Ready(mtime) => {
-                    became_ready.push((slug.clone(), name.clone(), mtime));
+                Look::Ready(sig) => {
+                    became_ready.push((slug.clone(), name.clone(), sig));
                     false
                 }
             }
         });
-        for (slug, name, mtime) in became_ready {
-            self.make_ready(slug, name, mtime);
+        for (slug, name, sig) in became_ready {
+            self.make_ready(slug, name, sig);
         }
     }
 
@@ -196,18 +215,18 @@ impl Watch {
             Look::Gone => {
                 self.candidates.remove(&key);
             }
-            Look::Ready(mtime) => {
+            Look::Ready(sig) => {
                 self.candidates.remove(&key);
-                self.make_ready(key.0, key.1, mtime);
+                self.make_ready(key.0, key.1, sig);
             }
         }
     }
 
-    fn make_ready(&mut self, slug: String, name: OsString, mtime: i64) {
+    fn make_ready(&mut self, slug: String, name: OsString, sig: Signature) {
         self.ready
             .entry(slug)
             .or_default()
-            .insert((mtime, name), ());
+            .insert((sig.mtime_ns, name), sig);
     }
 
     /// The files to hand over now, at most `free`: one per tenant at a time (a tenant's
@@ -226,7 +245,7 @@ impl Watch {
             let Some(queue) = self.ready.get_mut(&slug) else {
                 continue;
             };
-            let Some(((_, name), ())) = queue.pop_first() else {
+            let Some(((_, name), sig)) = queue.pop_first() else {
                 continue;
             };
             if queue.is_empty() {
@@ -240,19 +259,28 @@ impl Watch {
                 continue;
             };
             self.busy.insert(slug.clone());
-            self.in_flight.insert((slug, name.clone()));
+            self.in_flight.insert((slug, name.clone()), sig);
             out.push((tenant, folder, name));
         }
         out
     }
 
-    /// A file handed over by [`Watch::next_ready`] was handled (or failed and is left for a
-    /// retry): its tenant may go on, and its name is looked at again at once, since a new
-    /// upload under the same name may have arrived meanwhile.
-    pub fn finished(&mut self, slug: &str, name: OsString) {
+    /// A file handed over by [`Watch::next_ready`] was handled (`Some`) or failed and is
+    /// left for a retry (`None`): its tenant may go on, and its name is looked at again at
+    /// once, since a new upload under the same name may have arrived meanwhile; unless it was
+    /// [`Handled::Left`] and is still exactly as it was when it became ready.
+    pub fn finished(&mut self, slug: &str, name: OsString, handled: Option<Handled>) {
         self.busy.remove(slug);
-        self.in_flight.remove(&(slug.to_owned(), name.clone()));
-        self.observe(slug, name);
+        let key = (slug.to_owned(), name);
+        let was = self.in_flight.remove(&key);
+        if let (Some(Handled::Left), Some(was), Some(folder)) =
+            (handled, was, self.folders.get(slug))
+        {
+            if folder.stat(&key.1).ok() == Some(was) {
+                self.left.insert(key.clone(), was);
+            }
+        }
+        self.observe(slug, key.1);
     }
 }
 
@@ -262,8 +290,8 @@ enum Look {
     Gone,
     /// Not yet: changed, still settling, or still open for writing.
     Wait,
-    /// Ready, with its mtime (the tenant's files are taken oldest first).
-    Ready(i64),
+    /// Ready, as it is now (the tenant's files are taken oldest mtime first).
+    Ready(Signature),
 }
 
 /// Looks at one candidate now, updating what it remembers of it.
@@ -298,7 +326,7 @@ fn look(
         cand.finished = None;
         return Look::Wait;
     }
-    Look::Ready(sig.mtime_ns)
+    Look::Ready(sig)
 }
 
 #[cfg(test)]
@@ -470,7 +498,7 @@ mod tests {
             "acme is busy with its older file"
         );
         std::fs::remove_file(root.path().join("acme/upload/old.csv")).unwrap();
-        w.finished("acme", "old.csv".into());
+        w.finished("acme", "old.csv".into(), Some(Handled::Done));
         assert_eq!(names(&w.next_ready(4)), [("acme".into(), "new.csv".into())]);
     }
 
@@ -483,9 +511,112 @@ mod tests {
         assert_eq!(w.next_ready(1).len(), 1);
         // While it was handled, a new upload took the same name.
         write(root.path(), "acme", "u.csv", "2");
-        w.finished("acme", "u.csv".into());
+        w.finished("acme", "u.csv".into(), Some(Handled::Done));
         assert!(w
             .candidates
             .contains_key(&("acme".to_owned(), OsString::from("u.csv"))));
+    }
+
+    /// Hands over everything ready one at a time, as the loop does, finishing each as
+    /// `handled` says; returns the names handed over, in order.
+    fn handle_all(w: &mut Watch, handled: impl Fn(&str) -> Handled) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let got = names(&w.next_ready(1));
+            let Some((slug, name)) = got.into_iter().next() else {
+                return out;
+            };
+            w.finished(&slug, name.clone().into(), Some(handled(&name)));
+            w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+            out.push(name);
+        }
+    }
+
+    fn left_if_special(name: &str) -> Handled {
+        if name.starts_with('s') {
+            Handled::Left
+        } else {
+            Handled::Done
+        }
+    }
+
+    #[test]
+    fn an_entry_left_in_place_is_not_handed_over_again_until_it_changes() {
+        let (root, mut w) = setup(&["acme"]);
+        let folder = root.path().join("acme/upload");
+        std::fs::create_dir(folder.join("s1.csv")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", folder.join("s2.csv")).unwrap();
+        assert_eq!(w.scan(root.path(), "acme"), None);
+        w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+        let mut first = handle_all(&mut w, left_if_special);
+        first.sort();
+        assert_eq!(first, ["s1.csv", "s2.csv"]);
+        // Rescans and ticks find them unchanged: nothing to hand over.
+        for _ in 0..3 {
+            assert_eq!(w.scan(root.path(), "acme"), None);
+            w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+            assert!(
+                w.next_ready(4).is_empty(),
+                "a left entry was handed over again"
+            );
+        }
+        // Replaced by another folder of the same name: a new entry, reported again.
+        std::fs::remove_dir(folder.join("s1.csv")).unwrap();
+        std::fs::create_dir(folder.join("s1.csv")).unwrap();
+        assert_eq!(w.scan(root.path(), "acme"), None);
+        w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+        assert_eq!(handle_all(&mut w, left_if_special), ["s1.csv"]);
+        // Gone: forgotten.
+        std::fs::remove_file(folder.join("s2.csv")).unwrap();
+        assert_eq!(w.scan(root.path(), "acme"), None);
+        assert_eq!(w.left.len(), 1, "{:?}", w.left.keys());
+    }
+
+    #[test]
+    fn an_entry_that_failed_or_was_put_off_is_looked_at_again() {
+        let (root, mut w) = setup(&["acme"]);
+        std::fs::create_dir(root.path().join("acme/upload/s1.csv")).unwrap();
+        assert_eq!(w.scan(root.path(), "acme"), None);
+        w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+        assert_eq!(names(&w.next_ready(1)).len(), 1);
+        // The database was away: the error leaves it for a retry.
+        w.finished("acme", "s1.csv".into(), None);
+        w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+        assert_eq!(
+            names(&w.next_ready(1)).len(),
+            1,
+            "not retried after an error"
+        );
+        w.finished("acme", "s1.csv".into(), Some(Handled::Done));
+        w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+        assert_eq!(names(&w.next_ready(1)).len(), 1, "not looked at again");
+    }
+
+    #[test]
+    fn uploads_behind_many_left_entries_get_their_turn_once() {
+        let (root, mut w) = setup(&["acme"]);
+        let folder = root.path().join("acme/upload");
+        for i in 0..200 {
+            std::fs::create_dir(folder.join(format!("s{i}.csv"))).unwrap();
+        }
+        assert_eq!(w.scan(root.path(), "acme"), None);
+        w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+        assert_eq!(handle_all(&mut w, left_if_special).len(), 200);
+        // Uploads that come later are handed over at once, and nothing else is.
+        for round in 0..5 {
+            let name = format!("u{round}.csv");
+            write(root.path(), "acme", &name, "x");
+            assert_eq!(w.scan(root.path(), "acme"), None);
+            w.settle(Instant::now() + Duration::from_secs(5), ONE_S, |_, _| false);
+            assert_eq!(
+                handle_all(&mut w, |n| {
+                    if n.starts_with('u') {
+                        let _ = std::fs::remove_file(folder.join(n)); // moved to bak/
+                    }
+                    left_if_special(n)
+                }),
+                [name]
+            );
+        }
     }
 }
