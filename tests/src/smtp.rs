@@ -15,6 +15,8 @@ pub struct ReceivedMail {
     pub to: Vec<String>,
     /// Raw message.
     pub data: Vec<u8>,
+    /// When its transfer began (DATA).
+    pub at: std::time::Instant,
 }
 
 impl ReceivedMail {
@@ -154,6 +156,7 @@ impl mailin_embedded::Handler for SinkHandler {
             from: from.to_owned(),
             to: to.to_vec(),
             data: Vec::new(),
+            at: std::time::Instant::now(),
         });
         mailin_embedded::response::OK
     }
