@@ -148,6 +148,80 @@ async fn links_and_fifos_in_a_drop_folder_are_reported_and_never_opened() {
     app.stop().await;
 }
 
+/// The file ids handed out so far (each registration attempt takes one, even for an entry
+/// registered before).
+fn ids_taken(env: &mui_tests::TestEnv) -> i64 {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Last {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        last_value: i64,
+    }
+    diesel::sql_query("SELECT last_value FROM import_files_id_seq")
+        .get_result::<Last>(&mut env.db.conn())
+        .unwrap()
+        .last_value
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn entries_left_in_a_drop_folder_are_reported_once_and_the_tenant_goes_on() {
+    let mut app = spawn_app_with(AppOptions {
+        rescan_secs: 1,
+        ..AppOptions::default()
+    })
+    .await;
+    let acme = app.env.tenant("acme").unwrap();
+    let dir = app.env.folder("acme");
+    // Folders, links and FIFOs the tenant leaves in its folder for good.
+    for i in 0..60 {
+        let p = dir.join(format!("s{i}.csv"));
+        match i % 3 {
+            0 => std::fs::create_dir(&p).unwrap(),
+            1 => std::os::unix::fs::symlink("/etc/hostname", &p).unwrap(),
+            _ => assert!(std::process::Command::new("mkfifo")
+                .arg(&p)
+                .status()
+                .unwrap()
+                .success()),
+        }
+    }
+    let files = app.wait_files_finished(&acme, 60).await;
+    assert!(
+        files
+            .iter()
+            .all(|f| f.error_code.as_deref() == Some("not_regular_file")),
+        "{files:?}"
+    );
+    // Rescans and ticks go by: none of them is handled again (each handling took a file id,
+    // 5 per entry and second before).
+    let before = ids_taken(&app.env);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(ids_taken(&app.env), before, "entries handled again");
+    // The tenant's uploads are taken as ever, each once.
+    for n in 0..3 {
+        app.env
+            .drop_file(
+                "acme",
+                &format!("u{n}.csv"),
+                &users_csv(&[&format!("a{n}")]),
+            )
+            .unwrap();
+    }
+    let files = app.wait_files_finished(&acme, 63).await;
+    assert_eq!(files.len(), 63, "{files:?}");
+    assert_eq!(app.env.users(&acme).len(), 3);
+    // A left entry replaced by another is a new entry, reported again.
+    std::fs::remove_dir(dir.join("s0.csv")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", dir.join("s0.csv")).unwrap();
+    let files = app.wait_files_finished(&acme, 64).await;
+    assert_eq!(
+        files.iter().filter(|f| f.file_name == "s0.csv").count(),
+        2,
+        "{files:?}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reupload_under_the_same_name_while_importing_is_imported_too() {
     let (options, mut pauses) = with_pauses();
