@@ -77,6 +77,28 @@ pub fn load_failures_within(
 }
 
 /// [`load_failures_within`] of the records after row `after`.
+/// A failure record as `row_failures` stores it.
+#[derive(QueryableByName)]
+struct Stored {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    row_number: i64,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    fields: serde_json::Value,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    errors: serde_json::Value,
+}
+
+impl Stored {
+    fn into_failure(self) -> QueryResult<RowFailure> {
+        let bad = |e: serde_json::Error| diesel::result::Error::DeserializationError(Box::new(e));
+        Ok(RowFailure {
+            row: self.row_number as u64,
+            fields: serde_json::from_value(self.fields).map_err(bad)?,
+            errors: serde_json::from_value(self.errors).map_err(bad)?,
+        })
+    }
+}
+
 fn load_page(
     conn: &mut PgConnection,
     file_id: ImportFileId,
@@ -84,16 +106,7 @@ fn load_page(
     limit: i64,
     max_bytes: i64,
 ) -> Result<Vec<RowFailure>, diesel::result::Error> {
-    use diesel::sql_types::{BigInt, Jsonb};
-    #[derive(QueryableByName)]
-    struct Stored {
-        #[diesel(sql_type = BigInt)]
-        row_number: i64,
-        #[diesel(sql_type = Jsonb)]
-        fields: serde_json::Value,
-        #[diesel(sql_type = Jsonb)]
-        errors: serde_json::Value,
-    }
+    use diesel::sql_types::BigInt;
     let rows: Vec<Stored> = diesel::sql_query(
         "SELECT row_number, fields, errors FROM \
            (SELECT row_number, fields, errors, len, sum(len) OVER (ORDER BY row_number) AS upto \
@@ -108,17 +121,7 @@ fn load_page(
     .bind::<BigInt, _>(max_bytes)
     .bind::<BigInt, _>(after)
     .load(conn)?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(RowFailure {
-                row: r.row_number as u64,
-                fields: serde_json::from_value(r.fields)
-                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
-                errors: serde_json::from_value(r.errors)
-                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
-            })
-        })
-        .collect()
+    rows.into_iter().map(Stored::into_failure).collect()
 }
 
 /// Which of a file's failure records to show: those with an error of this code and/or on
@@ -140,16 +143,7 @@ pub fn failures_page(
     offset: i64,
     limit: i64,
 ) -> QueryResult<(i64, Vec<RowFailure>)> {
-    use diesel::sql_types::{BigInt, Jsonb, Nullable, Text};
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = BigInt)]
-        row_number: i64,
-        #[diesel(sql_type = Jsonb)]
-        fields: serde_json::Value,
-        #[diesel(sql_type = Jsonb)]
-        errors: serde_json::Value,
-    }
+    use diesel::sql_types::{BigInt, Nullable, Text};
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
@@ -165,7 +159,7 @@ pub fn failures_page(
     .bind::<Nullable<Text>, _>(filter.code.as_deref())
     .bind::<Nullable<Text>, _>(filter.column.as_deref())
     .get_result(conn)?;
-    let rows: Vec<Row> = diesel::sql_query(format!(
+    let rows: Vec<Stored> = diesel::sql_query(format!(
         "SELECT row_number, fields, errors FROM row_failures \
          WHERE {MATCHES} ORDER BY row_number OFFSET $4 LIMIT $5"
     ))
@@ -177,15 +171,7 @@ pub fn failures_page(
     .load(conn)?;
     let failures = rows
         .into_iter()
-        .map(|r| {
-            Ok(RowFailure {
-                row: r.row_number as u64,
-                fields: serde_json::from_value(r.fields)
-                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
-                errors: serde_json::from_value(r.errors)
-                    .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))?,
-            })
-        })
+        .map(Stored::into_failure)
         .collect::<QueryResult<Vec<_>>>()?;
     Ok((total.total, failures))
 }

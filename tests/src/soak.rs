@@ -1636,17 +1636,6 @@ pub struct GenFile {
     pub guard: bool,
 }
 
-const OPTIONAL: [&str; 8] = [
-    "first_name",
-    "last_name",
-    "user_name",
-    "email",
-    "city",
-    "user_type_id",
-    "date_of_birth",
-    "active",
-];
-
 /// One row's kind of trouble.
 #[derive(Debug, Clone, Copy)]
 enum Bad {
@@ -1711,7 +1700,8 @@ impl Gen {
 
     fn header(&self, rng: &mut StdRng, need_active: bool) -> Vec<String> {
         let mut cols = vec!["unique_id".to_owned(), "login_source".to_owned()];
-        for c in OPTIONAL {
+        // The optional columns: the model's, then `active`.
+        for c in model::VALUE_COLUMNS.into_iter().chain(["active"]) {
             if (c == "active" && need_active) || rng.gen_bool(0.6) {
                 cols.push(c.to_owned());
             }
