@@ -9,25 +9,37 @@ async fn a_file_written_in_pieces_is_not_taken_until_it_is_complete() {
     let mut app = spawn_app().await;
     let t = app.env.tenant("acme").unwrap();
     let path = app.env.folder("acme").join("slow.csv");
+    // Written by the writer once its last piece is in, before it closes the file: until
+    // then, nothing may be taken. (Whether the child has exited says less: its exit closes
+    // the file before the test can reap it, and a file whole and closed may be taken.)
+    let marks = tempfile::tempdir().unwrap();
+    let written = marks.path().join("written");
     // Another process writes the file in 20 pieces, one every 150 ms (less than the 400 ms
     // settle interval), holding it open throughout as sftp-server does.
     let script = format!(
         "exec 3>'{}'; printf 'unique_id,login_source,first_name\\n' >&3; \
-         for i in $(seq 0 19); do sleep 0.15; printf 's%s,sso,Slow %s\\n' $i $i >&3; done",
-        path.display()
+         for i in $(seq 0 19); do sleep 0.15; printf 's%s,sso,Slow %s\\n' $i $i >&3; done; \
+         : > '{}'",
+        path.display(),
+        written.display()
     );
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(script)
         .spawn()
         .unwrap();
-    let mut looks = 0;
-    while child.try_wait().unwrap().is_none() {
+    // Looked at in this order: a file registered before a look at the mark that finds none
+    // was taken before the last piece was in.
+    for look in 0.. {
+        let taken = !app.env.files(&t).is_empty();
+        let finished = written.exists();
         assert!(
-            app.env.files(&t).is_empty(),
-            "taken while still being written (look {looks})"
+            !taken || finished,
+            "taken while still being written (look {look})"
         );
-        looks += 1;
+        if finished {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(child.wait().await.unwrap().success());
