@@ -15,6 +15,9 @@
 #                                        spans over OTLP/HTTP to a receiver in mui-bench): the
 #                                        cost of tracing is the rows/s against a run without it
 #   scripts/bench.sh --fair [ARGS]       mui-bench-fair only, ARGS to it (see its --help)
+#   scripts/bench.sh --memory [ARGS]     mui-bench-memory only: each service's peak memory for
+#                                        a 150 MB file in which every row fails, as a dry run
+#                                        and as an import (see its --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -30,6 +33,7 @@ case "${1:-}" in
   --main) shift; target/release/mui-bench "$@" || status=$? ;;
   --otel) target/release/mui-bench "$@" || status=$? ;;
   --fair) shift; target/release/mui-bench-fair "$@" || status=$? ;;
+  --memory) shift; target/release/mui-bench-memory "$@" || status=$? ;;
   *)
     target/release/mui-bench "$@" || status=$?
     target/release/mui-bench-fair "$@" || status=$?
