@@ -18,6 +18,10 @@ pub struct Handler {
     mail_retry: Duration,
 }
 
+/// Failure records stored by one statement (4 parameters each, well under PostgreSQL's
+/// 65,535).
+const STORE_PART: usize = 1000;
+
 impl Handler {
     /// A handler storing through `pool` and sending through `mailer`, with the default
     /// [`MailLimits`].
@@ -287,36 +291,37 @@ impl Handler {
         self.check_tenant(batch.file_id, batch.tenant_id.0).await?;
         let n = batch.failures.len();
         db::run(&self.pool, move |conn| {
-            let rows: Vec<_> = batch
-                .failures
-                .iter()
-                .map(|f| {
-                    // jsonb refuses U+0000, which a UTF-16 file can carry in any cell.
-                    let fields: Vec<_> = f.fields.iter().map(|v| storable(v)).collect();
-                    let errors: Vec<RowError> = f
-                        .errors
-                        .iter()
-                        .map(|e| RowError {
-                            code: e.code,
-                            column: e.column.as_deref().map(|c| storable(c).into_owned()),
-                            message: storable(&e.message).into_owned(),
-                        })
-                        .collect();
-                    Ok((
-                        row_failures::file_id.eq(batch.file_id.0),
-                        row_failures::row_number.eq(f.row as i64),
-                        row_failures::fields.eq(serde_json::to_value(&fields)?),
-                        row_failures::errors.eq(serde_json::to_value(&errors)?),
-                    ))
-                })
-                .collect::<Result<_, serde_json::Error>>()
-                .map_err(|e| {
-                    DbError::Query(diesel::result::Error::SerializationError(Box::new(e)))
-                })?;
-            // 4 parameters a row: stay well under PostgreSQL's 65535 bind parameters.
-            for part in rows.chunks(10_000) {
+            // A part at a time: its JSON values and the statement's bind buffer are what is
+            // held besides the batch, not those of the whole batch (a chunk's 5,000 records
+            // of wide rows took tens of MiB per message, several messages at once).
+            for part in batch.failures.chunks(STORE_PART) {
+                let rows: Vec<_> = part
+                    .iter()
+                    .map(|f| {
+                        // jsonb refuses U+0000, which a UTF-16 file can carry in any cell.
+                        let fields: Vec<_> = f.fields.iter().map(|v| storable(v)).collect();
+                        let errors: Vec<RowError> = f
+                            .errors
+                            .iter()
+                            .map(|e| RowError {
+                                code: e.code,
+                                column: e.column.as_deref().map(|c| storable(c).into_owned()),
+                                message: storable(&e.message).into_owned(),
+                            })
+                            .collect();
+                        Ok((
+                            row_failures::file_id.eq(batch.file_id.0),
+                            row_failures::row_number.eq(f.row as i64),
+                            row_failures::fields.eq(serde_json::to_value(&fields)?),
+                            row_failures::errors.eq(serde_json::to_value(&errors)?),
+                        ))
+                    })
+                    .collect::<Result<_, serde_json::Error>>()
+                    .map_err(|e| {
+                        DbError::Query(diesel::result::Error::SerializationError(Box::new(e)))
+                    })?;
                 diesel::insert_into(row_failures::table)
-                    .values(part)
+                    .values(&rows)
                     .on_conflict_do_nothing()
                     .execute(conn)?;
             }

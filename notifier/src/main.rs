@@ -25,3 +25,9 @@ async fn main() {
     })
     .await
 }
+
+/// jemalloc rather than glibc's allocator, as in ingest and the workers: failure records
+/// are thousands of short strings decoded, stored and freed together on several threads,
+/// and glibc's per-thread arenas kept much of that memory (docs/benchmarks.md, "Memory").
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
