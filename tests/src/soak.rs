@@ -977,14 +977,40 @@ async fn progress(run: Arc<Run>) {
     }
 }
 
+/// How long the settling may go without progress (a file registered, or one more finished
+/// and mailed) before the check takes what it sees.
+const NO_PROGRESS_FOR: Duration = Duration::from_secs(240);
+
+/// The longest the settling may take, progress or not.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(45 * 60);
+
 /// Waits (bounded) until every file is finished, its mail handled, every upload the soak
 /// left is registered, and no report is being sent. Returns whether that happened.
+///
+/// A long run on a small machine ends with a backlog (files still queued when the faults
+/// stop) that is slow, not stuck: the wait goes on while files keep being registered or
+/// finished, and ends [`NO_PROGRESS_FOR`] after the last of that (a blocked tenant with
+/// it), or at [`SETTLE_AT_MOST`].
 async fn wait_settled(run: &Run) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let started = Instant::now();
+    let mut deadline = started + NO_PROGRESS_FOR;
+    let mut progress = (0usize, 0usize);
     let mut claim_deadline = None;
     loop {
         let mut conn = run.conn();
         let fs = files_seen(&mut conn, None).unwrap_or_default();
+        let now_progress = (
+            fs.len(),
+            fs.iter()
+                .filter(|f| {
+                    terminal(f) && f.notify_status != "pending" && f.notify_status != "sending"
+                })
+                .count(),
+        );
+        if now_progress != progress {
+            progress = now_progress;
+            deadline = (Instant::now() + NO_PROGRESS_FOR).min(started + SETTLE_AT_MOST);
+        }
         let sending = fs.iter().any(|f| f.notify_status == "sending");
         let all = fs
             .iter()
