@@ -1325,7 +1325,15 @@ fn check(run: &Run, settled: bool) -> anyhow::Result<SoakReport> {
                 bytes: &content.bytes,
                 declared_refusal: content.refusal,
             };
-            let changed = f.notices.iter().any(|n| n.contains("changed"));
+            // Changed while read, or cut short (written to, replaced or removed while
+            // ingest read it): the notice says only a first part of this version was
+            // imported, which the model does not pin down; what that part made is a
+            // "maybe".
+            let changed = f.notices.iter().any(|n| {
+                n.contains("changed")
+                    || n.contains("only its first")
+                    || n.contains("only the first")
+            });
             let unreadable = f.state == "failed" && f.error_code.as_deref() == Some("unreadable");
             if t.careless {
                 let what = if unreadable {
