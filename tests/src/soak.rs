@@ -1329,10 +1329,13 @@ fn check(run: &Run, settled: bool) -> anyhow::Result<SoakReport> {
             // ingest read it): the notice says only a first part of this version was
             // imported, which the model does not pin down; what that part made is a
             // "maybe".
+            // (Not a file given up after the same error again and again: that is a defect
+            // here, and stays held to the model.)
             let changed = f.notices.iter().any(|n| {
-                n.contains("changed")
+                (n.contains("changed")
                     || n.contains("only its first")
-                    || n.contains("only the first")
+                    || n.contains("only the first"))
+                    && !n.contains("again and again")
             });
             let unreadable = f.state == "failed" && f.error_code.as_deref() == Some("unreadable");
             if t.careless {
